@@ -1,0 +1,245 @@
+"""Configuration: YAML -> defaults -> validated frozen dataclasses.
+
+Every key is optional (DESIGN.md, Configuration). Unknown keys and wrong types
+are refused with the key's path, e.g. `node.servers[0].port: expected an integer`.
+No sockets here; reading the one file is the only I/O.
+"""
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message starts with the key's path."""
+
+
+def _meta(**checks) -> dict:
+    return {"checks": checks}
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = field(default="info", metadata=_meta(choices=("debug", "info", "warning", "error")))
+    format: str = field(default="text", metadata=_meta(choices=("text", "json")))
+
+
+@dataclass(frozen=True)
+class UserConfig:
+    username: str = field(default="", metadata=_meta(nonempty=True))
+    password: str = ""
+    roles: list = field(default_factory=lambda: ["read", "write"], metadata=_meta(items=str, choices=("read", "write")))
+    host: str = "*"
+
+
+@dataclass(frozen=True)
+class AccessConfig:
+    users: list = field(default_factory=list, metadata=_meta(items=UserConfig))
+
+
+@dataclass(frozen=True)
+class Listen:
+    bind: str = "127.0.0.1"
+    port: int = field(default=0, metadata=_meta(min=0, max=65535))
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    registry: Listen = field(default_factory=lambda: Listen("127.0.0.1", 6786))
+    api: Listen = field(default_factory=lambda: Listen("127.0.0.1", 6787))
+    node_timeout: float = field(default=3.0, metadata=_meta(min=0.1))
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    bind: str = "127.0.0.1"
+    port: int = field(default=6789, metadata=_meta(min=0, max=65535))
+    max_body: int = field(default=1048576, metadata=_meta(min=1024))
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    topic_size: int = field(default=2000, metadata=_meta(min=1))
+    max_topics: int = field(default=100, metadata=_meta(min=1))
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    port: int = field(default=6790, metadata=_meta(min=0, max=65535))
+    bind: str = "0.0.0.0"
+    path: str = field(default="/", metadata=_meta(startswith="/"))
+    topic: str = field(default="default", metadata=_meta(nonempty=True))
+    entry: Optional[str] = None
+    max_message_size: int = field(default=1048576, metadata=_meta(min=1))
+    read_timeout: float = field(default=60.0, metadata=_meta(min=0.1))
+    write_buffer_limit: int = field(default=4194304, metadata=_meta(min=1024))
+    allowed_origins: list = field(default_factory=list, metadata=_meta(items=str))
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    coordinator: str = field(default="127.0.0.1:6786", metadata=_meta(address=True))
+    advertise: str = field(default="127.0.0.1", metadata=_meta(nonempty=True))
+    workers: int = field(default=0, metadata=_meta(min=0, max=1023))
+    forward_timeout: float = field(default=2.0, metadata=_meta(min=0.01))
+    mesh: Listen = field(default_factory=lambda: Listen("127.0.0.1", 0))
+    api: ApiConfig = field(default_factory=ApiConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    servers: list = field(default_factory=lambda: [ServerConfig()], metadata=_meta(items=ServerConfig))
+
+
+@dataclass(frozen=True)
+class Config:
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    access: AccessConfig = field(default_factory=AccessConfig)
+    coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
+    node: NodeConfig = field(default_factory=NodeConfig)
+    # Not a key of the file: where it was read from (entries are relative to it).
+    path: Optional[str] = field(default=None, metadata={"internal": True})
+
+    @property
+    def base_dir(self) -> str:
+        return os.path.dirname(os.path.abspath(self.path)) if self.path else os.getcwd()
+
+
+_TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "a boolean", list: "a list"}
+
+
+def _check_scalar(value: Any, kind: type, path: str) -> Any:
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number")
+        return float(value)
+    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+        raise ConfigError(f"{path}: expected {_TYPE_WORDS.get(kind, kind.__name__)}")
+    return value
+
+
+def _apply_checks(value: Any, checks: dict, path: str) -> None:
+    if "min" in checks and value < checks["min"]:
+        raise ConfigError(f"{path}: must be at least {checks['min']}")
+    if "max" in checks and value > checks["max"]:
+        raise ConfigError(f"{path}: must be at most {checks['max']}")
+    if "choices" in checks and not isinstance(value, list) and value not in checks["choices"]:
+        raise ConfigError(f"{path}: must be one of {', '.join(checks['choices'])}")
+    if checks.get("nonempty") and not value:
+        raise ConfigError(f"{path}: must not be empty")
+    if "startswith" in checks and not value.startswith(checks["startswith"]):
+        raise ConfigError(f"{path}: must start with {checks['startswith']!r}")
+    if checks.get("address"):
+        parse_address(value, path)
+
+
+def parse_address(value: str, path: str = "address") -> tuple:
+    """Splits `host:port`; raises ConfigError naming `path`."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{path}: expected host:port")
+    return host, int(port)
+
+
+def _build(cls, raw: Any, path: str):
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping")
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    for key in raw:
+        if key not in fields:
+            raise ConfigError(f"{path + '.' if path else ''}{key}: unknown key")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, spec in fields.items():
+        if name not in raw:
+            continue
+        key_path = f"{path}.{name}" if path else name
+        values[name] = _convert(raw[name], hints[name], spec.metadata.get("checks", {}), key_path)
+    return cls(**values)
+
+
+def _convert(value: Any, hint: Any, checks: dict, path: str) -> Any:
+    if typing.get_origin(hint) is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, path)
+    if hint is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list")
+        item_kind = checks.get("items", str)
+        items = []
+        for index, item in enumerate(value):
+            item_path = f"{path}[{index}]"
+            if dataclasses.is_dataclass(item_kind):
+                items.append(_build(item_kind, item, item_path))
+            else:
+                item = _check_scalar(item, item_kind, item_path)
+                if "choices" in checks and item not in checks["choices"]:
+                    raise ConfigError(f"{item_path}: must be one of {', '.join(checks['choices'])}")
+                items.append(item)
+        return items
+    value = _check_scalar(value, hint, path)
+    _apply_checks(value, checks, path)
+    return value
+
+
+def _validate(config: Config) -> None:
+    if not config.node.servers:
+        raise ConfigError("node.servers: at least one server is required")
+    ports = {}
+    for index, server in enumerate(config.node.servers):
+        key = (server.port, server.path)
+        if key in ports:
+            raise ConfigError(f"node.servers[{index}]: same port and path as node.servers[{ports[key]}]")
+        ports[key] = index
+    api_port = config.node.api.port
+    if api_port and any(s.port == api_port for s in config.node.servers):
+        raise ConfigError("node.api.port: the same port as a client server")
+
+
+def from_dict(raw: Any, path: Optional[str] = None) -> Config:
+    """Builds a validated Config from a parsed YAML document.
+
+    Raises:
+        ConfigError: naming the first bad key's path.
+    """
+    config = _build(Config, raw, "")
+    config = dataclasses.replace(config, path=path)
+    _validate(config)
+    return config
+
+
+def load(path: Optional[str]) -> Config:
+    """Reads and validates a YAML file; `None` gives the defaults.
+
+    Raises:
+        ConfigError: unreadable file, bad YAML, or a bad key (with its path).
+    """
+    if path is None:
+        return from_dict({})
+    try:
+        with open(path, encoding="utf-8") as handle:
+            raw = yaml.safe_load(handle)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+    return from_dict(raw, path)
+
+
+def override(config: Config, workers: Optional[int] = None, coordinator: Optional[str] = None) -> Config:
+    """Applies command-line options over the file (DESIGN.md: the command line wins)."""
+    node = config.node
+    if workers is not None:
+        if workers < 0:
+            raise ConfigError("--workers: must be at least 0")
+        node = dataclasses.replace(node, workers=workers)
+    if coordinator is not None:
+        parse_address(coordinator, "--coordinator")
+        node = dataclasses.replace(node, coordinator=coordinator)
+    return dataclasses.replace(config, node=node)

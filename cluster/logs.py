@@ -1,0 +1,42 @@
+"""Logging set-up shared by every process: level, text or JSON lines, role prefix.
+
+Loggers are named by audience: `meshgate.coordinator`, `meshgate.node`,
+`meshgate.mesh`, `meshgate.access`, `meshgate.entry`, `meshgate.supervisor`.
+"""
+
+import logging
+import sys
+import time
+
+import ujson
+
+
+class _JsonFormatter(logging.Formatter):
+    def __init__(self, role: str):
+        super().__init__()
+        self.role = role
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": round(record.created, 3), "level": record.levelname.lower(), "role": self.role,
+            "logger": record.name, "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return ujson.dumps(entry, ensure_ascii=False)
+
+
+def setup(level: str, fmt: str, role: str) -> None:
+    """Configures the root logger of this process; every line names `role` (e.g. `node-2`)."""
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter(role))
+    else:
+        formatter = logging.Formatter(f"%(asctime)s {role}[%(process)d] %(levelname)s %(name)s: %(message)s")
+        formatter.converter = time.gmtime
+        handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # Tornado's per-request access log is per message: keep it below info.
+    logging.getLogger("tornado.access").setLevel(max(logging.WARNING, root.level))

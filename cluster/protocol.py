@@ -1,0 +1,393 @@
+"""The backend API wire contract (PROTOCOL.md): envelopes, errors, parameters.
+
+PURE: this module takes decoded JSON values or raw text and returns values or
+raises `ApiError`. No sockets, no Tornado, no configuration. The terse wire keys
+(`E`, `r`, `i`, `c`, `d`, `t`, ...) live here and nowhere else.
+"""
+
+import binascii
+import enum
+import re
+import struct
+from typing import Any, NamedTuple
+
+import ujson
+
+__all__ = [
+    "ApiError", "ErrorCode", "CloseCode", "Payload", "SendParams", "PublishParams",
+    "CallParams", "WsRequest", "http_status", "parse_client_id", "parse_name",
+    "parse_names", "parse_payload", "parse_send", "parse_publish", "parse_queue_pop",
+    "parse_queue_unpop", "parse_conn_call", "parse_ws_request", "parse_http_body",
+    "ok_body", "error_body", "queue_event", "client_frame", "encode_ws_frame",
+    "METHODS", "CALL_FUNCTIONS",
+]
+
+MAX_CLIENT_ID = 2 ** 64 - 1
+MAX_NAME_BYTES = 255
+
+
+class ErrorCode(enum.IntEnum):
+    """PROTOCOL.md, Error codes. Exchanged with backends: values never change."""
+
+    INVALID_PARAMS = 101
+    NOT_AUTHORIZED = 102
+    PAYLOAD_TOO_LARGE = 103
+    CONSUME_FAILED = 201
+    REPEATED_CONSUMPTION = 202
+    CANCEL_CONSUME_FAILED = 203
+    CALL_FAILED = 301
+    SEND_FAILED = 401
+    MESH_UNAVAILABLE = 501
+
+
+class CloseCode(enum.IntEnum):
+    """WebSocket close codes meshgate sends (RFC 6455, section 7.4.1)."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    POLICY_VIOLATION = 1008
+    MESSAGE_TOO_BIG = 1009
+    INTERNAL_ERROR = 1011
+
+
+# PROTOCOL.md, HTTP status codes [decided].
+_HTTP_STATUS = {
+    ErrorCode.INVALID_PARAMS: 400,
+    ErrorCode.NOT_AUTHORIZED: 403,
+    ErrorCode.PAYLOAD_TOO_LARGE: 400,
+    ErrorCode.MESH_UNAVAILABLE: 503,
+}
+
+
+def http_status(code: ErrorCode) -> int:
+    """Returns the HTTP status that carries an error envelope with `code`."""
+    return _HTTP_STATUS.get(code, 200)
+
+
+class ApiError(Exception):
+    """A request failed with a protocol error code and a message naming the field.
+
+    Args:
+        code: the `ErrorCode`.
+        message: a short English sentence, never a traceback.
+        req_id: the request's `i` when it is already known (WebSocket only).
+    """
+
+    def __init__(self, code: ErrorCode, message: str, req_id: Any = None):
+        super().__init__(message)
+        self.code = ErrorCode(code)
+        self.message = message
+        self.req_id = req_id
+
+
+def _invalid(message: str) -> ApiError:
+    return ApiError(ErrorCode.INVALID_PARAMS, message)
+
+
+# --- identifiers ------------------------------------------------------------
+
+def parse_client_id(value: Any, field: str = "p.c") -> int:
+    """Parses a client_id given as a decimal string or a JSON integer.
+
+    Raises:
+        ApiError(101): negative, non-numeric, float, bool, empty or > 2^64-1.
+    """
+    if isinstance(value, bool):
+        raise _invalid(f"{field}: client_id must be a decimal string or integer")
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, str) and value.isascii() and value.isdigit():
+        if len(value) > 20:
+            raise _invalid(f"{field}: client_id out of range")
+        number = int(value)
+    else:
+        raise _invalid(f"{field}: client_id must be a decimal string or integer")
+    if number < 0 or number > MAX_CLIENT_ID:
+        raise _invalid(f"{field}: client_id out of range")
+    return number
+
+
+_BAD_NAME_CHAR = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
+
+
+def parse_name(value: Any, field: str, kind: str = "channel") -> str:
+    """Checks a channel or topic name: non-empty, <= 255 bytes, no whitespace or control characters.
+
+    Raises:
+        ApiError(101) naming `field`.
+    """
+    if not isinstance(value, str):
+        raise _invalid(f"{field}: {kind} name must be a string")
+    if not value:
+        raise _invalid(f"{field}: {kind} name must not be empty")
+    if len(value) > MAX_NAME_BYTES // 4 and len(value.encode("utf-8")) > MAX_NAME_BYTES:
+        raise _invalid(f"{field}: {kind} name is longer than {MAX_NAME_BYTES} bytes")
+    if _BAD_NAME_CHAR.search(value):
+        raise _invalid(f"{field}: {kind} name must not contain whitespace or control characters")
+    return value
+
+
+def parse_names(value: Any, field: str, kind: str = "channel", allow_single: bool = True) -> list:
+    """Parses a non-empty list of names (or one name when `allow_single`); duplicates folded, order kept."""
+    if isinstance(value, str) and allow_single:
+        return [parse_name(value, field, kind)]
+    if not isinstance(value, list):
+        raise _invalid(f"{field}: must be a {kind} name or a list of {kind} names")
+    if not value:
+        raise _invalid(f"{field}: {kind} list must not be empty")
+    names = [parse_name(item, f"{field}[{index}]", kind) for index, item in enumerate(value)]
+    return list(dict.fromkeys(names))
+
+
+# --- data -------------------------------------------------------------------
+
+class Payload(NamedTuple):
+    """Data for a client: the bytes of one WebSocket message and its type."""
+
+    data: bytes
+    binary: bool
+
+
+def parse_payload(params: dict, prefix: str = "p.") -> Payload:
+    """Reads `d` and `t` (PROTOCOL.md, Data and message types).
+
+    Raises:
+        ApiError(101): `d` missing or of the wrong type, `t` unknown, bad base64.
+    """
+    if "d" not in params:
+        raise _invalid(f"{prefix}d: data is required")
+    data = params["d"]
+    msg_type = params.get("t", "text")
+    if msg_type == "text":
+        if isinstance(data, str):
+            return Payload(data.encode("utf-8"), False)
+        if isinstance(data, (dict, list)):
+            return Payload(ujson.dumps(data, ensure_ascii=False).encode("utf-8"), False)
+        raise _invalid(f"{prefix}d: data must be a string, object or array for type text")
+    if msg_type == "binary":
+        if not isinstance(data, str):
+            raise _invalid(f"{prefix}d: data must be a base64 string for type binary")
+        try:
+            return Payload(binascii.a2b_base64(data.encode("ascii"), strict_mode=True), True)
+        except (binascii.Error, UnicodeEncodeError, ValueError):
+            raise _invalid(f"{prefix}d: data is not valid base64 (standard alphabet, padding required)") from None
+    raise _invalid(f"{prefix}t: type must be \"text\" or \"binary\"")
+
+
+def _require_object(params: Any, field: str = "p") -> dict:
+    if not isinstance(params, dict):
+        raise _invalid(f"{field}: must be a JSON object")
+    return params
+
+
+class SendParams(NamedTuple):
+    client_id: int
+    payload: Payload
+
+
+class PublishParams(NamedTuple):
+    channels: list
+    payload: Payload
+
+
+def parse_send(params: Any, prefix: str = "p.") -> SendParams:
+    """Parameters of mesh.send: `prefix` is "p." for `/ws/v1` and "" for an HTTP body."""
+    params = _require_object(params, prefix.rstrip(".") or "body")
+    if "c" not in params:
+        raise _invalid(f"{prefix}c: client_id is required")
+    return SendParams(parse_client_id(params["c"], f"{prefix}c"), parse_payload(params, prefix))
+
+
+def parse_publish(params: Any, prefix: str = "p.") -> PublishParams:
+    """Parameters of mesh.publish; `c` is one channel or a non-empty list of them."""
+    params = _require_object(params, prefix.rstrip(".") or "body")
+    if "c" not in params:
+        raise _invalid(f"{prefix}c: channel is required")
+    channels = parse_names(params["c"], f"{prefix}c", "channel")
+    return PublishParams(channels, parse_payload(params, prefix))
+
+
+def parse_queue_pop(params: Any) -> list:
+    """Topics of queue.pop: `{"t": [..]}`, `{"t": ".."}` or the connmix list form `[..]`."""
+    if isinstance(params, list):
+        return parse_names(params, "p", "topic")
+    params = _require_object(params)
+    if "t" not in params:
+        raise _invalid("p.t: topic list is required")
+    return parse_names(params["t"], "p.t", "topic")
+
+
+def parse_queue_unpop(params: Any):
+    """Topics of queue.unpop, or None for all of this connection's topics."""
+    if params is None:
+        return None
+    if isinstance(params, list):
+        return parse_names(params, "p", "topic") if params else None
+    params = _require_object(params)
+    if "t" not in params or params["t"] is None:
+        return None
+    return parse_names(params["t"], "p.t", "topic")
+
+
+# conn.call functions (PROTOCOL.md, conn.call). Exchanged between nodes: append only.
+CALL_FUNCTIONS = ("set_context_value", "set_context", "subscribe", "unsubscribe", "close", "get_context")
+_MAX_REASON_BYTES = 123
+
+
+class CallParams(NamedTuple):
+    client_id: int
+    function: str
+    args: list
+
+
+def _valid_close_code(code: Any) -> bool:
+    return (isinstance(code, int) and not isinstance(code, bool)
+            and (code in (1000, 1001, 1002, 1003) or 1007 <= code <= 1011 or 3000 <= code <= 4999))
+
+
+def parse_call_args(function: str, args: list) -> list:
+    """Validates `a` for one conn.call function and returns it normalised."""
+    if function == "set_context_value":
+        if len(args) != 2:
+            raise _invalid("p.a: set_context_value takes [key, value]")
+        if not isinstance(args[0], str) or not args[0]:
+            raise _invalid("p.a[0]: key must be a non-empty string")
+        return args
+    if function == "set_context":
+        if len(args) != 1 or not isinstance(args[0], dict):
+            raise _invalid("p.a: set_context takes [object]")
+        return args
+    if function in ("subscribe", "unsubscribe"):
+        if not args:
+            raise _invalid(f"p.a: {function} takes at least one channel")
+        return parse_names(args, "p.a", "channel", allow_single=False)
+    if function == "close":
+        if len(args) > 2:
+            raise _invalid("p.a: close takes [], [code] or [code, reason]")
+        if args and not _valid_close_code(args[0]):
+            raise _invalid("p.a[0]: close code must be 1000-1003, 1007-1011 or 3000-4999")
+        if len(args) == 2 and (not isinstance(args[1], str) or len(args[1].encode("utf-8")) > _MAX_REASON_BYTES):
+            raise _invalid(f"p.a[1]: close reason must be a string of at most {_MAX_REASON_BYTES} bytes")
+        return args
+    if function == "get_context":
+        if args:
+            raise _invalid("p.a: get_context takes []")
+        return args
+    raise _invalid(f"p.f: unknown function {function!r}")
+
+
+def parse_conn_call(params: Any) -> CallParams:
+    """Parameters of conn.call: `c`, `f` (one of CALL_FUNCTIONS) and `a` (a list)."""
+    params = _require_object(params)
+    if "c" not in params:
+        raise _invalid("p.c: client_id is required")
+    client_id = parse_client_id(params["c"], "p.c")
+    function = params.get("f")
+    if not isinstance(function, str):
+        raise _invalid("p.f: function name is required")
+    if function not in CALL_FUNCTIONS:
+        raise _invalid(f"p.f: unknown function {function!r}")
+    args = params.get("a", [])
+    if not isinstance(args, list):
+        raise _invalid("p.a: arguments must be a list")
+    return CallParams(client_id, function, parse_call_args(function, args))
+
+
+# --- requests ---------------------------------------------------------------
+
+METHODS = ("queue.pop", "queue.unpop", "conn.call", "mesh.send", "mesh.publish")
+
+
+class WsRequest(NamedTuple):
+    method: str
+    params: Any
+    req_id: Any
+
+
+def _loads(text) -> Any:
+    try:
+        return ujson.loads(text)
+    except (ValueError, TypeError, OverflowError):
+        raise _invalid("malformed JSON") from None
+
+
+def parse_ws_request(text) -> WsRequest:
+    """Decodes one `/ws/v1` request `{"m": .., "p": .., "i": ..}` (`id` is an alias of `i`).
+
+    Raises:
+        ApiError(101) with `req_id` set when the id could be read.
+    """
+    message = _loads(text)
+    if not isinstance(message, dict):
+        raise _invalid("request must be a JSON object")
+    req_id = message.get("i", message.get("id"))
+    if isinstance(req_id, bool) or not (req_id is None or isinstance(req_id, (int, str))):
+        raise _invalid("i: id must be an integer or a string")
+    method = message.get("m")
+    if not isinstance(method, str):
+        raise ApiError(ErrorCode.INVALID_PARAMS, "m: method name is required", req_id)
+    if method not in METHODS:
+        raise ApiError(ErrorCode.INVALID_PARAMS, f"m: unknown method {method!r}", req_id)
+    return WsRequest(method, message.get("p", {}), req_id)
+
+
+def parse_http_body(body: bytes) -> dict:
+    """Decodes an HTTP request body, which must be a JSON object."""
+    if not body:
+        raise _invalid("body: a JSON object is required")
+    value = _loads(body)
+    if not isinstance(value, dict):
+        raise _invalid("body: must be a JSON object")
+    return value
+
+
+# --- responses and events ---------------------------------------------------
+
+def ok_body(result: Any, req_id: Any = None, ws: bool = False) -> str:
+    """Success envelope `{"E": null, "r": result}` (plus `i` over WebSocket)."""
+    if ws:
+        return ujson.dumps({"E": None, "r": result, "i": req_id}, ensure_ascii=False)
+    return ujson.dumps({"E": None, "r": result}, ensure_ascii=False)
+
+
+def error_body(code: ErrorCode, message: str, req_id: Any = None, ws: bool = False) -> str:
+    """Error envelope `{"E": {"c": code, "m": message}}` (plus `i` over WebSocket)."""
+    envelope = {"E": {"c": int(code), "m": message}}
+    if ws:
+        envelope["i"] = req_id
+    return ujson.dumps(envelope, ensure_ascii=False)
+
+
+def client_frame(message) -> dict:
+    """The frame handed to the entry for one complete client message (PROTOCOL.md, port 6790)."""
+    if isinstance(message, bytes):
+        return {"type": "binary", "data": binascii.b2a_base64(message, newline=False).decode("ascii"), "finish": True}
+    return {"type": "text", "data": message, "finish": True}
+
+
+def queue_event(node_id: int, client_id: int, topic: str, data: Any) -> bytes:
+    """The `queue.pop` event a consumer receives, encoded once (PROTOCOL.md, queue.pop)."""
+    return ujson.dumps(
+        {"e": "queue.pop", "p": {"n": node_id, "c": str(client_id), "t": topic, "d": data}, "i": None},
+        ensure_ascii=False,
+    ).encode("utf-8")
+
+
+_OPCODE_TEXT = 0x81
+_OPCODE_BINARY = 0x82
+
+
+def encode_ws_frame(data: bytes, binary: bool = False) -> bytes:
+    """One unmasked, unfragmented server-to-client WebSocket frame (RFC 6455, 5.2).
+
+    Built once per message per node and written as-is to every recipient.
+    """
+    first = _OPCODE_BINARY if binary else _OPCODE_TEXT
+    length = len(data)
+    if length < 126:
+        header = bytes((first, length))
+    elif length <= 0xFFFF:
+        header = struct.pack("!BBH", first, 126, length)
+    else:
+        header = struct.pack("!BBQ", first, 127, length)
+    return header + data

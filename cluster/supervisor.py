@@ -1,0 +1,133 @@
+"""The supervisor: start the coordinator and node processes, restart, drain.
+
+Children are fresh interpreters (`python -m cluster.cli ...`), each creating
+its own IOLoop and zmq.Context. A node that dies is started again after a
+backoff (0.5 s doubling to 10 s, reset after 30 s of life). SIGTERM or SIGINT
+stops the nodes first (they close clients 1001 and flush), then the coordinator,
+under one deadline; whatever is still alive then is killed.
+"""
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+log = logging.getLogger("meshgate.supervisor")
+
+_POLL_S = 0.1
+_BACKOFF_START_S = 0.5
+_BACKOFF_MAX_S = 10.0
+_HEALTHY_AFTER_S = 30.0
+_NODE_STOP_S = 8.0
+_COORDINATOR_STOP_S = 3.0
+
+
+class Child:
+    """One supervised process and its restart state."""
+
+    def __init__(self, name: str, argv: list):
+        self.name = name
+        self.argv = argv
+        self.process = None
+        self.started = 0.0
+        self.backoff = _BACKOFF_START_S
+        self.restart_at = 0.0
+        self.first_only = []   # arguments for the first start only
+
+    def start(self) -> None:
+        argv = self.argv + self.first_only if self.process is None else self.argv
+        self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+        self.started = time.monotonic()
+        log.info("started %s (pid %d)", self.name, self.process.pid)
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            try:
+                self.process.send_signal(sig)
+            except ProcessLookupError:
+                pass
+
+
+def _cli(*args: str) -> list:
+    return [sys.executable, "-m", "cluster.cli", *args]
+
+
+class Supervisor:
+    """Args:
+        config_path: the YAML file the children read (None: defaults).
+        workers: node processes to run (already resolved: >= 1).
+        coordinator: also run the coordinator (False for `meshgate node`).
+        coordinator_address: the registry address the nodes use, if overridden.
+    """
+
+    def __init__(self, config_path, workers: int, coordinator: bool, coordinator_address=None):
+        common = ["-c", config_path] if config_path else []
+        self.children = []
+        if coordinator:
+            child = Child("coordinator", _cli("coordinator", *common))
+            child.first_only = ["--fresh"]
+            self.children.append(child)
+        extra = ["--coordinator", coordinator_address] if coordinator_address else []
+        for worker in range(workers):
+            self.children.append(Child(f"node worker {worker}",
+                                       _cli("node-process", *common, "--worker", str(worker), *extra)))
+        self._stopping = False
+
+    def _on_signal(self, signum, frame) -> None:
+        self._stopping = True
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        for child in self.children:
+            child.start()
+        while not self._stopping:
+            time.sleep(_POLL_S)
+            self._check()
+        self.stop()
+        return 0
+
+    def _check(self) -> None:
+        now = time.monotonic()
+        for child in self.children:
+            if child.alive() or self._stopping:
+                continue
+            if child.restart_at == 0.0:
+                lived = now - child.started
+                if lived > _HEALTHY_AFTER_S:
+                    child.backoff = _BACKOFF_START_S
+                code = child.process.returncode if child.process else None
+                child.restart_at = now + child.backoff
+                log.warning("%s (pid %s) exited with %s; restarting in %.1f s",
+                            child.name, child.process.pid if child.process else "-", code, child.backoff)
+                child.backoff = min(child.backoff * 2, _BACKOFF_MAX_S)
+            elif now >= child.restart_at:
+                child.restart_at = 0.0
+                child.start()
+
+    def stop(self) -> None:
+        log.info("stopping: nodes first, then the coordinator")
+        nodes = [c for c in self.children if c.name != "coordinator"]
+        coordinators = [c for c in self.children if c.name == "coordinator"]
+        for group, deadline in ((nodes, _NODE_STOP_S), (coordinators, _COORDINATOR_STOP_S)):
+            for child in group:
+                child.signal(signal.SIGTERM)
+            end = time.monotonic() + deadline
+            while time.monotonic() < end and any(c.alive() for c in group):
+                time.sleep(0.05)
+            for child in group:
+                if child.alive():
+                    log.warning("%s (pid %d) did not stop in time; killing it", child.name, child.process.pid)
+                    child.signal(signal.SIGKILL)
+                    child.process.wait()
+        log.info("stopped")
+
+
+def resolve_workers(configured: int) -> int:
+    """0 means one node process per CPU core."""
+    return configured or os.cpu_count() or 1

@@ -1,0 +1,92 @@
+"""Coordinator HTTP (PROTOCOL.md, Coordinator HTTP): /version, /v1/nodes, /v1/status, /metrics."""
+
+import time
+
+import tornado.web
+import ujson
+
+from cluster import __version__
+
+# Per-node figures a node reports in its heartbeat and /v1/status shows (append only).
+NODE_FIGURES = (
+    "clients", "channels", "consumers", "queue_depth", "in_rate", "out_rate", "in_total", "out_total",
+    "queue_dropped", "slow_closed", "forward_timeouts", "hook_errors", "cpu", "rss",
+)
+
+
+def status_document(control) -> dict:
+    """Cluster totals and per-node figures (what `meshgate status` prints)."""
+    now = time.time()
+    nodes = []
+    for info in sorted(control.registry.nodes.values(), key=lambda i: i.node_id):
+        entry = info.public()
+        entry["mesh_point"] = info.mesh_point
+        entry["uptime"] = round(now - info.started_at, 1) if info.started_at else 0
+        for name in NODE_FIGURES:
+            entry[name] = info.stats.get(name, 0)
+        nodes.append(entry)
+    totals = {name: round(sum(node[name] for node in nodes), 2)
+              for name in NODE_FIGURES if name not in ("cpu",)}
+    totals["cpu"] = round(sum(node["cpu"] for node in nodes), 1)
+    totals["nodes"] = len(nodes)
+    return {
+        "version": __version__, "coordinator": {"uptime": round(now - control.started_at, 1),
+                                                "tables_version": control.tables.version,
+                                                **control.tables.counts()},
+        "totals": totals, "nodes": nodes,
+    }
+
+
+class _JsonHandler(tornado.web.RequestHandler):
+    def initialize(self, control):
+        self.control = control
+
+    def send_json(self, value) -> None:
+        self.set_header("Content-Type", "application/json")
+        self.finish(ujson.dumps(value, ensure_ascii=False))
+
+
+class VersionHandler(_JsonHandler):
+    def get(self):
+        self.send_json({"apis": ["v1"], "version": __version__})
+
+
+class NodesHandler(_JsonHandler):
+    def get(self):
+        self.send_json({"nodes": self.control.registry.public_list()})
+
+
+class StatusHandler(_JsonHandler):
+    def get(self):
+        self.send_json(status_document(self.control))
+
+
+class MetricsHandler(_JsonHandler):
+    def get(self):
+        lines = []
+        document = status_document(self.control)
+        for name in NODE_FIGURES:
+            metric = f"meshgate_{name}"
+            lines.append(f"# TYPE {metric} gauge")
+            for node in document["nodes"]:
+                lines.append(f'{metric}{{node_id="{node["node_id"]}"}} {node[name]}')
+        lines.append("# TYPE meshgate_nodes gauge")
+        lines.append(f"meshgate_nodes {len(document['nodes'])}")
+        self.set_header("Content-Type", "text/plain; version=0.0.4")
+        self.finish("\n".join(lines) + "\n")
+
+
+class NotFoundHandler(_JsonHandler):
+    def prepare(self):
+        self.set_status(404)
+        self.send_json({"E": {"c": 101, "m": f"{self.request.path}: no such endpoint"}})
+
+
+def make_app(control) -> tornado.web.Application:
+    args = {"control": control}
+    return tornado.web.Application([
+        (r"/version", VersionHandler, args),
+        (r"/v1/nodes", NodesHandler, args),
+        (r"/v1/status", StatusHandler, args),
+        (r"/metrics", MetricsHandler, args),
+    ], default_handler_class=NotFoundHandler, default_handler_args=args)

@@ -1,0 +1,123 @@
+"""Node ids, heartbeats and liveness.
+
+PURE state: the caller passes `now` (monotonic seconds) and wall milliseconds;
+no sockets, no timers. Owned by the coordinator's IOLoop.
+"""
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from cluster.ids import MAX_NODE_ID
+
+
+class RegistryError(Exception):
+    """A registration was refused; `retry` says whether the node should try again."""
+
+    def __init__(self, message: str, retry: bool):
+        super().__init__(message)
+        self.retry = retry
+
+
+@dataclass
+class NodeInfo:
+    node_id: int
+    routing_id: bytes
+    host: str
+    pid: int
+    api_server: str
+    mesh_point: str
+    started_at: float
+    last_seen: float
+    stats: dict = field(default_factory=dict)
+
+    def public(self) -> dict:
+        """The `/v1/nodes` form (PROTOCOL.md, Coordinator HTTP)."""
+        return {
+            "node_id": self.node_id, "host": self.host, "pid": self.pid,
+            "api_server": self.api_server, "mesh_point": self.mesh_point,
+            "clients": self.stats.get("clients", 0), "started_at": self.started_at,
+        }
+
+
+class Registry:
+    """Live nodes by id.
+
+    Args:
+        grace_until: monotonic time before which fresh nodes (asking no id) are
+            told to retry, so nodes of the previous coordinator run reclaim their ids first.
+    """
+
+    def __init__(self, grace_until: float = 0.0):
+        self.nodes = {}
+        self._by_routing = {}
+        self._released_ms = {}   # node_id -> last wall ms its previous holder may have used
+        self._next_id = 1
+        self._grace_until = grace_until
+
+    def register(self, routing_id: bytes, info: dict, now: float, wall_ms: int) -> tuple:
+        """Adds a node; returns `(node_id, not_before_ms)`.
+
+        `info["node_id"]` > 0 asks to keep that id (a node re-registering after
+        a coordinator restart or after it was wrongly declared dead). A repeated
+        registration from the same routing id gets the same id again.
+
+        Raises:
+            RegistryError: the id is held by another live node, or no id is free.
+        """
+        wanted = info.get("node_id") or self._by_routing.get(routing_id, 0)
+        if wanted:
+            holder = self.nodes.get(wanted)
+            if holder is not None and holder.routing_id != routing_id:
+                raise RegistryError(f"node id {wanted} is held by pid {holder.pid} on {holder.host}", retry=False)
+            node_id = wanted
+        else:
+            if now < self._grace_until:
+                raise RegistryError("coordinator is starting; retry", retry=True)
+            node_id = self._free_id()
+        previous = self.nodes.get(node_id)
+        if previous is not None:
+            self._by_routing.pop(previous.routing_id, None)
+        self.nodes[node_id] = NodeInfo(
+            node_id=node_id, routing_id=routing_id, host=str(info.get("host", "")),
+            pid=int(info.get("pid", 0)), api_server=str(info.get("api_server", "")),
+            mesh_point=str(info.get("mesh_point", "")), started_at=float(info.get("started_at", 0)),
+            last_seen=now,
+        )
+        self._by_routing[routing_id] = node_id
+        return node_id, max(self._released_ms.pop(node_id, 0), 0)
+
+    def _free_id(self) -> int:
+        for offset in range(MAX_NODE_ID):
+            candidate = (self._next_id - 1 + offset) % MAX_NODE_ID + 1
+            if candidate not in self.nodes:
+                self._next_id = candidate % MAX_NODE_ID + 1
+                return candidate
+        raise RegistryError(f"all {MAX_NODE_ID} node ids are in use", retry=True)
+
+    def node_for(self, routing_id: bytes) -> Optional[int]:
+        return self._by_routing.get(routing_id)
+
+    def heartbeat(self, routing_id: bytes, node_id: int, stats: dict, now: float) -> bool:
+        """Records a heartbeat; returns False when the sender is not the registered holder of `node_id`."""
+        info = self.nodes.get(node_id)
+        if info is None or info.routing_id != routing_id:
+            return False
+        info.last_seen = now
+        info.stats = stats
+        return True
+
+    def remove(self, node_id: int, wall_ms: int) -> Optional[NodeInfo]:
+        """Forgets a node; its id may be given out again, with ids made after `wall_ms` only."""
+        info = self.nodes.pop(node_id, None)
+        if info is None:
+            return None
+        self._by_routing.pop(info.routing_id, None)
+        self._released_ms[node_id] = max(wall_ms, int(info.stats.get("id_ms", 0)))
+        return info
+
+    def expired(self, now: float, timeout: float) -> list:
+        """Ids of nodes whose last heartbeat is older than `timeout` seconds."""
+        return [node_id for node_id, info in self.nodes.items() if now - info.last_seen > timeout]
+
+    def public_list(self) -> list:
+        return [info.public() for _, info in sorted(self.nodes.items())]

@@ -1,0 +1,101 @@
+"""Thin Tornado adapters over node/api.py: HTTP `/v1/mesh/send` and `/v1/mesh/publish`.
+
+Errors become envelopes here and nowhere else on the HTTP edge (PROTOCOL.md,
+HTTP status codes): 400 for 101/103, 404/405 with 101, 503 for 501.
+"""
+
+import logging
+
+import tornado.web
+
+from cluster import protocol
+from cluster.protocol import ApiError, ErrorCode
+
+log = logging.getLogger("meshgate.access")
+
+
+class _EnvelopeHandler(tornado.web.RequestHandler):
+    def initialize(self, api, max_body: int):
+        self.api = api
+        self.max_body = max_body
+
+    def send_envelope(self, status: int, body: str) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.finish(body)
+
+    def send_error_envelope(self, code: ErrorCode, message: str, status: int = None) -> None:
+        self.send_envelope(status or protocol.http_status(code), protocol.error_body(code, message))
+
+    def write_error(self, status_code: int, **kwargs) -> None:
+        if status_code == 405:
+            message = f"{self.request.method} is not allowed on {self.request.path}; use POST"
+        elif status_code == 404:
+            message = f"{self.request.path}: no such endpoint"
+        elif status_code < 500:
+            message = self._reason
+        else:
+            message = "internal error"
+        self.set_header("Content-Type", "application/json")
+        self.finish(protocol.error_body(ErrorCode.INVALID_PARAMS if status_code < 500 else ErrorCode.MESH_UNAVAILABLE,
+                                        message))
+
+    def log_exception(self, typ, value, tb) -> None:
+        if isinstance(value, tornado.web.HTTPError):
+            return
+        log.error("HTTP %s %s failed", self.request.method, self.request.path, exc_info=(typ, value, tb))
+
+
+@tornado.web.stream_request_body
+class MeshHandler(_EnvelopeHandler):
+    """POST /v1/mesh/send and /v1/mesh/publish."""
+
+    SUPPORTED_METHODS = ("GET", "HEAD", "POST", "DELETE", "PATCH", "PUT", "OPTIONS")
+
+    def initialize(self, api, max_body: int, action: str):
+        super().initialize(api, max_body)
+        self.action = action
+        self._chunks = []
+        self._size = 0
+        self._too_large = False
+
+    def prepare(self):
+        if self.request.method != "POST":
+            raise tornado.web.HTTPError(405)
+        self.request.connection.set_max_body_size(2 ** 40)
+        length = self.request.headers.get("Content-Length")
+        if length and length.isdigit() and int(length) > self.max_body:
+            self._too_large = True
+
+    def data_received(self, chunk: bytes) -> None:
+        self._size += len(chunk)
+        if self._size > self.max_body:
+            self._too_large = True
+            self._chunks = []
+        elif not self._too_large:
+            self._chunks.append(chunk)
+
+    async def post(self):
+        if self._too_large:
+            self.send_error_envelope(ErrorCode.PAYLOAD_TOO_LARGE, f"body: larger than {self.max_body} bytes")
+            return
+        try:
+            params = protocol.parse_http_body(b"".join(self._chunks))
+            if self.action == "send":
+                result = await self.api.mesh_send(params, prefix="")
+            else:
+                result = await self.api.mesh_publish(params, prefix="")
+        except ApiError as exc:
+            self.send_error_envelope(exc.code, exc.message)
+            return
+        self.send_envelope(200, protocol.ok_body(result))
+
+    def _unsupported(self, *args):
+        raise tornado.web.HTTPError(405)
+
+    get = head = delete = patch = put = options = _unsupported
+
+
+class NotFoundHandler(_EnvelopeHandler):
+    def prepare(self):
+        raise tornado.web.HTTPError(404)

@@ -1,0 +1,102 @@
+"""Thin Tornado adapter over node/api.py: the backend WebSocket `/ws/v1`.
+
+Requests may be pipelined: the ones that need the mesh run as tasks and their
+replies carry `i` in whatever order they finish. Malformed input gets an
+error envelope and the connection keeps answering. The connection is also a
+consumer for `queue.pop`; closing it is an implicit `queue.unpop`.
+"""
+
+import asyncio
+import logging
+
+import tornado.websocket
+
+from cluster import protocol
+from cluster.protocol import ApiError, CloseCode, ErrorCode
+from node.clients import write_frame
+
+log = logging.getLogger("meshgate.access")
+
+# A consumer that cannot take its events faster than they come is closed at this
+# backlog (PROTOCOL.md: bounded buffers; DESIGN.md: slow consumer).
+CONSUMER_WRITE_BUFFER = 16 * 1024 * 1024
+_PONG = protocol.encode_ws_frame(b"pong")
+
+
+class ApiSocket(tornado.websocket.WebSocketHandler):
+    def initialize(self, api, node, max_body: int):
+        self.api = api
+        self.node = node
+        self.max_body = max_body
+        self.stream = None
+        self.consumer_id = 0
+        self._tasks = set()
+
+    def check_origin(self, origin: str) -> bool:
+        return True   # backends, not browsers
+
+    def open(self):
+        self.stream = self.ws_connection.stream
+        self.stream.max_write_buffer_size = CONSUMER_WRITE_BUFFER
+        self.consumer_id = self.node.consumers.new_id()
+        self.node.api_sockets.add(self)
+
+    def describe(self) -> str:
+        return f"API connection {self.consumer_id} from {self.request.remote_ip}"
+
+    def reply(self, body: str) -> None:
+        write_frame(self, protocol.encode_ws_frame(body.encode("utf-8")), self.node.counters)
+
+    def on_message(self, message):
+        if message == "ping":
+            write_frame(self, _PONG, self.node.counters)
+            return
+        if len(message) > self.max_body:
+            self.reply(protocol.error_body(ErrorCode.PAYLOAD_TOO_LARGE,
+                                           f"request: larger than {self.max_body} bytes", None, ws=True))
+            return
+        try:
+            method, params, req_id = protocol.parse_ws_request(message)
+        except ApiError as exc:
+            self.reply(protocol.error_body(exc.code, exc.message, exc.req_id, ws=True))
+            return
+        try:
+            if method == "queue.pop":
+                result = self.api.queue_pop(self, params)
+            elif method == "queue.unpop":
+                result = self.api.queue_unpop(self, params)
+            else:
+                task = asyncio.ensure_future(self._run(method, params, req_id))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+                return
+        except ApiError as exc:
+            self.reply(protocol.error_body(exc.code, exc.message, req_id, ws=True))
+            return
+        self.reply(protocol.ok_body(result, req_id, ws=True))
+
+    async def _run(self, method: str, params, req_id) -> None:
+        try:
+            if method == "mesh.send":
+                result = await self.api.mesh_send(params)
+            elif method == "mesh.publish":
+                result = await self.api.mesh_publish(params)
+            else:
+                result = await self.api.conn_call(params)
+        except ApiError as exc:
+            body = protocol.error_body(exc.code, exc.message, req_id, ws=True)
+        except Exception:
+            log.exception("%s failed on %s", method, self.describe())
+            body = protocol.error_body(ErrorCode.MESH_UNAVAILABLE, "internal error", req_id, ws=True)
+        else:
+            body = protocol.ok_body(result, req_id, ws=True)
+        if self.stream is not None and not self.stream.closed():
+            self.reply(body)
+
+    def on_close(self):
+        self.node.stop_consuming(self.consumer_id)
+        self.node.api_sockets.discard(self)
+        self.stream = None
+
+    def shutdown(self) -> None:
+        self.close(int(CloseCode.GOING_AWAY), "server shutting down")

@@ -1,0 +1,132 @@
+"""The node process: startup (register, then listen) and graceful drain.
+
+Listening sockets use SO_REUSEPORT so every node process of a host serves the
+same API and client ports; a process binds them only after the coordinator
+gave it a node id, so a connection never lands on a process that cannot name it.
+"""
+
+import asyncio
+import logging
+import signal
+import time
+
+import tornado.ioloop
+import tornado.web
+import zmq
+from tornado.httpserver import HTTPServer
+from tornado.netutil import bind_sockets
+
+from cluster import logs
+from node import entry as entries
+from node.api import Api
+from node.api_http import MeshHandler, NotFoundHandler
+from node.api_ws import ApiSocket
+from node.client_ws import ClientHandler
+from node.node import Node
+
+log = logging.getLogger("meshgate.node")
+
+_DRAIN_DEADLINE_S = 5.0
+
+
+def _listen(app, bind: str, port: int, **server_options) -> HTTPServer:
+    server = HTTPServer(app, **server_options)
+    server.add_sockets(bind_sockets(port, address=bind, reuse_port=True))
+    return server
+
+
+def api_app(node, api) -> tornado.web.Application:
+    max_body = node.config.node.api.max_body
+    common = {"api": api, "max_body": max_body}
+    return tornado.web.Application([
+        (r"/v1/mesh/send", MeshHandler, {**common, "action": "send"}),
+        (r"/v1/mesh/publish", MeshHandler, {**common, "action": "publish"}),
+        (r"/ws/v1", ApiSocket, {**common, "node": node}),
+    ], default_handler_class=NotFoundHandler, default_handler_args=common,
+        websocket_max_message_size=max_body * 2 + 4096)
+
+
+def client_app(node, server) -> tornado.web.Application:
+    entry = entries.load(node, server)
+    path = server.path.rstrip("/") or "/"
+    pattern = "/" if path == "/" else path + "/?"
+    return tornado.web.Application(
+        [(pattern, ClientHandler, {"node": node, "server": server, "entry": entry})],
+        websocket_max_message_size=server.max_message_size,
+    )
+
+
+async def _serve(config, worker: int) -> int:
+    context = zmq.Context()
+    node = Node(config, worker, context)
+    node.link.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    while not node.ready.is_set():
+        if stop.is_set() or node.link.fatal:
+            break
+        try:
+            await asyncio.wait_for(node.ready.wait(), 0.2)
+        except asyncio.TimeoutError:
+            pass
+    servers, clients_of = [], []
+    if node.ready.is_set() and not stop.is_set():
+        api = Api(node)
+        servers.append(_listen(api_app(node, api), config.node.api.bind, config.node.api.port,
+                               idle_connection_timeout=3600))
+        for server in config.node.servers:
+            servers.append(_listen(client_app(node, server), server.bind, server.port,
+                                   max_buffer_size=server.max_message_size + 65536))
+        sweeper = tornado.ioloop.PeriodicCallback(lambda: _expire_idle(node), 500)
+        sweeper.start()
+        log.info("node %d ready: api %s:%d, clients %s, mesh point %s", node.node_id, config.node.api.bind,
+                 config.node.api.port, ", ".join(f"{s.bind}:{s.port}{s.path}" for s in config.node.servers),
+                 node.mesh_point)
+        while not stop.is_set() and not node.link.fatal:
+            try:
+                await asyncio.wait_for(stop.wait(), 0.5)
+            except asyncio.TimeoutError:
+                pass
+        sweeper.stop()
+    if node.link.fatal:
+        log.error("stopping: %s", node.link.fatal)
+    await _drain(node, servers)
+    context.destroy(linger=0)
+    return 3 if node.link.fatal else 0
+
+
+def _expire_idle(node) -> None:
+    now = time.monotonic()
+    for conn in list(node.hub.conns.values()):
+        conn.expire_if_idle(now)
+
+
+async def _drain(node, servers) -> None:
+    """Stop accepting, close clients 1001, flush, tell the coordinator, all under one deadline."""
+    for server in servers:
+        server.stop()
+    conns = list(node.hub.conns.values()) + list(node.api_sockets)
+    for conn in conns:
+        try:
+            conn.shutdown()
+        except Exception:
+            pass
+    node.flush_adverts()
+    if node.node_id:
+        node.link.send(b"BYE", {"node_id": node.node_id})
+    deadline = time.monotonic() + _DRAIN_DEADLINE_S
+    while time.monotonic() < deadline and (node.hub.conns or node.api_sockets):
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.05)   # let the goodbye leave the socket
+    node.link.close()
+    node.mesh.close()
+    log.info("node %d stopped", node.node_id)
+
+
+def run(config, worker: int) -> int:
+    """Runs one node process until SIGTERM/SIGINT; returns its exit code."""
+    logs.setup(config.logging.level, config.logging.format, f"node-w{worker}")
+    return asyncio.run(_serve(config, worker))

@@ -1,0 +1,116 @@
+"""Per-topic bounded buffers and this node's consumers.
+
+PURE: deques and dictionaries; no I/O. Owned by the node's IOLoop.
+
+Messages pushed on this node wait here while their topic has no consumer
+anywhere in the mesh (PROTOCOL.md, queue.pop delivery semantics): at most
+`topic_size` per topic and `max_topics` topics; over either bound the push is
+refused and counted, and what already waits is kept.
+"""
+
+from collections import deque
+
+
+class QueueFull(Exception):
+    """The topic's buffer (or the node's topic count) is at its bound."""
+
+
+class Buffers:
+    def __init__(self, topic_size: int, max_topics: int):
+        self.topic_size = topic_size
+        self.max_topics = max_topics
+        self._topics = {}
+        self.dropped = 0
+
+    def depth(self) -> int:
+        return sum(len(queue) for queue in self._topics.values())
+
+    def waiting(self, topic: str) -> bool:
+        queue = self._topics.get(topic)
+        return bool(queue)
+
+    def push(self, topic: str, item) -> None:
+        """Appends at the tail.
+
+        Raises:
+            QueueFull: the topic holds `topic_size` items, or it is new and `max_topics` topics wait.
+        """
+        queue = self._topics.get(topic)
+        if queue is None:
+            if len(self._topics) >= self.max_topics:
+                self.dropped += 1
+                raise QueueFull(f"topic {topic!r}: node already buffers {self.max_topics} topics")
+            queue = self._topics[topic] = deque()
+        elif len(queue) >= self.topic_size:
+            self.dropped += 1
+            raise QueueFull(f"topic {topic!r}: buffer full ({self.topic_size} messages)")
+        queue.append(item)
+
+    def push_front(self, topic: str, items: list) -> None:
+        """Puts items that could not be delivered back at the head, in their order (may exceed the bound briefly)."""
+        queue = self._topics.setdefault(topic, deque())
+        queue.extendleft(reversed(items))
+
+    def pop(self, topic: str):
+        """Removes and returns the oldest item of `topic`, or None."""
+        queue = self._topics.get(topic)
+        if not queue:
+            return None
+        item = queue.popleft()
+        if not queue:
+            del self._topics[topic]
+        return item
+
+    def topics(self) -> list:
+        return list(self._topics)
+
+
+class Consumers:
+    """API connections of this node that consume topics (PROTOCOL.md, queue.pop)."""
+
+    def __init__(self, max_topics_per_consumer: int = 1000):
+        self.max_topics_per_consumer = max_topics_per_consumer
+        self.by_id = {}       # consumer_id -> connection
+        self.topics = {}      # consumer_id -> set of topics
+        self._next_id = 0
+
+    def new_id(self) -> int:
+        self._next_id += 1
+        return self._next_id
+
+    def add(self, consumer_id: int, connection, topics: list) -> list:
+        """Adds topics to a consumer; returns them. Nothing changes on error.
+
+        Raises:
+            ValueError("repeated"): it already consumes one of them.
+            ValueError("limit"): it would consume more than `max_topics_per_consumer`.
+        """
+        current = self.topics.get(consumer_id, set())
+        if current.intersection(topics):
+            raise ValueError("repeated")
+        if len(current) + len(topics) > self.max_topics_per_consumer:
+            raise ValueError("limit")
+        self.by_id[consumer_id] = connection
+        self.topics[consumer_id] = current | set(topics)
+        return topics
+
+    def remove(self, consumer_id: int, topics=None) -> list:
+        """Removes topics (all when None) of a consumer; returns the ones it had."""
+        current = self.topics.get(consumer_id)
+        if not current:
+            return []
+        gone = list(current) if topics is None else [t for t in topics if t in current]
+        current.difference_update(gone)
+        if not current:
+            self.topics.pop(consumer_id, None)
+            self.by_id.pop(consumer_id, None)
+        return gone
+
+    def connection(self, consumer_id: int, topic: str):
+        """The connection of a consumer that still consumes `topic`, or None."""
+        if topic in self.topics.get(consumer_id, ()):
+            return self.by_id.get(consumer_id)
+        return None
+
+    def count(self) -> int:
+        return len(self.by_id)

@@ -1,0 +1,25 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="meshgate",
+    version="0.1.0",
+    description="Distributed WebSocket long-connection gateway: one process per core, many machines, one mesh.",
+    python_requires=">=3.9",
+    packages=find_packages(include=["cluster", "cluster.*", "node", "node.*", "coordinator", "coordinator.*"]),
+    install_requires=[
+        "tornado>=6.2,<7",
+        "pyzmq>=25,<28",
+        "ujson>=5.4,<7",
+        "click>=8.0,<9",
+        "psutil>=5.9,<8",
+        "PyYAML>=6.0,<7",   # the configuration file is YAML (DESIGN.md, Configuration)
+    ],
+    extras_require={
+        "test": [
+            "pytest>=7,<10",
+            "pytest-timeout>=2.1,<3",
+            "websocket-client>=1.5,<2",
+        ],
+    },
+    entry_points={"console_scripts": ["meshgate = cluster.cli:main"]},
+)

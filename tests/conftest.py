@@ -1,0 +1,293 @@
+"""System-test harness: real clusters started through the CLI on free ports, real clients.
+
+`Cluster` writes a config, runs `meshgate start`, polls `/v1/status` until every
+node is ready (no fixed sleeps), and stops the supervisor by PID; the
+processes' log is attached to a failing test. Clients are plain WebSocket and
+HTTP clients. `MESHGATE_TEST_SCALE` multiplies every wait (slow machines).
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+import websocket
+import yaml
+
+SCALE = float(os.environ.get("MESHGATE_TEST_SCALE", "1"))
+WAIT = 10.0 * SCALE          # the one timeout unit of the suite (seconds)
+MESHGATE = str(Path(sys.executable).with_name("meshgate"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float = WAIT, interval: float = 0.02, what: str = "condition"):
+    """Polls `predicate` until it returns a truthy value; fails the test after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(interval)
+
+
+class Client:
+    """A client WebSocket connection and what the mesh calls it."""
+
+    def __init__(self, ws, client_id: str = "", node: int = 0):
+        self.ws = ws
+        self.client_id = client_id
+        self.node = node
+
+    def recv(self, timeout: float = WAIT):
+        self.ws.settimeout(timeout)
+        return self.ws.recv()
+
+    def recv_frame(self, timeout: float = WAIT):
+        """Returns `(opcode, data)` of the next data frame."""
+        self.ws.settimeout(timeout)
+        opcode, data = self.ws.recv_data()
+        return opcode, data
+
+    def nothing_for(self, seconds: float) -> bool:
+        """True when no message arrives within `seconds`."""
+        self.ws.settimeout(seconds)
+        try:
+            self.ws.recv()
+        except websocket.WebSocketTimeoutException:
+            return True
+        return False
+
+
+class ApiConnection:
+    """A backend connection to `/ws/v1` with request/reply helpers."""
+
+    def __init__(self, ws):
+        self.ws = ws
+        self._next = 0
+        self.events = []
+        self.replies = {}
+
+    def send_raw(self, text: str) -> None:
+        self.ws.send(text)
+
+    def read(self, timeout: float = WAIT) -> dict:
+        self.ws.settimeout(timeout)
+        raw = self.ws.recv()
+        return raw if raw == "pong" else json.loads(raw)
+
+    def request(self, method: str, params=None, timeout: float = WAIT, **extra) -> dict:
+        """Sends one request and returns its reply; events that arrive meanwhile are kept in `events`."""
+        self._next += 1
+        req_id = extra.pop("req_id", self._next)
+        message = {"m": method, "i": req_id, **extra}
+        if params is not None:
+            message["p"] = params
+        self.ws.send(json.dumps(message))
+        return self.reply_to(req_id, timeout)
+
+    def reply_to(self, req_id, timeout: float = WAIT) -> dict:
+        deadline = time.monotonic() + timeout
+        while req_id not in self.replies:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no reply to request {req_id!r}")
+            message = self.read(remaining)
+            if isinstance(message, dict) and "e" in message:
+                self.events.append(message)
+            elif isinstance(message, dict):
+                self.replies[message.get("i")] = message
+        return self.replies.pop(req_id)
+
+    def event(self, timeout: float = WAIT) -> dict:
+        """The next queue event."""
+        if self.events:
+            return self.events.pop(0)
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError("no event arrived")
+            message = self.read(remaining)
+            if isinstance(message, dict) and "e" in message:
+                return message
+            self.replies[message.get("i")] = message
+
+    def no_event_for(self, seconds: float) -> bool:
+        try:
+            self.event(seconds)
+        except (AssertionError, websocket.WebSocketTimeoutException):
+            return True
+        return False
+
+
+class Cluster:
+    """A meshgate cluster of this machine, started through `meshgate start`."""
+
+    def __init__(self, tmp: Path, workers: int = 3, **overrides):
+        self.tmp = tmp
+        self.workers = workers
+        self.registry_port = free_port()
+        self.coordinator_port = free_port()
+        self.api_port = free_port()
+        self.client_port = free_port()
+        config = {
+            "logging": {"level": "info"},
+            "coordinator": {"registry": {"bind": "127.0.0.1", "port": self.registry_port},
+                            "api": {"bind": "127.0.0.1", "port": self.coordinator_port},
+                            "node_timeout": overrides.pop("node_timeout", 3)},
+            "node": {"coordinator": f"127.0.0.1:{self.registry_port}", "workers": workers,
+                     "forward_timeout": overrides.pop("forward_timeout", 2),
+                     "api": {"bind": "127.0.0.1", "port": self.api_port},
+                     "queue": overrides.pop("queue", {"topic_size": 2000, "max_topics": 100}),
+                     "servers": [{"port": self.client_port, "bind": "127.0.0.1",
+                                  **overrides.pop("server", {})}]},
+        }
+        if overrides:
+            raise TypeError(f"unknown overrides {overrides}")
+        self.config_path = tmp / f"meshgate-{uuid.uuid4().hex[:6]}.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.log_path = tmp / f"{self.config_path.stem}.log"
+        self.process = None
+        self._open = []
+
+    # --- life ----------------------------------------------------------------
+
+    def start(self) -> "Cluster":
+        self._log = open(self.log_path, "wb")
+        self.process = subprocess.Popen([MESHGATE, "start", "-c", str(self.config_path)],
+                                        stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.wait_ready()
+        return self
+
+    def wait_ready(self, count: int = None) -> dict:
+        count = self.workers if count is None else count
+
+        def ready():
+            if self.process.poll() is not None:
+                raise AssertionError(f"meshgate exited with {self.process.returncode}:\n{self.logs()}")
+            try:
+                status = self.status()
+            except (OSError, ValueError):
+                return None
+            return status if len(status["nodes"]) == count and self._api_answers() else None
+
+        return wait_until(ready, what=f"{count} nodes ready")
+
+    def _api_answers(self) -> bool:
+        try:
+            self.http("/v1/mesh/publish", {"c": "readiness-probe", "d": "x"})
+            return True
+        except OSError:
+            return False
+
+    def stop(self) -> int:
+        for conn in self._open:
+            try:
+                conn.close()
+            except Exception:
+                pass
+        self._open.clear()
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=WAIT * 2)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if getattr(self, "_log", None):
+            self._log.close()
+        return self.process.returncode if self.process else 0
+
+    def logs(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-20000:]
+        except OSError:
+            return ""
+
+    # --- clients ---------------------------------------------------------------
+
+    def status(self) -> dict:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.coordinator_port}/v1/status", timeout=3) as r:
+            return json.loads(r.read())
+
+    def http(self, path: str, body=None, method: str = "POST", raw: bytes = None, headers=None):
+        """Returns `(status, decoded JSON body)`."""
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        request = urllib.request.Request(f"http://127.0.0.1:{self.api_port}{path}", data=data, method=method,
+                                         headers={"Content-Type": "application/json", **(headers or {})})
+        try:
+            with urllib.request.urlopen(request, timeout=WAIT) as response:
+                return response.status, json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as error:
+            payload = error.read()
+            return error.code, json.loads(payload) if payload else None
+
+    def api(self) -> ApiConnection:
+        ws = websocket.create_connection(f"ws://127.0.0.1:{self.api_port}/ws/v1", timeout=WAIT)
+        self._open.append(ws)
+        return ApiConnection(ws)
+
+    def client(self, path: str = "/", **options) -> Client:
+        ws = websocket.create_connection(f"ws://127.0.0.1:{self.client_port}{path}", timeout=WAIT, **options)
+        self._open.append(ws)
+        return Client(ws)
+
+    def clients(self, count: int, topic: str = "default") -> list:
+        """Connects `count` clients and learns each one's client_id and node from a queue event."""
+        consumer = self.api()
+        assert consumer.request("queue.pop", {"t": [topic]})["E"] is None
+        found = {}
+        clients = []
+        for index in range(count):
+            client = self.client()
+            marker = f"hello-{index}-{uuid.uuid4().hex[:8]}"
+            client.ws.send(marker)
+            clients.append((marker, client))
+        while len(found) < count:
+            event = consumer.event()
+            found[event["p"]["d"]["frame"]["data"]] = event["p"]
+        for marker, client in clients:
+            client.client_id, client.node = found[marker]["c"], found[marker]["n"]
+        consumer.ws.close()
+        return [client for _, client in clients]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, request):
+    """A 3-worker cluster shared by the tests of one module (more processes than cores is fine)."""
+    params = getattr(request, "param", {}) or {}
+    instance = Cluster(tmp_path_factory.mktemp("cluster"), **{"workers": 3, **params})
+    try:
+        instance.start()
+    except Exception:
+        instance.stop()
+        raise
+    yield instance
+    instance.stop()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Attaches the cluster's log to a failing test."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and call.when == "call":
+        for name in ("cluster", "crash_cluster", "small_cluster"):
+            instance = item.funcargs.get(name) if hasattr(item, "funcargs") else None
+            if isinstance(instance, Cluster):
+                report.sections.append((f"meshgate log ({name})", instance.logs()[-8000:]))
