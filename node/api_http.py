@@ -18,6 +18,13 @@ class _EnvelopeHandler(tornado.web.RequestHandler):
     def initialize(self, api, max_body: int):
         self.api = api
         self.max_body = max_body
+        self.set_default_headers()
+
+    def set_default_headers(self) -> None:
+        api = getattr(self, "api", None)   # tornado calls this before initialize() too
+        if api is not None and api.node.node_id:
+            node_id = api.node.node_id
+            self.set_header("X-Meshgate-Node", str(node_id))   # which node answered (operations aid)
 
     def send_envelope(self, status: int, body: str) -> None:
         self.set_status(status)

@@ -6,6 +6,7 @@ processes' log is attached to a failing test. Clients are plain WebSocket and
 HTTP clients. `MESHGATE_TEST_SCALE` multiplies every wait (slow machines).
 """
 
+import http.client
 import json
 import os
 import signal
@@ -226,16 +227,25 @@ class Cluster:
             return json.loads(r.read())
 
     def http(self, path: str, body=None, method: str = "POST", raw: bytes = None, headers=None):
-        """Returns `(status, decoded JSON body)`."""
+        """Returns `(status, decoded JSON body)`.
+
+        A connection reset before any answer is retried once: a connection the
+        kernel queued on a node process that was just killed is reset, and any
+        HTTP client retries that.
+        """
         data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-        request = urllib.request.Request(f"http://127.0.0.1:{self.api_port}{path}", data=data, method=method,
-                                         headers={"Content-Type": "application/json", **(headers or {})})
-        try:
-            with urllib.request.urlopen(request, timeout=WAIT) as response:
-                return response.status, json.loads(response.read() or b"null")
-        except urllib.error.HTTPError as error:
-            payload = error.read()
-            return error.code, json.loads(payload) if payload else None
+        for attempt in (1, 2):
+            request = urllib.request.Request(f"http://127.0.0.1:{self.api_port}{path}", data=data, method=method,
+                                             headers={"Content-Type": "application/json", **(headers or {})})
+            try:
+                with urllib.request.urlopen(request, timeout=WAIT) as response:
+                    return response.status, json.loads(response.read() or b"null")
+            except urllib.error.HTTPError as error:
+                payload = error.read()
+                return error.code, json.loads(payload) if payload else None
+            except (ConnectionResetError, http.client.RemoteDisconnected):
+                if attempt == 2:
+                    raise
 
     def api(self) -> ApiConnection:
         ws = websocket.create_connection(f"ws://127.0.0.1:{self.api_port}/ws/v1", timeout=WAIT)

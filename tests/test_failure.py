@@ -1,0 +1,110 @@
+"""Failure behaviour (DESIGN.md): a node killed -9, the coordinator killed -9."""
+
+import os
+import signal
+import time
+import uuid
+
+import psutil
+import pytest
+
+from conftest import Cluster, WAIT, wait_until
+
+
+@pytest.fixture
+def crash_cluster(tmp_path):
+    instance = Cluster(tmp_path, workers=3, node_timeout=1, forward_timeout=1)
+    instance.start()
+    yield instance
+    instance.stop()
+
+
+def _pid_of(cluster, node_id):
+    return next(n["pid"] for n in cluster.status()["nodes"] if n["node_id"] == node_id)
+
+
+def test_killed_node_is_replaced_and_its_clients_fail_fast(crash_cluster):
+    """kill -9 of one node: sends to its clients answer 401 promptly, others are untouched, a new node joins."""
+    clients = crash_cluster.clients(18)
+    victim = clients[0].node
+    doomed = [c for c in clients if c.node == victim]
+    survivors = [c for c in clients if c.node != victim]
+    assert survivors, "all clients on one node"
+    api = crash_cluster.api()
+    channel = f"crash-{uuid.uuid4().hex[:6]}"
+    for client in survivors:
+        assert api.request("conn.call", {"c": client.client_id, "f": "subscribe", "a": [channel]})["E"] is None
+    os.kill(_pid_of(crash_cluster, victim), signal.SIGKILL)
+
+    started = time.monotonic()
+    status, body = crash_cluster.http("/v1/mesh/send", {"c": doomed[0].client_id, "d": "x"})
+    assert (status, body["E"]["c"]) == (200, 401)
+    assert time.monotonic() - started < 1 + 1.5, "send to a dead node's client hung"
+
+    def victim_gone():
+        return victim not in {n["node_id"] for n in crash_cluster.status()["nodes"]}
+    wait_until(victim_gone, timeout=1 + 2.5, what="coordinator to drop the dead node")
+    for client in doomed:
+        started = time.monotonic()
+        status, body = crash_cluster.http("/v1/mesh/send", {"c": client.client_id, "d": "x"})
+        assert body["E"]["c"] == 401 and time.monotonic() - started < 0.5
+        reply = api.request("conn.call", {"c": client.client_id, "f": "get_context"})
+        assert reply["E"]["c"] == 301
+
+    status, body = crash_cluster.http("/v1/mesh/publish", {"c": channel, "d": "still-here"})
+    assert body["r"] == {"s": len(survivors), "f": 0}
+    for client in survivors:
+        assert client.recv() == "still-here"
+        assert crash_cluster.http("/v1/mesh/send", {"c": client.client_id, "d": "direct"})[1]["r"] == {"s": True}
+        assert client.recv() == "direct"
+
+    status_doc = crash_cluster.wait_ready(3)
+    assert victim not in {n["node_id"] for n in status_doc["nodes"]}
+    fresh = crash_cluster.clients(12)
+    assert {c.node for c in fresh} - {c.node for c in clients}, "the replacement node takes no clients"
+
+
+def test_coordinator_restart_keeps_the_mesh(crash_cluster):
+    """kill -9 of the coordinator: the data plane keeps working, and after its restart nothing is lost."""
+    clients = crash_cluster.clients(9)
+    api = crash_cluster.api()
+    channel = f"keep-{uuid.uuid4().hex[:6]}"
+    for client in clients:
+        assert api.request("conn.call", {"c": client.client_id, "f": "subscribe", "a": [channel]})["E"] is None
+    consumer = crash_cluster.api()
+    assert consumer.request("queue.pop", {"t": ["default"]})["E"] is None
+    supervisor = psutil.Process(crash_cluster.process.pid)
+    [coordinator] = [p for p in supervisor.children() if "coordinator" in p.cmdline()]
+    nodes_before = {n["node_id"]: n["pid"] for n in crash_cluster.status()["nodes"]}
+    coordinator.kill()
+    coordinator.wait(timeout=WAIT)
+
+    # Data plane on cached tables while the coordinator is away.
+    for client in clients:
+        assert crash_cluster.http("/v1/mesh/send", {"c": client.client_id, "d": "during"})[1]["r"] == {"s": True}
+        assert client.recv() == "during"
+    assert crash_cluster.http("/v1/mesh/publish", {"c": channel, "d": "pub-during"})[1]["r"]["s"] == len(clients)
+    for client in clients:
+        assert client.recv() == "pub-during"
+
+    def restarted():
+        try:
+            status = crash_cluster.status()
+        except OSError:
+            return None
+        return status if {n["node_id"]: n["pid"] for n in status["nodes"]} == nodes_before else None
+    status = wait_until(restarted, timeout=WAIT * 2, what="nodes to re-register with their ids")
+    assert status["coordinator"]["channels"] >= 1
+    assert status["totals"]["clients"] >= len(clients)
+    # Subscriptions and consumers survived the restart.
+    assert crash_cluster.http("/v1/mesh/publish", {"c": channel, "d": "after"})[1]["r"] == {"s": len(clients), "f": 0}
+    for client in clients:
+        assert client.recv() == "after"
+        client.ws.send(f"up-{client.client_id}")
+    got = {consumer.event()["p"]["d"]["frame"]["data"] for _ in clients}
+    assert got == {f"up-{c.client_id}" for c in clients}
+    # A new node can join again.
+    victim = clients[0].node
+    os.kill(nodes_before[victim], signal.SIGKILL)
+    wait_until(lambda: victim not in {n["node_id"] for n in crash_cluster.status()["nodes"]}, what="drop")
+    crash_cluster.wait_ready(3)
