@@ -20,6 +20,8 @@ setup(
             "pytest-timeout>=2.1,<3",
             "websocket-client>=1.5,<2",
         ],
+        # bench/: the hand-written `websockets` broadcast server is the baseline.
+        "bench": ["websockets>=13,<16", "websocket-client>=1.5,<2"],
     },
     entry_points={"console_scripts": ["meshgate = cluster.cli:main"]},
 )

@@ -72,7 +72,7 @@ async def _serve(config, worker: int) -> int:
             await asyncio.wait_for(node.ready.wait(), 0.2)
         except asyncio.TimeoutError:
             pass
-    servers, clients_of = [], []
+    servers = []
     if node.ready.is_set() and not stop.is_set():
         api = Api(node)
         servers.append(_listen(api_app(node, api), config.node.api.bind, config.node.api.port,

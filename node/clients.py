@@ -28,18 +28,30 @@ class Counters:
 def write_frame(conn, frame: bytes, counters: Counters) -> bool:
     """Writes one pre-encoded frame to a connection; returns False when it could not.
 
-    `conn` is a WebSocket handler with `stream` set when it opened.
+    `conn` is a WebSocket handler with `stream` set when it opened. When the
+    stream has nothing queued, the frame goes straight to the socket (no
+    Future, no buffer); only what the kernel does not take is queued on the
+    stream, whose bound (`max_write_buffer_size`) closes a slow reader.
     """
     stream = conn.stream
     if stream is None:
         return False
     try:
+        if not stream._write_buffer:   # tornado's queue; empty means the socket is ours
+            try:
+                sent = stream.socket.send(frame)
+            except BlockingIOError:
+                sent = 0
+            if sent == len(frame):
+                counters.out_total += 1
+                return True
+            frame = frame[sent:]
         stream.write(frame)
     except StreamBufferFullError:
         counters.slow_closed += 1
         close_slow(conn)
         return False
-    except StreamClosedError:
+    except (StreamClosedError, OSError, AttributeError):
         return False
     counters.out_total += 1
     return True

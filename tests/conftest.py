@@ -64,6 +64,18 @@ class Client:
         opcode, data = self.ws.recv_data()
         return opcode, data
 
+    def close_code(self, timeout: float = WAIT):
+        """Reads until the server's close frame; returns its code (None if the connection just dropped)."""
+        self.ws.settimeout(timeout)
+        try:
+            while True:
+                opcode, frame = self.ws.recv_data_frame(True)
+                if opcode == websocket.ABNF.OPCODE_CLOSE:
+                    data = frame.data
+                    return int.from_bytes(data[:2], "big") if len(data) >= 2 else None
+        except (websocket.WebSocketConnectionClosedException, ConnectionError):
+            return None
+
     def nothing_for(self, seconds: float) -> bool:
         """True when no message arrives within `seconds`."""
         self.ws.settimeout(seconds)
@@ -164,6 +176,7 @@ class Cluster:
         self.config_path.write_text(yaml.safe_dump(config))
         self.log_path = tmp / f"{self.config_path.stem}.log"
         self.process = None
+        self.client_options = {}   # e.g. {"origin": ...} for every client connection
         self._open = []
 
     # --- life ----------------------------------------------------------------
@@ -253,7 +266,8 @@ class Cluster:
         return ApiConnection(ws)
 
     def client(self, path: str = "/", **options) -> Client:
-        ws = websocket.create_connection(f"ws://127.0.0.1:{self.client_port}{path}", timeout=WAIT, **options)
+        ws = websocket.create_connection(f"ws://127.0.0.1:{self.client_port}{path}", timeout=WAIT,
+                                         **{**self.client_options, **options})
         self._open.append(ws)
         return Client(ws)
 
@@ -268,9 +282,12 @@ class Cluster:
             marker = f"hello-{index}-{uuid.uuid4().hex[:8]}"
             client.ws.send(marker)
             clients.append((marker, client))
+        markers = {marker for marker, _ in clients}
         while len(found) < count:
             event = consumer.event()
-            found[event["p"]["d"]["frame"]["data"]] = event["p"]
+            data = event["p"]["d"]["frame"]["data"]
+            if data in markers:   # anything else was buffered before this consumer came
+                found[data] = event["p"]
         for marker, client in clients:
             client.client_id, client.node = found[marker]["c"], found[marker]["n"]
         consumer.ws.close()

@@ -1,0 +1,87 @@
+"""The CLI: `meshgate status`, configuration errors at start, clean stop."""
+
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+
+from conftest import MESHGATE, WAIT, Cluster, free_port
+
+
+def _run(*args, timeout=WAIT):
+    return subprocess.run([MESHGATE, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_status_prints_every_node(cluster):
+    """`meshgate status` prints one row per node and a total, and exits 0."""
+    cluster.clients(3)
+    result = _run("status", "-c", str(cluster.config_path))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].split()[:5] == ["NODE", "HOST", "PID", "CPU%", "RSS"]
+    node_ids = {n["node_id"] for n in cluster.status()["nodes"]}
+    assert {int(line.split()[0]) for line in lines[1:-1]} == node_ids
+    assert lines[-1].startswith("TOTAL") and f"{len(node_ids)} nodes" in lines[-1]
+
+
+def test_status_json_and_coordinator_option(cluster):
+    """`--json` prints the /v1/status document; `--coordinator` picks the address."""
+    result = _run("status", "--coordinator", f"127.0.0.1:{cluster.coordinator_port}", "--json")
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert len(document["nodes"]) == cluster.workers
+    for node in document["nodes"]:
+        assert node["rss"] > 0 and node["pid"] > 0 and node["uptime"] >= 0
+
+
+def test_status_without_coordinator_exits_1():
+    """With no coordinator listening, `meshgate status` says so and exits 1."""
+    result = _run("status", "--coordinator", f"127.0.0.1:{free_port()}")
+    assert result.returncode == 1
+    assert "not reachable" in result.stderr
+
+
+@pytest.mark.parametrize("document, message", [
+    ("node:\n  servers:\n    - port: '6790'\n", "node.servers[0].port: expected an integer"),
+    ("node:\n  bogus: 1\n", "node.bogus: unknown key"),
+    ("coordinator:\n  node_timeout: fast\n", "coordinator.node_timeout: expected a number"),
+    ("logging: {level: loud}\n", "logging.level: must be one of"),
+    ("node: [1, 2]\n", "node: expected a mapping"),
+    ("node:\n  workers: true\n", "node.workers: expected an integer"),
+])
+def test_bad_config_fails_at_start_with_the_key_path(tmp_path, document, message):
+    """A wrong key or type refuses to start and names the key's path."""
+    path = tmp_path / "bad.yaml"
+    path.write_text(document)
+    result = _run("start", "-c", str(path))
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_missing_config_file_is_refused(tmp_path):
+    """A config path that does not exist is refused with the path named."""
+    result = _run("start", "-c", str(tmp_path / "nope.yaml"))
+    assert result.returncode == 2 and "nope.yaml" in result.stderr
+
+
+def test_sigterm_closes_clients_1001_and_stops_everything(tmp_path):
+    """SIGTERM to `meshgate start` closes clients with 1001 and stops every process."""
+    import psutil
+    instance = Cluster(tmp_path, workers=2)
+    instance.start()
+    try:
+        clients = instance.clients(4)
+        children = psutil.Process(instance.process.pid).children()
+        assert len(children) == 3
+        instance.process.send_signal(signal.SIGTERM)
+        for client in clients:
+            assert client.close_code() == 1001
+        assert instance.process.wait(timeout=WAIT) == 0
+        deadline = time.monotonic() + WAIT
+        while any(child.is_running() and child.status() != psutil.STATUS_ZOMBIE for child in children):
+            assert time.monotonic() < deadline, "a child outlived the supervisor"
+            time.sleep(0.05)
+    finally:
+        instance.stop()
