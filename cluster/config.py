@@ -189,6 +189,9 @@ def _convert(value: Any, hint: Any, checks: dict, path: str) -> Any:
 
 
 def _validate(config: Config) -> None:
+    for index, user in enumerate(config.access.users):
+        if not user.username:
+            raise ConfigError(f"access.users[{index}].username: is required")
     if not config.node.servers:
         raise ConfigError("node.servers: at least one server is required")
     ports = {}
@@ -236,8 +239,8 @@ def override(config: Config, workers: Optional[int] = None, coordinator: Optiona
     """Applies command-line options over the file (DESIGN.md: the command line wins)."""
     node = config.node
     if workers is not None:
-        if workers < 0:
-            raise ConfigError("--workers: must be at least 0")
+        if not 0 <= workers <= 1023:
+            raise ConfigError("--workers: must be 0..1023")
         node = dataclasses.replace(node, workers=workers)
     if coordinator is not None:
         parse_address(coordinator, "--coordinator")

@@ -43,7 +43,7 @@ class IdGenerator:
     """
 
     def __init__(self, node_id: int, not_before_ms: int = 0, clock: Callable[[], int] = now_ms):
-        if not 1 <= node_id <= MAX_NODE_ID:
+        if isinstance(node_id, bool) or not isinstance(node_id, int) or not 1 <= node_id <= MAX_NODE_ID:
             raise ValueError(f"node_id must be 1..{MAX_NODE_ID}")
         self.node_id = node_id
         self._clock = clock

@@ -120,7 +120,11 @@ def parse_name(value: Any, field: str, kind: str = "channel") -> str:
         raise _invalid(f"{field}: {kind} name must be a string")
     if not value:
         raise _invalid(f"{field}: {kind} name must not be empty")
-    if len(value) > MAX_NAME_BYTES // 4 and len(value.encode("utf-8")) > MAX_NAME_BYTES:
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise _invalid(f"{field}: {kind} name is not valid Unicode text") from None
+    if size > MAX_NAME_BYTES:
         raise _invalid(f"{field}: {kind} name is longer than {MAX_NAME_BYTES} bytes")
     if _BAD_NAME_CHAR.search(value):
         raise _invalid(f"{field}: {kind} name must not contain whitespace or control characters")
@@ -141,6 +145,13 @@ def parse_names(value: Any, field: str, kind: str = "channel", allow_single: boo
 
 # --- data -------------------------------------------------------------------
 
+_BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}\Z")
+
+
+def _dumps(value: Any) -> str:
+    return ujson.dumps(value, ensure_ascii=False, escape_forward_slashes=False)
+
+
 class Payload(NamedTuple):
     """Data for a client: the bytes of one WebSocket message and its type."""
 
@@ -159,14 +170,19 @@ def parse_payload(params: dict, prefix: str = "p.") -> Payload:
     data = params["d"]
     msg_type = params.get("t", "text")
     if msg_type == "text":
-        if isinstance(data, str):
-            return Payload(data.encode("utf-8"), False)
-        if isinstance(data, (dict, list)):
-            return Payload(ujson.dumps(data, ensure_ascii=False).encode("utf-8"), False)
+        try:
+            if isinstance(data, str):
+                return Payload(data.encode("utf-8"), False)
+            if isinstance(data, (dict, list)):
+                return Payload(_dumps(data).encode("utf-8"), False)
+        except UnicodeEncodeError:
+            raise _invalid(f"{prefix}d: data is not valid Unicode text") from None
         raise _invalid(f"{prefix}d: data must be a string, object or array for type text")
     if msg_type == "binary":
         if not isinstance(data, str):
             raise _invalid(f"{prefix}d: data must be a base64 string for type binary")
+        if len(data) % 4 or not _BASE64.match(data):
+            raise _invalid(f"{prefix}d: data is not valid base64 (standard alphabet, padding required)")
         try:
             return Payload(binascii.a2b_base64(data.encode("ascii"), strict_mode=True), True)
         except (binascii.Error, UnicodeEncodeError, ValueError):
@@ -240,6 +256,14 @@ class CallParams(NamedTuple):
     args: list
 
 
+def _utf8_size(text: str) -> int:
+    """Bytes of `text` in UTF-8; a lone surrogate counts as too long."""
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        return 1 << 30
+
+
 def _valid_close_code(code: Any) -> bool:
     return (isinstance(code, int) and not isinstance(code, bool)
             and (code in (1000, 1001, 1002, 1003) or 1007 <= code <= 1011 or 3000 <= code <= 4999))
@@ -266,8 +290,8 @@ def parse_call_args(function: str, args: list) -> list:
             raise _invalid("p.a: close takes [], [code] or [code, reason]")
         if args and not _valid_close_code(args[0]):
             raise _invalid("p.a[0]: close code must be 1000-1003, 1007-1011 or 3000-4999")
-        if len(args) == 2 and (not isinstance(args[1], str) or len(args[1].encode("utf-8")) > _MAX_REASON_BYTES):
-            raise _invalid(f"p.a[1]: close reason must be a string of at most {_MAX_REASON_BYTES} bytes")
+        if len(args) == 2 and (not isinstance(args[1], str) or _utf8_size(args[1]) > _MAX_REASON_BYTES):
+            raise _invalid(f"p.a[1]: close reason must be a text string of at most {_MAX_REASON_BYTES} bytes")
         return args
     if function == "get_context":
         if args:
@@ -304,11 +328,19 @@ class WsRequest(NamedTuple):
     req_id: Any
 
 
-def _loads(text) -> Any:
+def _loads(text, field: str = "request") -> Any:
     try:
-        return ujson.loads(text)
+        value = ujson.loads(text)
     except (ValueError, TypeError, OverflowError):
-        raise _invalid("malformed JSON") from None
+        raise _invalid(f"{field}: malformed JSON") from None
+    # JSON may escape a lone UTF-16 surrogate (\ud800), which no UTF-8 text can carry.
+    raw = text if isinstance(text, str) else text.decode("latin-1")
+    if "\\ud" in raw or "\\uD" in raw:
+        try:
+            _dumps(value).encode("utf-8")
+        except UnicodeEncodeError:
+            raise _invalid(f"{field}: lone UTF-16 surrogate escape") from None
+    return value
 
 
 def parse_ws_request(text) -> WsRequest:
@@ -335,7 +367,7 @@ def parse_http_body(body: bytes) -> dict:
     """Decodes an HTTP request body, which must be a JSON object."""
     if not body:
         raise _invalid("body: a JSON object is required")
-    value = _loads(body)
+    value = _loads(body, "body")
     if not isinstance(value, dict):
         raise _invalid("body: must be a JSON object")
     return value
@@ -346,8 +378,8 @@ def parse_http_body(body: bytes) -> dict:
 def ok_body(result: Any, req_id: Any = None, ws: bool = False) -> str:
     """Success envelope `{"E": null, "r": result}` (plus `i` over WebSocket)."""
     if ws:
-        return ujson.dumps({"E": None, "r": result, "i": req_id}, ensure_ascii=False)
-    return ujson.dumps({"E": None, "r": result}, ensure_ascii=False)
+        return _dumps({"E": None, "r": result, "i": req_id})
+    return _dumps({"E": None, "r": result})
 
 
 def error_body(code: ErrorCode, message: str, req_id: Any = None, ws: bool = False) -> str:
@@ -355,7 +387,7 @@ def error_body(code: ErrorCode, message: str, req_id: Any = None, ws: bool = Fal
     envelope = {"E": {"c": int(code), "m": message}}
     if ws:
         envelope["i"] = req_id
-    return ujson.dumps(envelope, ensure_ascii=False)
+    return _dumps(envelope)
 
 
 def client_frame(message) -> dict:
@@ -367,10 +399,8 @@ def client_frame(message) -> dict:
 
 def queue_event(node_id: int, client_id: int, topic: str, data: Any) -> bytes:
     """The `queue.pop` event a consumer receives, encoded once (PROTOCOL.md, queue.pop)."""
-    return ujson.dumps(
-        {"e": "queue.pop", "p": {"n": node_id, "c": str(client_id), "t": topic, "d": data}, "i": None},
-        ensure_ascii=False,
-    ).encode("utf-8")
+    return _dumps({"e": "queue.pop", "p": {"n": node_id, "c": str(client_id), "t": topic, "d": data},
+                   "i": None}).encode("utf-8")
 
 
 _OPCODE_TEXT = 0x81

@@ -65,6 +65,8 @@ class Registry:
             RegistryError: the id is held by another live node, or no id is free.
         """
         wanted = info.get("node_id") or self._by_routing.get(routing_id, 0)
+        if isinstance(wanted, bool) or not isinstance(wanted, int) or not 0 <= wanted <= MAX_NODE_ID:
+            raise RegistryError(f"node id {wanted!r} is not in 1..{MAX_NODE_ID}", retry=False)
         if wanted:
             holder = self.nodes.get(wanted)
             if holder is not None and holder.routing_id != routing_id:

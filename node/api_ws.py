@@ -51,7 +51,9 @@ class ApiSocket(tornado.websocket.WebSocketHandler):
         if message == "ping":
             write_frame(self, _PONG, self.node.counters)
             return
-        if len(message) > self.max_body:
+        if len(message) > self.max_body or (
+                len(message) * 4 > self.max_body and isinstance(message, str) and not message.isascii()
+                and len(message.encode("utf-8")) > self.max_body):
             self.reply(protocol.error_body(ErrorCode.PAYLOAD_TOO_LARGE,
                                            f"request: larger than {self.max_body} bytes", None, ws=True))
             return

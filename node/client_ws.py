@@ -24,6 +24,7 @@ class ClientHandler(tornado.websocket.WebSocketHandler):
         self.channels = set()
         self.context = {}
         self.last_seen = 0.0
+        self.remote_addr = ""
 
     def check_origin(self, origin: str) -> bool:
         allowed = self.server.allowed_origins
@@ -35,6 +36,8 @@ class ClientHandler(tornado.websocket.WebSocketHandler):
     def open(self, *args):
         node = self.node
         self.client_id = node.ids.make()
+        self.remote_addr = self.request.remote_ip
+        self._release_request()
         self.stream = self.ws_connection.stream
         self.stream.max_write_buffer_size = self.server.write_buffer_limit
         self.last_seen = time.monotonic()
@@ -55,10 +58,20 @@ class ClientHandler(tornado.websocket.WebSocketHandler):
             self.node.client_closed(self)
             self.entry.on_close(self, self.close_code, self.close_reason)
 
+    def _release_request(self) -> None:
+        """Drops what only the handshake needed: an idle connection should cost little memory."""
+        self.request = None
+        self.ui = None
+        self._headers = None
+        self.path_args = self.path_kwargs = None
+
+    def log_exception(self, typ, value, tb) -> None:
+        log.error("%s: %s", self.describe(), value, exc_info=(typ, value, tb))
+
     # --- the connection API (conn.call and entries) ---------------------------
 
     def describe(self) -> str:
-        return f"client {self.client_id} from {self.request.remote_ip}"
+        return f"client {self.client_id} from {self.remote_addr}"
 
     def set_context_value(self, key: str, value) -> None:
         if value is None:

@@ -52,11 +52,13 @@ class Routing:
         self.version = version
         added, removed, topics = set(), set(), set()
         for dead in update.get("dead", ()):
+            if dead in self.nodes:
+                removed.add(dead)
             topics |= self.drop_node(dead)
         if "nodes" in update:
             fresh = {info["node_id"]: info for info in update["nodes"]}
             added = set(fresh) - set(self.nodes)
-            removed = set(self.nodes) - set(fresh)
+            removed |= set(self.nodes) - set(fresh)
             for gone in removed:
                 topics |= self.drop_node(gone)
             self.nodes = fresh
