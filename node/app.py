@@ -27,6 +27,8 @@ from node.node import Node
 log = logging.getLogger("meshgate.node")
 
 _DRAIN_DEADLINE_S = 5.0
+_API_IDLE_S = 300.0      # an idle keep-alive HTTP connection to the API is closed after this
+_API_BODY_S = 60.0       # a request body must arrive within this
 
 
 def _listen(app, bind: str, port: int, **server_options) -> HTTPServer:
@@ -76,10 +78,12 @@ async def _serve(config, worker: int) -> int:
     if node.ready.is_set() and not stop.is_set():
         api = Api(node)
         servers.append(_listen(api_app(node, api), config.node.api.bind, config.node.api.port,
-                               idle_connection_timeout=3600))
+                               idle_connection_timeout=_API_IDLE_S, body_timeout=_API_BODY_S))
         for server in config.node.servers:
+            # A connection that has not completed its handshake within read_timeout is dropped.
             servers.append(_listen(client_app(node, server), server.bind, server.port,
-                                   max_buffer_size=server.max_message_size + 65536))
+                                   max_buffer_size=server.max_message_size + 65536,
+                                   idle_connection_timeout=server.read_timeout, body_timeout=server.read_timeout))
         sweeper = tornado.ioloop.PeriodicCallback(lambda: _expire_idle(node), 500)
         sweeper.start()
         log.info("node %d ready: api %s:%d, clients %s, mesh point %s", node.node_id, config.node.api.bind,
