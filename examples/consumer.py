@@ -1,0 +1,52 @@
+"""A queue consumer: prints what clients send, one JSON event per line.
+
+Usage:
+    python examples/consumer.py [--api ws://127.0.0.1:6789/ws/v1] [--topic default]
+
+Connects to the backend WebSocket API, sends `queue.pop` for the topic and
+prints every `queue.pop` event it then receives on its own line as JSON (the
+confirmation and errors go to stderr). With the default entry, a client's
+message is in `p.d.frame`, and `p.c` is the client_id to answer with
+`/v1/mesh/send`. Ctrl-C exits (closing the connection stops the consumption);
+when the server closes the connection it exits with status 1. Only tornado is
+needed.
+"""
+
+import argparse
+import asyncio
+import json
+import sys
+
+from tornado.httpclient import HTTPClientError
+from tornado.websocket import websocket_connect
+
+
+async def consume(api: str, topic: str) -> int:
+    conn = await websocket_connect(api)
+    await conn.write_message(json.dumps({"m": "queue.pop", "p": {"t": [topic]}, "i": 1}))
+    while True:
+        message = await conn.read_message()
+        if message is None:
+            print("consumer: the API connection was closed", file=sys.stderr)
+            return 1
+        envelope = json.loads(message)
+        if envelope.get("e") == "queue.pop":
+            print(json.dumps(envelope, ensure_ascii=False), flush=True)
+        elif envelope.get("E"):
+            print(f"consumer: queue.pop failed: {envelope['E']}", file=sys.stderr)
+            return 1
+        else:
+            print(f"consumer: consuming topic {topic!r} on {api}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Print the queue events of one topic.")
+    parser.add_argument("--api", default="ws://127.0.0.1:6789/ws/v1", help="backend WebSocket API URL")
+    parser.add_argument("--topic", default="default", help="topic to consume (the server's `topic` option)")
+    args = parser.parse_args()
+    try:
+        sys.exit(asyncio.run(consume(args.api, args.topic)))
+    except KeyboardInterrupt:
+        pass
+    except (OSError, HTTPClientError) as exc:
+        sys.exit(f"consumer: cannot connect to {args.api}: {exc}")
