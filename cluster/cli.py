@@ -41,6 +41,7 @@ def start(path, workers):
     from cluster.supervisor import Supervisor, resolve_workers
     config = _load(path, workers=workers)
     _check_entries(config)
+    _check_startable(config, resolve_workers(config.node.workers))
     _setup_supervisor_logging(config)
     supervisor = Supervisor(path, resolve_workers(config.node.workers), coordinator=True,
                             coordinator_address=None)
@@ -69,6 +70,7 @@ def node(path, coordinator_address, workers):
     from cluster.supervisor import Supervisor, resolve_workers
     config = _load(path, workers=workers, coordinator=coordinator_address)
     _check_entries(config)
+    _check_startable(config, resolve_workers(config.node.workers))
     _setup_supervisor_logging(config)
     sys.exit(Supervisor(path, resolve_workers(config.node.workers), coordinator=False,
                         coordinator_address=coordinator_address).run())
@@ -83,6 +85,18 @@ def node_process(path, worker, coordinator_address, workers):
     """One node process (started by the supervisor)."""
     from node.app import run
     sys.exit(run(_load(path, workers=workers, coordinator=coordinator_address), worker))
+
+
+def _check_startable(config, workers: int) -> None:
+    """Checks that need the resolved worker count; exits 2 like any configuration error."""
+    try:
+        config_module.check_mesh_ports(config, workers)
+    except ConfigError as exc:
+        click.echo(f"meshgate: configuration error: {exc}", err=True)
+        sys.exit(2)
+    if config.access.users:
+        click.echo("meshgate: warning: access.users is not enforced in this version; "
+                   "the API is open to anyone who can reach its port", err=True)
 
 
 def _check_entries(config) -> None:
@@ -152,6 +166,13 @@ def format_status(document: dict) -> str:
 def status(path, address, as_json, watch):
     """Show every node of the cluster; exit 1 when the coordinator cannot be reached."""
     url = _status_url(_load(path), address)
+    try:
+        _show_status(url, as_json, watch)
+    except KeyboardInterrupt:   # the way out of --watch
+        pass
+
+
+def _show_status(url: str, as_json: bool, watch: bool) -> None:
     while True:
         try:
             document = _fetch_status(url)

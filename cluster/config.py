@@ -13,6 +13,8 @@ from typing import Any, Optional
 
 import yaml
 
+from cluster.protocol import ApiError, parse_name
+
 
 class ConfigError(ValueError):
     """The configuration is invalid; the message starts with the key's path."""
@@ -194,12 +196,20 @@ def _validate(config: Config) -> None:
             raise ConfigError(f"access.users[{index}].username: is required")
     if not config.node.servers:
         raise ConfigError("node.servers: at least one server is required")
-    ports = {}
+    ports, binds = {}, {}
     for index, server in enumerate(config.node.servers):
-        key = (server.port, server.path)
+        key = (server.port, server.path.rstrip("/") or "/")
         if key in ports:
             raise ConfigError(f"node.servers[{index}]: same port and path as node.servers[{ports[key]}]")
         ports[key] = index
+        first = binds.setdefault(server.port, (server.bind, index))
+        if first[0] != server.bind:
+            raise ConfigError(f"node.servers[{index}].bind: servers on port {server.port} must share one bind "
+                              f"address (node.servers[{first[1]}] has {first[0]})")
+        try:
+            parse_name(server.topic, f"node.servers[{index}].topic", "topic")
+        except ApiError as exc:
+            raise ConfigError(exc.message) from None
     api_port = config.node.api.port
     if api_port and any(s.port == api_port for s in config.node.servers):
         raise ConfigError("node.api.port: the same port as a client server")
@@ -246,3 +256,22 @@ def override(config: Config, workers: Optional[int] = None, coordinator: Optiona
         parse_address(coordinator, "--coordinator")
         node = dataclasses.replace(node, coordinator=coordinator)
     return dataclasses.replace(config, node=node)
+
+
+def check_mesh_ports(config: Config, workers: int) -> None:
+    """With a fixed mesh port N, workers use N..N+workers-1: none may be another listening port.
+
+    Raises:
+        ConfigError: naming `node.mesh.port`.
+    """
+    base = config.node.mesh.port
+    if not base:
+        return
+    if base + workers - 1 > 65535:
+        raise ConfigError(f"node.mesh.port: {workers} workers need ports {base}..{base + workers - 1}")
+    taken = {config.node.api.port: "node.api.port", config.coordinator.registry.port: "coordinator.registry.port",
+             config.coordinator.api.port: "coordinator.api.port"}
+    taken.update({s.port: f"node.servers[{i}].port" for i, s in enumerate(config.node.servers)})
+    for port in range(base, base + workers):
+        if port in taken:
+            raise ConfigError(f"node.mesh.port: worker {port - base} would use port {port}, which is {taken[port]}")

@@ -16,6 +16,10 @@ import time
 
 log = logging.getLogger("meshgate.supervisor")
 
+# Set in the environment of every child: it then ignores SIGINT (the supervisor
+# orders the stop) and stops by itself when the supervisor is gone.
+SUPERVISED_ENV = "MESHGATE_SUPERVISED"
+
 _POLL_S = 0.1
 _BACKOFF_START_S = 0.5
 _BACKOFF_MAX_S = 10.0
@@ -38,7 +42,7 @@ class Child:
 
     def start(self) -> None:
         argv = self.argv + self.first_only if self.process is None else self.argv
-        self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+        self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, env={**os.environ, SUPERVISED_ENV: "1"})
         self.started = time.monotonic()
         log.info("started %s (pid %d)", self.name, self.process.pid)
 
@@ -111,7 +115,8 @@ class Supervisor:
                 child.start()
 
     def stop(self) -> None:
-        log.info("stopping: nodes first, then the coordinator")
+        log.info("stopping: nodes first, then the coordinator" if any(c.name == "coordinator" for c in self.children)
+                 else "stopping the nodes")
         nodes = [c for c in self.children if c.name != "coordinator"]
         coordinators = [c for c in self.children if c.name == "coordinator"]
         for group, deadline in ((nodes, _NODE_STOP_S), (coordinators, _COORDINATOR_STOP_S)):
@@ -131,3 +136,22 @@ class Supervisor:
 def resolve_workers(configured: int) -> int:
     """0 means one node process per CPU core."""
     return configured or os.cpu_count() or 1
+
+
+def watch_parent(on_gone, interval_s: float = 0.5):
+    """Calls `on_gone()` once when this process's parent (the supervisor) has exited.
+
+    Must be called on a running asyncio loop; returns the PeriodicCallback.
+    """
+    from tornado.ioloop import PeriodicCallback
+    parent = os.getppid()
+
+    def check():
+        if os.getppid() != parent:
+            log.warning("supervisor (pid %d) is gone; stopping", parent)
+            callback.stop()
+            on_gone()
+
+    callback = PeriodicCallback(check, interval_s * 1000)
+    callback.start()
+    return callback

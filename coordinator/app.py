@@ -2,12 +2,14 @@
 
 import asyncio
 import logging
+import os
 import signal
 
 import zmq
 from tornado.httpserver import HTTPServer
 
 from cluster import logs
+from cluster.supervisor import SUPERVISED_ENV, watch_parent
 from coordinator.control import Control
 from coordinator.http import make_app
 
@@ -24,6 +26,10 @@ async def _serve(config, fresh: bool) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if os.environ.get(SUPERVISED_ENV):   # see node/app.py: the supervisor orders the stop
+        loop.remove_signal_handler(signal.SIGINT)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        watch_parent(stop.set)
     log.info("coordinator ready: registry %s:%d, http %s:%d",
              config.coordinator.registry.bind, config.coordinator.registry.port, api.bind, api.port)
     await stop.wait()

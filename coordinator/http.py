@@ -12,6 +12,8 @@ NODE_FIGURES = (
     "clients", "channels", "consumers", "queue_depth", "in_rate", "out_rate", "in_total", "out_total",
     "queue_dropped", "slow_closed", "forward_timeouts", "hook_errors", "cpu", "rss",
 )
+# Which of them only grow (Prometheus counters, exported with a `_total` suffix).
+COUNTERS = frozenset(("in_total", "out_total", "queue_dropped", "slow_closed", "forward_timeouts", "hook_errors"))
 
 
 def status_document(control) -> dict:
@@ -45,6 +47,11 @@ class _JsonHandler(tornado.web.RequestHandler):
         self.set_header("Content-Type", "application/json")
         self.finish(ujson.dumps(value, ensure_ascii=False))
 
+    def write_error(self, status_code: int, **kwargs) -> None:
+        message = (f"{self.request.method} is not allowed on {self.request.path}; use GET" if status_code == 405
+                   else f"{self.request.path}: no such endpoint" if status_code == 404 else "internal error")
+        self.send_json({"E": {"c": 101 if status_code < 500 else 501, "m": message}})
+
 
 class VersionHandler(_JsonHandler):
     def get(self):
@@ -66,8 +73,9 @@ class MetricsHandler(_JsonHandler):
         lines = []
         document = status_document(self.control)
         for name in NODE_FIGURES:
-            metric = f"meshgate_{name}"
-            lines.append(f"# TYPE {metric} gauge")
+            counter = name in COUNTERS
+            metric = f"meshgate_{name}" if not counter or name.endswith("_total") else f"meshgate_{name}_total"
+            lines.append(f"# TYPE {metric} {'counter' if counter else 'gauge'}")
             for node in document["nodes"]:
                 lines.append(f'{metric}{{node_id="{node["node_id"]}"}} {node[name]}')
         lines.append("# TYPE meshgate_nodes gauge")

@@ -43,6 +43,7 @@ class _EnvelopeHandler(tornado.web.RequestHandler):
             message = self._reason
         else:
             message = "internal error"
+            self.set_status(protocol.http_status(ErrorCode.MESH_UNAVAILABLE))
         self.set_header("Content-Type", "application/json")
         self.finish(protocol.error_body(ErrorCode.INVALID_PARAMS if status_code < 500 else ErrorCode.MESH_UNAVAILABLE,
                                         message))

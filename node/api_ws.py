@@ -35,6 +35,24 @@ class ApiSocket(tornado.websocket.WebSocketHandler):
     def check_origin(self, origin: str) -> bool:
         return True   # backends, not browsers
 
+    async def get(self, *args, **kwargs):
+        headers = self.request.headers
+        if (headers.get("Upgrade", "").lower() != "websocket"
+                or "upgrade" not in headers.get("Connection", "").lower()):
+            self.send_error(400)
+            return
+        await super().get(*args, **kwargs)
+
+    def send_error(self, status_code: int = 500, **kwargs) -> None:
+        """A request to /ws/v1 that is not a WebSocket upgrade still gets an envelope."""
+        if self._headers_written:
+            return super().send_error(status_code, **kwargs)
+        self.clear()
+        self.set_status(status_code if status_code < 500 else 503)
+        self.set_header("Content-Type", "application/json")
+        self.finish(protocol.error_body(ErrorCode.INVALID_PARAMS if status_code < 500 else ErrorCode.MESH_UNAVAILABLE,
+                                        "/ws/v1: a WebSocket upgrade (GET with Upgrade: websocket) is required"))
+
     def open(self):
         self.stream = self.ws_connection.stream
         self.stream.max_write_buffer_size = CONSUMER_WRITE_BUFFER

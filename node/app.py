@@ -7,6 +7,7 @@ gave it a node id, so a connection never lands on a process that cannot name it.
 
 import asyncio
 import logging
+import os
 import signal
 import time
 
@@ -17,6 +18,7 @@ from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
 from cluster import logs
+from cluster.supervisor import SUPERVISED_ENV, watch_parent
 from node import entry as entries
 from node.api import Api
 from node.api_http import MeshHandler, NotFoundHandler
@@ -48,14 +50,23 @@ def api_app(node, api) -> tornado.web.Application:
         websocket_max_message_size=max_body * 2 + 4096)
 
 
-def client_app(node, server) -> tornado.web.Application:
-    entry = entries.load(node, server)
-    path = server.path.rstrip("/") or "/"
-    pattern = "/" if path == "/" else path + "/?"
-    return tornado.web.Application(
-        [(pattern, ClientHandler, {"node": node, "server": server, "entry": entry})],
-        websocket_max_message_size=server.max_message_size,
-    )
+def client_app(node, servers: list) -> tornado.web.Application:
+    """One application for the configured servers that share a port, one route per path."""
+    routes = []
+    for server in servers:
+        entry = entries.load(node, server)
+        path = server.path.rstrip("/") or "/"
+        pattern = "/" if path == "/" else path + "/?"
+        routes.append((pattern, ClientHandler, {"node": node, "server": server, "entry": entry}))
+    return tornado.web.Application(routes)
+
+
+def servers_by_port(servers) -> dict:
+    """Configured client servers grouped by port (config validation keeps one bind per port)."""
+    groups = {}
+    for server in servers:
+        groups.setdefault(server.port, []).append(server)
+    return groups
 
 
 async def _serve(config, worker: int) -> int:
@@ -66,6 +77,12 @@ async def _serve(config, worker: int) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if os.environ.get(SUPERVISED_ENV):
+        # The supervisor orders the stop: a terminal's Ctrl-C reaches it, not us,
+        # and if it dies without stopping us we stop on our own.
+        loop.remove_signal_handler(signal.SIGINT)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        watch_parent(stop.set)
 
     while not node.ready.is_set():
         if stop.is_set() or node.link.fatal:
@@ -79,11 +96,12 @@ async def _serve(config, worker: int) -> int:
         api = Api(node)
         servers.append(_listen(api_app(node, api), config.node.api.bind, config.node.api.port,
                                idle_connection_timeout=_API_IDLE_S, body_timeout=_API_BODY_S))
-        for server in config.node.servers:
+        for port, group in servers_by_port(config.node.servers).items():
             # A connection that has not completed its handshake within read_timeout is dropped.
-            servers.append(_listen(client_app(node, server), server.bind, server.port,
-                                   max_buffer_size=server.max_message_size + 65536,
-                                   idle_connection_timeout=server.read_timeout, body_timeout=server.read_timeout))
+            handshake_s = min(server.read_timeout for server in group)
+            servers.append(_listen(client_app(node, group), group[0].bind, port,
+                                   max_buffer_size=max(server.max_message_size for server in group) + 65536,
+                                   idle_connection_timeout=handshake_s, body_timeout=handshake_s))
         sweeper = tornado.ioloop.PeriodicCallback(lambda: _expire_idle(node), 500)
         sweeper.start()
         log.info("node %d ready: api %s:%d, clients %s, mesh point %s", node.node_id, config.node.api.bind,
@@ -118,13 +136,13 @@ async def _drain(node, servers) -> None:
             conn.shutdown()
         except Exception:
             pass
-    node.flush_adverts()
-    if node.node_id:
-        node.link.send(b"BYE", {"node_id": node.node_id})
     deadline = time.monotonic() + _DRAIN_DEADLINE_S
     while time.monotonic() < deadline and (node.hub.conns or node.api_sockets):
         await asyncio.sleep(0.05)
-    await asyncio.sleep(0.05)   # let the goodbye leave the socket
+    node.flush_adverts()
+    if node.node_id:
+        node.link.leave()
+        await asyncio.sleep(0.05)   # let the goodbye leave the socket
     node.link.close()
     node.mesh.close()
     log.info("node %d stopped", node.node_id)

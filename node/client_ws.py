@@ -26,6 +26,10 @@ class ClientHandler(tornado.websocket.WebSocketHandler):
         self.last_seen = 0.0
         self.remote_addr = ""
 
+    @property
+    def max_message_size(self) -> int:
+        return self.server.max_message_size   # per server, even when servers share a port
+
     def check_origin(self, origin: str) -> bool:
         allowed = self.server.allowed_origins
         return not allowed or origin in allowed

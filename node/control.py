@@ -37,6 +37,7 @@ class ControlLink:
         self._retry = PeriodicCallback(self._register_if_needed, _REGISTER_RETRY_S * 1000)
         self._heartbeat = PeriodicCallback(self.send_heartbeat, self._heartbeat_ms())
         self.fatal = None   # set to a message when this process must exit
+        self.leaving = False
 
     def _heartbeat_ms(self) -> float:
         return max(20, min(1000, self.config.coordinator.node_timeout * 1000 / 4))
@@ -58,7 +59,17 @@ class ControlLink:
         except zmq.Again:
             log.debug("coordinator link full: dropped %s", kind.decode())
 
+    def leave(self) -> None:
+        """Says goodbye: the coordinator drops this node now, and nothing brings it back."""
+        self.leaving = True
+        self.registered = False
+        self._retry.stop()
+        self._heartbeat.stop()
+        self.send(mesh.BYE, {"node_id": self.node.node_id})
+
     def register(self) -> None:
+        if self.leaving:
+            return
         node = self.node
         self.registered = False
         self._registering_since = time.monotonic()

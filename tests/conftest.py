@@ -167,8 +167,8 @@ class Cluster:
                      "forward_timeout": overrides.pop("forward_timeout", 2),
                      "api": {"bind": "127.0.0.1", "port": self.api_port},
                      "queue": overrides.pop("queue", {"topic_size": 2000, "max_topics": 100}),
-                     "servers": [{"port": self.client_port, "bind": "127.0.0.1",
-                                  **overrides.pop("server", {})}]},
+                     "servers": [{"port": self.client_port, "bind": "127.0.0.1", **server}
+                                 for server in [overrides.pop("server", {}), *overrides.pop("extra_servers", [])]]},
         }
         if overrides:
             raise TypeError(f"unknown overrides {overrides}")
@@ -176,6 +176,7 @@ class Cluster:
         self.config_path.write_text(yaml.safe_dump(config))
         self.log_path = tmp / f"{self.config_path.stem}.log"
         self.process = None
+        self.start_options = {}    # extra subprocess.Popen arguments for `meshgate start`
         self.client_options = {}   # e.g. {"origin": ...} for every client connection
         self._open = []
 
@@ -184,7 +185,8 @@ class Cluster:
     def start(self) -> "Cluster":
         self._log = open(self.log_path, "wb")
         self.process = subprocess.Popen([MESHGATE, "start", "-c", str(self.config_path)],
-                                        stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                        stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        **self.start_options)
         self.wait_ready()
         return self
 

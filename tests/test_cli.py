@@ -79,9 +79,62 @@ def test_sigterm_closes_clients_1001_and_stops_everything(tmp_path):
         for client in clients:
             assert client.close_code() == 1001
         assert instance.process.wait(timeout=WAIT) == 0
+        assert "re-registered" not in instance.logs(), "a draining node came back after its goodbye"
         deadline = time.monotonic() + WAIT
         while any(child.is_running() and child.status() != psutil.STATUS_ZOMBIE for child in children):
             assert time.monotonic() < deadline, "a child outlived the supervisor"
             time.sleep(0.05)
     finally:
         instance.stop()
+
+
+def test_ctrl_c_in_a_terminal_drains_nodes_before_the_coordinator(tmp_path):
+    """SIGINT to the whole process group (a terminal's Ctrl-C): nodes drain first, then the coordinator."""
+    import os
+    instance = Cluster(tmp_path, workers=2)
+    instance.start_options = {"start_new_session": True}
+    instance.start()
+    try:
+        clients = instance.clients(3)
+        os.killpg(instance.process.pid, signal.SIGINT)
+        for client in clients:
+            assert client.close_code() == 1001
+        assert instance.process.wait(timeout=WAIT) == 0
+        log = instance.logs()
+        assert log.index("coordinator stopping") > max(log.index(f"node {n} stopped") for n in (1, 2))
+    finally:
+        instance.stop()
+
+
+def test_two_servers_share_a_port_by_path(tmp_path):
+    """Two client servers on one port with different paths each get their own connections and topic."""
+    instance = Cluster(tmp_path, workers=2, server={"path": "/a", "topic": "topic-a"},
+                       extra_servers=[{"path": "/b", "topic": "topic-b"}])
+    instance.start()
+    try:
+        consumer_a, consumer_b = instance.api(), instance.api()
+        assert consumer_a.request("queue.pop", ["topic-a"])["E"] is None
+        assert consumer_b.request("queue.pop", ["topic-b"])["E"] is None
+        for index in range(10):
+            instance.client("/a").ws.send(f"a{index}")
+            instance.client("/b").ws.send(f"b{index}")
+        assert sorted(consumer_a.event()["p"]["d"]["frame"]["data"] for _ in range(10)) == sorted(
+            f"a{i}" for i in range(10))
+        assert sorted(consumer_b.event()["p"]["d"]["frame"]["data"] for _ in range(10)) == sorted(
+            f"b{i}" for i in range(10))
+    finally:
+        instance.stop()
+
+
+@pytest.mark.parametrize("document, message", [
+    ("node:\n  servers:\n    - topic: 'has space'\n", "node.servers[0].topic: topic name must not contain"),
+    ("node:\n  workers: 2\n  mesh: {port: 6788}\n", "node.mesh.port: worker 1 would use port 6789"),
+    ("node:\n  servers:\n    - {port: 7000, bind: 127.0.0.1}\n    - {port: 7000, path: /x, bind: 0.0.0.0}\n",
+     "node.servers[1].bind: servers on port 7000 must share one bind address"),
+])
+def test_inconsistent_config_fails_at_start(tmp_path, document, message):
+    """Settings that cannot work together are refused at start, naming the key."""
+    path = tmp_path / "bad.yaml"
+    path.write_text(document)
+    result = _run("start", "-c", str(path))
+    assert result.returncode == 2 and message in result.stderr, result.stderr
