@@ -48,6 +48,7 @@ class Node:
         self.ready = asyncio.Event()
         self.started_at = time.time()
         self.queue_lost = 0
+        self._arrivals = 0          # arrival sequence of queue pushes (keeps per-client order on retries)
         listen = config.node.mesh
         port = listen.port + worker if listen.port else 0
         self.mesh = MeshPoint(context, f"tcp://{listen.bind}:{port}", self.handle_mesh_request, self.forward_timeout)
@@ -279,15 +280,16 @@ class Node:
             QueueFull: no consumer can take it now and the topic's buffer is full.
         """
         event = protocol.queue_event(self.node_id, client_id, topic, data)
+        self._arrivals += 1
         if self.buffers.waiting(topic) or not self.routing.has_consumers(topic):
-            self.buffers.push(topic, (client_id, event))
+            self.buffers.push(topic, (self._arrivals, client_id, event))
             if self.routing.has_consumers(topic):
                 self.drain(topic)
             return
-        self.dispatch(topic, client_id, event)
+        self.dispatch(topic, self._arrivals, client_id, event)
 
-    def dispatch(self, topic: str, client_id: int, event: bytes) -> bool:
-        """Hands one event to the consumer its client maps to; puts it back at the head when none can take it."""
+    def dispatch(self, topic: str, seq: int, client_id: int, event: bytes) -> bool:
+        """Hands one event to the consumer its client maps to; puts it back in order when none can take it."""
         for _ in range(64):
             target = self.routing.pick_consumer(topic, client_id)
             if target is None:
@@ -296,16 +298,16 @@ class Node:
             if origin != self.node_id:
                 future = self.mesh.request(origin, mesh.QUEUE_EVENT, {"t": topic, "k": consumer_id}, event)
                 future.add_done_callback(
-                    lambda f: self._on_event_reply(f, topic, client_id, event, origin, consumer_id))
+                    lambda f: self._on_event_reply(f, topic, (seq, client_id, event), origin, consumer_id))
                 return True
             conn = self.consumers.connection(consumer_id, topic)
             if conn is not None and write_frame(conn, protocol.encode_ws_frame(event), self.counters):
                 return True
             self.routing.forget_consumer(origin, topic, consumer_id)
-        self.buffers.push_front(topic, [(client_id, event)])
+        self.buffers.put_back(topic, (seq, client_id, event))
         return False
 
-    def _on_event_reply(self, future, topic, client_id, event, origin, consumer_id) -> None:
+    def _on_event_reply(self, future, topic, item, origin, consumer_id) -> None:
         error = future.exception()
         if isinstance(error, PeerTimeout):
             self.queue_lost += 1   # at most once: it may have been written
@@ -314,7 +316,7 @@ class Node:
             return
         if error is None:
             self.routing.forget_consumer(origin, topic, consumer_id)
-        self.buffers.push_front(topic, [(client_id, event)])
+        self.buffers.put_back(topic, item)
         asyncio.get_running_loop().call_soon(self.drain, topic)
 
     def drain(self, topic: str) -> None:

@@ -2,7 +2,8 @@
 
 PURE: deques and dictionaries; no I/O. Owned by the node's IOLoop.
 
-Messages pushed on this node wait here while their topic has no consumer
+Messages pushed on this node wait here, as `(seq, ...)` tuples in arrival
+order, while their topic has no consumer
 anywhere in the mesh (PROTOCOL.md, queue.pop delivery semantics): at most
 `topic_size` per topic and `max_topics` topics; over either bound the push is
 refused and counted, and what already waits is kept.
@@ -46,10 +47,23 @@ class Buffers:
             raise QueueFull(f"topic {topic!r}: buffer full ({self.topic_size} messages)")
         queue.append(item)
 
-    def push_front(self, topic: str, items: list) -> None:
-        """Puts items that could not be delivered back at the head, in their order (may exceed the bound briefly)."""
+    def put_back(self, topic: str, item) -> None:
+        """Puts an item that could not be delivered back in arrival order.
+
+        Items are tuples whose first element is their arrival sequence number.
+        Everything that was handed out is older than everything still waiting,
+        so the item goes in among the other returned ones at the head, before
+        the first item that arrived after it. May exceed `topic_size` briefly.
+        """
         queue = self._topics.setdefault(topic, deque())
-        queue.extendleft(reversed(items))
+        seq = item[0]
+        index = 0
+        for index, waiting in enumerate(queue):
+            if waiting[0] > seq:
+                break
+        else:
+            index = len(queue)
+        queue.insert(index, item)
 
     def pop(self, topic: str):
         """Removes and returns the oldest item of `topic`, or None."""

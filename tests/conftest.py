@@ -275,6 +275,7 @@ class Cluster:
 
     def clients(self, count: int, topic: str = "default") -> list:
         """Connects `count` clients and learns each one's client_id and node from a queue event."""
+        consumers_before = self.status()["coordinator"]["topics_with_consumers"]
         consumer = self.api()
         assert consumer.request("queue.pop", {"t": [topic]})["E"] is None
         found = {}
@@ -293,6 +294,9 @@ class Cluster:
         for marker, client in clients:
             client.client_id, client.node = found[marker]["c"], found[marker]["n"]
         consumer.ws.close()
+        # Leave no trace: the helper's consumer is gone from the tables before the test goes on.
+        wait_until(lambda: self.status()["coordinator"]["topics_with_consumers"] <= consumers_before,
+                   what="the helper's consumer to leave the tables")
         return [client for _, client in clients]
 
 

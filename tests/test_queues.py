@@ -103,31 +103,36 @@ def test_buffers_queue_full_message_names_topic():
 
 @pytest.mark.parametrize("waiting, returned, expected", [
     ([3, 4], [1, 2], [1, 2, 3, 4]),
+    ([3, 4], [2, 1], [1, 2, 3, 4]),
     ([], [1, 2], [1, 2]),
+    ([], [2, 1], [1, 2]),
     ([5], [1], [1, 5]),
     ([2, 3], [1], [1, 2, 3]),
+    ([7, 8], [1, 4, 2], [1, 2, 4, 7, 8]),
 ])
-def test_buffers_push_front_order(waiting, returned, expected):
-    """Items put back go to the head in their own order, before what waited."""
+def test_buffers_put_back_keeps_arrival_order(waiting, returned, expected):
+    """Items put back go in by arrival sequence, whatever order they come back in, before what waited."""
     buffers = Buffers(topic_size=10, max_topics=10)
-    for item in waiting:
-        buffers.push("t", item)
-    buffers.push_front("t", returned)
-    assert [buffers.pop("t") for _ in expected] == expected
+    for seq in waiting:
+        buffers.push("t", (seq, "client"))
+    for seq in returned:
+        buffers.put_back("t", (seq, "client"))
+    assert [buffers.pop("t")[0] for _ in expected] == expected
     assert buffers.pop("t") is None
 
 
-def test_buffers_push_front_may_exceed_bound():
+def test_buffers_put_back_may_exceed_bound():
     """Putting undelivered items back is never refused, even over the bounds, and is not a drop."""
     buffers = Buffers(topic_size=2, max_topics=1)
-    buffers.push("t", 3)
-    buffers.push("t", 4)
-    buffers.push_front("t", [1, 2])
-    buffers.push_front("u", [9])
+    buffers.push("t", (3,))
+    buffers.push("t", (4,))
+    buffers.put_back("t", (2,))
+    buffers.put_back("t", (1,))
+    buffers.put_back("u", (9,))
     assert buffers.depth() == 5
     assert buffers.dropped == 0
-    assert [buffers.pop("t") for _ in range(4)] == [1, 2, 3, 4]
-    assert buffers.pop("u") == 9
+    assert [buffers.pop("t")[0] for _ in range(4)] == [1, 2, 3, 4]
+    assert buffers.pop("u") == (9,)
 
 
 # --- Consumers -----------------------------------------------------------------------------
