@@ -267,6 +267,16 @@ class Cluster:
         self._open.append(ws)
         return ApiConnection(ws)
 
+    def api_with_timeout(self, seconds: float):
+        """An API connection, or None when the handshake is not answered within `seconds` (a frozen node)."""
+        try:
+            ws = websocket.create_connection(f"ws://127.0.0.1:{self.api_port}/ws/v1", timeout=seconds)
+        except (websocket.WebSocketTimeoutException, TimeoutError, OSError):
+            return None
+        ws.settimeout(WAIT)
+        self._open.append(ws)
+        return ApiConnection(ws)
+
     def client(self, path: str = "/", **options) -> Client:
         ws = websocket.create_connection(f"ws://127.0.0.1:{self.client_port}{path}", timeout=WAIT,
                                          **{**self.client_options, **options})

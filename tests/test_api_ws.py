@@ -681,3 +681,13 @@ def test_call_params_not_an_object_is_101(api, params):
     """conn.call whose `p` is not an object is 101 naming `p`."""
     api.send_raw(json.dumps({"m": "conn.call", "p": params, "i": "p"}))
     assert_error(api.read(), 101, "p", "p")
+
+
+def test_queue_pop_over_the_topic_limit_is_201(api):
+    """A consumer may hold at most 1000 topics: more is 201, and what it had stays."""
+    conn = api
+    assert_ok(conn.request("queue.pop", {"t": [f"limit-{i}" for i in range(1000)]}))
+    reply = conn.request("queue.pop", {"t": ["one-more"]}, req_id=77)
+    assert_error(reply, 201, "p.t", req_id=77)
+    assert_ok(conn.request("queue.unpop", {"t": ["limit-0"]}))
+    assert_ok(conn.request("queue.pop", {"t": ["one-more"]}))

@@ -48,7 +48,7 @@ def test_killed_node_is_replaced_and_its_clients_fail_fast(crash_cluster):
     for client in doomed:
         started = time.monotonic()
         status, body = crash_cluster.http("/v1/mesh/send", {"c": client.client_id, "d": "x"})
-        assert body["E"]["c"] == 401 and time.monotonic() - started < 0.5
+        assert body["E"]["c"] == 401 and time.monotonic() - started < 1.0
         reply = api.request("conn.call", {"c": client.client_id, "f": "get_context"})
         assert reply["E"]["c"] == 301
 

@@ -1,0 +1,53 @@
+"""A raw ZeroMQ DEALER speaks cluster/mesh.py frames to a real node's mesh point."""
+
+import json
+import urllib.request
+
+import pytest
+import zmq
+
+from cluster import mesh
+from conftest import WAIT
+
+
+@pytest.fixture
+def peer(cluster):
+    """A DEALER connected to the mesh point of one live node of the cluster."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{cluster.coordinator_port}/v1/nodes", timeout=WAIT) as response:
+        node = json.loads(response.read())["nodes"][0]
+    context = zmq.Context()
+    socket = context.socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.RCVTIMEO, int(WAIT * 1000))
+    socket.connect(node["mesh_point"])
+    yield node, socket
+    socket.close()
+    context.term()
+
+
+def _ask(socket, kind, header, body=b"", request_id=b"\x00\x00\x00\x00\x00\x00\x00\x07"):
+    socket.send_multipart(mesh.request(kind, request_id, header, body))
+    got_id, result = mesh.read_reply(socket.recv_multipart())
+    assert got_id == request_id
+    return result
+
+
+def test_node_answers_requests_for_what_it_does_not_have(peer):
+    """SEND/CALL/QEV for unknown clients or consumers are answered, not dropped or crashed on."""
+    node, socket = peer
+    unknown = (node["node_id"] << 12) | 1
+    assert _ask(socket, mesh.SEND, {"c": unknown}, b"\x81\x01x") == {"s": None}
+    assert _ask(socket, mesh.PUBLISH, {"ch": ["nobody-listens"]}, b"\x81\x01x") == {"s": 0, "f": 0}
+    assert _ask(socket, mesh.CALL, {"c": unknown, "f": "get_context", "a": []})["e"] == 301
+    assert _ask(socket, mesh.QUEUE_EVENT, {"t": "default", "k": 999999}, b"{}") == {"ok": False}
+
+
+def test_bad_frames_are_ignored_and_the_node_keeps_answering(peer, cluster):
+    """Wrong frame counts, unknown kinds and bad JSON get no reply; the next good request is answered."""
+    node, socket = peer
+    socket.send_multipart([b"SEND", b"x"])
+    socket.send_multipart([b"NOPE", b"\x01", b"{}", b""])
+    socket.send_multipart([mesh.SEND, b"\x02", b"{not json", b""])
+    socket.send_multipart([mesh.SEND, b"\x03", b"[1]", b""])
+    assert _ask(socket, mesh.PUBLISH, {"ch": ["still-alive"]}, b"\x81\x01x") == {"s": 0, "f": 0}
+    assert len(cluster.status()["nodes"]) == cluster.workers

@@ -1,0 +1,67 @@
+"""A peer that does not answer (SIGSTOP): forwarded requests end within forward_timeout as 401 / f / 501."""
+
+import os
+import signal
+import time
+import uuid
+
+import pytest
+
+from conftest import Cluster
+
+
+@pytest.fixture
+def frozen(tmp_path):
+    """A cluster whose node_timeout is long enough that a frozen node stays in the tables."""
+    instance = Cluster(tmp_path, workers=3, node_timeout=30, forward_timeout=0.5)
+    instance.start()
+    stopped = []
+    yield instance, stopped
+    for pid in stopped:
+        os.kill(pid, signal.SIGCONT)
+    instance.stop()
+
+
+def test_frozen_owner_gives_401_501_and_counted_failures(frozen):
+    """send -> 401, conn.call -> 501, publish -> counted in f, each after about forward_timeout, never a hang."""
+    cluster, stopped = frozen
+    clients = cluster.clients(18)
+    victim = clients[0].node
+    on_victim = [c for c in clients if c.node == victim]
+    others = [c for c in clients if c.node != victim]
+    channel = f"slow-{uuid.uuid4().hex[:6]}"
+    api = cluster.api()
+    for client in clients:
+        assert api.request("conn.call", {"c": client.client_id, "f": "subscribe", "a": [channel]})["E"] is None
+    pid = next(n["pid"] for n in cluster.status()["nodes"] if n["node_id"] == victim)
+    api.ws.close()
+    os.kill(pid, signal.SIGSTOP)
+    stopped.append(pid)
+
+    # Requests must land on a live node: a fresh connection to a frozen process would just wait.
+    # Retry until the API connection is accepted by a live process.
+    def live_api():
+        for _ in range(20):
+            conn = cluster.api_with_timeout(1.0)
+            if conn is not None:
+                return conn
+        raise AssertionError("no live node accepted an API connection")
+    api = live_api()
+
+    started = time.monotonic()
+    reply = api.request("mesh.send", {"c": on_victim[0].client_id, "d": "x"})
+    assert reply["E"]["c"] == 401 and "did not answer" in reply["E"]["m"]
+    assert 0.4 < time.monotonic() - started < 0.5 + 1.0
+
+    started = time.monotonic()
+    reply = api.request("conn.call", {"c": on_victim[0].client_id, "f": "get_context"})
+    assert reply["E"]["c"] == 501
+    assert time.monotonic() - started < 0.5 + 1.0
+
+    started = time.monotonic()
+    reply = api.request("mesh.publish", {"c": channel, "d": "partial"})
+    # f for a silent node is its subscriber count as last advertised (coalesced every few ms).
+    assert reply["r"]["s"] == len(others) and 1 <= reply["r"]["f"] <= len(on_victim)
+    assert time.monotonic() - started < 0.5 + 1.0
+    for client in others:
+        assert client.recv() == "partial"
