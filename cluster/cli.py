@@ -100,11 +100,15 @@ def _check_startable(config, workers: int) -> None:
 
 
 def _check_entries(config) -> None:
+    """Entry files must compile (and modules exist) before anything starts."""
+    from node.entry import EntryError, check_spec
     for index, server in enumerate(config.node.servers):
         if server.entry:
-            click.echo(f"meshgate: configuration error: node.servers[{index}].entry: custom entries are not "
-                       "available in this version; use null (the default entry)", err=True)
-            sys.exit(2)
+            try:
+                check_spec(server.entry, config.base_dir)
+            except EntryError as exc:
+                click.echo(f"meshgate: configuration error: node.servers[{index}].entry: {exc}", err=True)
+                sys.exit(2)
 
 
 def _status_url(config, address) -> str:

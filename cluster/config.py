@@ -80,6 +80,8 @@ class ServerConfig:
     read_timeout: float = field(default=60.0, metadata=_meta(min=0.1))
     write_buffer_limit: int = field(default=4194304, metadata=_meta(min=1024))
     allowed_origins: list = field(default_factory=list, metadata=_meta(items=str))
+    reload: bool = False                 # reload the entry when its file changes
+    demo: Optional[str] = field(default=None, metadata=_meta(startswith="/"))   # path of the chat demo page
 
 
 @dataclass(frozen=True)
@@ -210,6 +212,10 @@ def _validate(config: Config) -> None:
             parse_name(server.topic, f"node.servers[{index}].topic", "topic")
         except ApiError as exc:
             raise ConfigError(exc.message) from None
+    paths = {(s.port, s.path.rstrip("/") or "/") for s in config.node.servers}
+    for index, server in enumerate(config.node.servers):
+        if server.demo and (server.port, server.demo.rstrip("/") or "/") in paths:
+            raise ConfigError(f"node.servers[{index}].demo: {server.demo} is the path of a WebSocket server")
     api_port = config.node.api.port
     if api_port and any(s.port == api_port for s in config.node.servers):
         raise ConfigError("node.api.port: the same port as a client server")

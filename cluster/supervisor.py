@@ -19,6 +19,8 @@ log = logging.getLogger("meshgate.supervisor")
 # Set in the environment of every child: it then ignores SIGINT (the supervisor
 # orders the stop) and stops by itself when the supervisor is gone.
 SUPERVISED_ENV = "MESHGATE_SUPERVISED"
+# A child that exits with this code cannot run with this configuration: restarting it would not help.
+CONFIG_EXIT = 2
 
 _POLL_S = 0.1
 _BACKOFF_START_S = 0.5
@@ -81,6 +83,7 @@ class Supervisor:
             self.children.append(Child(f"node worker {worker}",
                                        _cli("node-process", *common, "--worker", str(worker), *extra)))
         self._stopping = False
+        self.exit_code = 0
 
     def _on_signal(self, signum, frame) -> None:
         self._stopping = True
@@ -94,13 +97,18 @@ class Supervisor:
             time.sleep(_POLL_S)
             self._check()
         self.stop()
-        return 0
+        return self.exit_code
 
     def _check(self) -> None:
         now = time.monotonic()
         for child in self.children:
             if child.alive() or self._stopping:
                 continue
+            if child.process.returncode == CONFIG_EXIT:
+                log.error("%s refused to start (configuration, see above); stopping the cluster", child.name)
+                self._stopping = True
+                self.exit_code = CONFIG_EXIT
+                return
             if child.restart_at == 0.0:
                 lived = now - child.started
                 if lived > _HEALTHY_AFTER_S:

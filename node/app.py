@@ -72,6 +72,15 @@ def servers_by_port(servers) -> dict:
 async def _serve(config, worker: int) -> int:
     context = zmq.Context()
     node = Node(config, worker, context)
+    entries.bind(node)
+    try:   # entries load before the node joins: a broken one never takes clients
+        client_apps = {port: client_app(node, group) for port, group in servers_by_port(config.node.servers).items()}
+    except entries.EntryError as exc:
+        log.error("cannot start: entry %s", exc)
+        node.link.close()
+        node.mesh.close()
+        context.destroy(linger=0)
+        return 2
     node.link.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -92,14 +101,14 @@ async def _serve(config, worker: int) -> int:
         except asyncio.TimeoutError:
             pass
     servers = []
-    if node.ready.is_set() and not stop.is_set():
+    if node.ready.is_set() and not stop.is_set() and not node.link.fatal:
         api = Api(node)
         servers.append(_listen(api_app(node, api), config.node.api.bind, config.node.api.port,
                                idle_connection_timeout=_API_IDLE_S, body_timeout=_API_BODY_S))
         for port, group in servers_by_port(config.node.servers).items():
             # A connection that has not completed its handshake within read_timeout is dropped.
             handshake_s = min(server.read_timeout for server in group)
-            servers.append(_listen(client_app(node, group), group[0].bind, port,
+            servers.append(_listen(client_apps[port], group[0].bind, port,
                                    max_buffer_size=max(server.max_message_size for server in group) + 65536,
                                    idle_connection_timeout=handshake_s, body_timeout=handshake_s))
         sweeper = tornado.ioloop.PeriodicCallback(lambda: _expire_idle(node), 500)

@@ -1,13 +1,20 @@
-"""Client WebSocket handler (port 6790): turns connection events into hub and entry calls."""
+"""Client WebSocket handler (port 6790): one client connection, and the `conn` its entry sees.
 
+Turns connection events into hub and entry calls. The methods under "the
+connection API" are what entries (docs/entries.md) and `conn.call` use.
+"""
+
+import asyncio
 import logging
 import time
 
+import tornado.web
 import tornado.websocket
 
 from cluster import protocol
 from cluster.protocol import CloseCode
 from node.clients import write_frame
+from node.entry import ConnectionGone, ContextTimeout
 
 log = logging.getLogger("meshgate.node")
 
@@ -25,6 +32,12 @@ class ClientHandler(tornado.websocket.WebSocketHandler):
         self.context = {}
         self.last_seen = 0.0
         self.remote_addr = ""
+        self.path = self.query = ""
+        self.headers = None
+        self.hook_busy = False       # an async hook of this connection is running (node/entry.py)
+        self.hook_pending = None     # events waiting for it
+        self._waiters = None         # context key -> futures of wait_context_value
+        self._opened = False
 
     @property
     def max_message_size(self) -> int:
@@ -37,30 +50,52 @@ class ClientHandler(tornado.websocket.WebSocketHandler):
     def get_compression_options(self):
         return None   # frames are encoded once and shared: no per-connection deflate
 
+    def prepare(self):
+        """Names the connection and lets the entry's `on_handshake` refuse it (HTTP 403)."""
+        request = self.request
+        self.client_id = self.node.ids.make()
+        self.remote_addr = request.remote_ip
+        if self.entry.custom:
+            self.path, self.query, self.headers = request.path, request.query, request.headers
+        verdict = self.entry.handshake(self, request)
+        if verdict is not None:
+            return self._check_verdict(verdict)
+
+    async def _check_verdict(self, verdict) -> None:
+        if not await verdict:
+            raise tornado.web.HTTPError(403)
+
     def open(self, *args):
         node = self.node
-        self.client_id = node.ids.make()
-        self.remote_addr = self.request.remote_ip
         self._release_request()
         self.stream = self.ws_connection.stream
         self.stream.max_write_buffer_size = self.server.write_buffer_limit
         self.last_seen = time.monotonic()
+        self._opened = True
         node.client_opened(self)
-        self.entry.on_open(self)
+        if self.entry.custom:
+            self.entry.submit(self, "on_open")
 
     def on_message(self, message):
         self.last_seen = time.monotonic()
         self.node.counters.in_total += 1
-        self.entry.on_message(self, protocol.client_frame(message))
+        self.entry.submit(self, "on_message", protocol.client_frame(message))
 
     def on_ping(self, data):
         self.last_seen = time.monotonic()
 
     def on_close(self):
         self.stream = None
-        if self.client_id:
-            self.node.client_closed(self)
-            self.entry.on_close(self, self.close_code, self.close_reason)
+        if not self._opened:
+            return
+        self.node.client_closed(self)
+        if self._waiters:
+            for futures in self._waiters.values():
+                for future in futures:
+                    if not future.done():
+                        future.set_exception(ConnectionGone(f"client {self.client_id} closed"))
+        if self.entry.custom:
+            self.entry.submit(self, "on_close", self.close_code, self.close_reason)
 
     def _release_request(self) -> None:
         """Drops what only the handshake needed: an idle connection should cost little memory."""
@@ -70,26 +105,97 @@ class ClientHandler(tornado.websocket.WebSocketHandler):
         self.path_args = self.path_kwargs = None
 
     def log_exception(self, typ, value, tb) -> None:
+        if isinstance(value, tornado.web.HTTPError):
+            return
         log.error("%s: %s", self.describe(), value, exc_info=(typ, value, tb))
 
-    # --- the connection API (conn.call and entries) ---------------------------
+    # --- the connection API (entries and conn.call) ---------------------------
+
+    @property
+    def node_id(self) -> int:
+        return self.node.node_id
 
     def describe(self) -> str:
         return f"client {self.client_id} from {self.remote_addr}"
 
+    def context_value(self, key: str, default=None):
+        return self.context.get(key, default)
+
     def set_context_value(self, key: str, value) -> None:
+        """Sets one key (None removes it) and wakes whoever waits for it."""
         if value is None:
             self.context.pop(key, None)
-        else:
-            self.context[key] = value
+            return
+        self.context[key] = value
+        if self._waiters and key in self._waiters:
+            for future in self._waiters.pop(key):
+                if not future.done():
+                    future.set_result(value)
 
     def set_context(self, context: dict) -> None:
+        """Replaces the whole context and wakes whoever waits for one of its keys."""
         self.context = dict(context)
+        if self._waiters:
+            for key in [k for k in self._waiters if k in self.context]:
+                for future in self._waiters.pop(key):
+                    if not future.done():
+                        future.set_result(self.context[key])
 
-    def send(self, data, msg_type: str = "text") -> bool:
-        if isinstance(data, str):
-            data = data.encode("utf-8")
-        return write_frame(self, protocol.encode_ws_frame(data, msg_type == "binary"), self.node.counters)
+    async def wait_context_value(self, key: str, timeout: float):
+        """Waits until a backend (conn.call set_context_value) or a hook sets `key`; returns its value.
+
+        While a hook awaits this, the connection's next messages wait for it.
+
+        Raises:
+            ContextTimeout: not set within `timeout` seconds.
+            ConnectionGone: the connection closed meanwhile.
+        """
+        if key in self.context:
+            return self.context[key]
+        if self.stream is None:
+            raise ConnectionGone(f"client {self.client_id} closed")
+        future = asyncio.get_running_loop().create_future()
+        if self._waiters is None:
+            self._waiters = {}
+        self._waiters.setdefault(key, []).append(future)
+        try:
+            return await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError:
+            raise ContextTimeout(f"context key {key!r} was not set within {timeout:g} s") from None
+        finally:
+            waiting = self._waiters.get(key) if self._waiters else None
+            if waiting and future in waiting:
+                waiting.remove(future)
+                if not waiting:
+                    del self._waiters[key]
+
+    def subscribe(self, *channels) -> asyncio.Future:
+        """Subscribes now; the returned future completes when every node knows (await it or not)."""
+        return self.node.subscribe_now(self, self._channel_list(channels))
+
+    def unsubscribe(self, *channels) -> None:
+        self.node.unsubscribe(self, self._channel_list(channels))
+
+    @staticmethod
+    def _channel_list(channels) -> list:
+        names = []
+        for channel in channels:
+            for name in ([channel] if isinstance(channel, str) else channel):
+                try:
+                    names.append(protocol.parse_name(name, "channel"))
+                except protocol.ApiError as exc:
+                    raise ValueError(exc.message) from None
+        return names
+
+    def send(self, data, type: str = "text") -> bool:
+        """Writes one message to this client; False when it could not be written."""
+        from node.entry import _encode
+        payload, binary = _encode(data, type)
+        return write_frame(self, protocol.encode_ws_frame(payload, binary), self.node.counters)
+
+    def close(self, code: int = 1000, reason: str = "") -> None:
+        if self.ws_connection is not None:
+            super().close(code, reason)
 
     def expire_if_idle(self, now: float) -> None:
         if now - self.last_seen > self.server.read_timeout:
@@ -97,3 +203,6 @@ class ClientHandler(tornado.websocket.WebSocketHandler):
 
     def shutdown(self) -> None:
         self.close(int(CloseCode.GOING_AWAY), "server shutting down")
+
+
+__all__ = ["ClientHandler", "ContextTimeout", "ConnectionGone"]

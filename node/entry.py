@@ -1,39 +1,404 @@
-"""Entry hooks: what a client server does with its connections' messages.
+"""Entry hooks: load a server's entry, call its hooks in order per connection, reload it.
 
-Only the default entry exists so far (PROTOCOL.md, Client WebSocket server):
-each complete client message is pushed as `{"frame": frame}` to the server's
-topic. A full topic buffer drops the message and counts it (queues.py).
+An entry is a Python file (a path relative to the configuration file) or a
+dotted module path with any of `on_handshake(conn, request)`, `on_open(conn)`,
+`on_message(conn, frame)` and `on_close(conn, code, reason)`, each plain or
+async (DESIGN.md, Entry hooks; docs/entries.md). Without an entry, or without
+`on_message`, each client message is pushed as `{"frame": frame}` to the
+server's topic (the default entry).
+
+Hooks of one connection run one at a time, in order: while an async hook is
+not finished, that connection's next events wait (at most MAX_PENDING; over it
+the connection is closed 1008). Other connections are not affected. An
+exception in a hook is logged with its traceback, the client id and the
+entry's name, counted (`hook_errors`), and leaves the connection open. A hook
+step that holds the event loop longer than SLOW_HOOK_S is logged as a warning.
+
+Entries reach the mesh through `mesh` and `queue` (also set as globals of an
+entry module, so it needs no import). Owned by the node's IOLoop.
 """
 
+import asyncio
+import base64
+import contextvars
+import importlib
+import importlib.util
+import inspect
 import logging
+import os
+import sys
+import time
+import types
+from collections import deque
 
+from tornado.ioloop import PeriodicCallback
+
+from cluster import protocol
+from cluster.protocol import ApiError, CloseCode
 from node.queues import QueueFull
 
 log = logging.getLogger("meshgate.entry")
 
+HOOKS = ("on_handshake", "on_open", "on_message", "on_close")
+SLOW_HOOK_S = 0.1
+MAX_PENDING = 1000
+RELOAD_CHECK_S = 1.0
 
-class DefaultEntry:
-    name = "default"
+__all__ = ["mesh", "queue", "Refuse", "ContextTimeout", "ConnectionGone", "QueueFull", "EntryError", "Entry",
+           "HandshakeRequest", "check_spec"]
 
-    def __init__(self, node, topic: str):
+
+class Refuse(Exception):
+    """Raise in `on_handshake` to refuse a connection (HTTP 403) without logging an error."""
+
+
+class ContextTimeout(asyncio.TimeoutError):
+    """`conn.wait_context_value` gave up: the key was not set in time."""
+
+
+class ConnectionGone(Exception):
+    """The connection closed while a hook was waiting on it."""
+
+
+class EntryError(Exception):
+    """An entry could not be loaded (missing, syntax error, failed import)."""
+
+
+# The connection whose hook is running (what `queue.push` attributes a message to).
+current_conn = contextvars.ContextVar("meshgate_current_conn", default=None)
+
+
+def _encode(data, msg_type: str) -> tuple:
+    """Turns what an entry passes into (bytes, binary) for one WebSocket message."""
+    if msg_type not in ("text", "binary"):
+        raise ValueError(f"type must be 'text' or 'binary', not {msg_type!r}")
+    binary = msg_type == "binary"
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return bytes(data), binary
+    if isinstance(data, str):
+        return data.encode("utf-8"), binary
+    if isinstance(data, (dict, list)):
+        return protocol.parse_payload({"d": data}).data, binary
+    raise TypeError(f"data must be str, bytes, dict or list, not {type(data).__name__}")
+
+
+class Mesh:
+    """`mesh` in entries: reach any connection of the mesh. Bound to the node at start."""
+
+    def __init__(self):
+        self._node = None
+
+    def send(self, client_id, data, type: str = "text") -> asyncio.Future:
+        """Sends to one client anywhere; the future (await it or not) gives True when it was written."""
+        payload, binary = _encode(data, type)
+        node = self._node
+
+        async def deliver():
+            try:
+                await node.send(int(client_id), protocol.encode_ws_frame(payload, binary))
+            except ApiError:
+                return False
+            return True
+        return _background(deliver())
+
+    def publish(self, channel, data, type: str = "text") -> asyncio.Future:
+        """Publishes to a channel (or a list of channels); the future gives `(s, f)`."""
+        channels = [channel] if isinstance(channel, str) else list(channel)
+        for name in channels:
+            _check_name(name, "channel")
+        payload, binary = _encode(data, type)
+        return _background(self._node.publish(channels, protocol.encode_ws_frame(payload, binary)))
+
+
+class Queue:
+    """`queue` in entries: hand a message to the backends that consume a topic."""
+
+    def __init__(self):
+        self._node = None
+
+    def push(self, topic: str, data, client_id=None) -> None:
+        """Pushes `data` (any JSON value) to `topic`, as sent by the connection whose hook is running.
+
+        Raises:
+            QueueFull: no consumer can take it now and the topic's buffer is full.
+            ValueError: bad topic name, or no connection to attribute it to (pass client_id).
+        """
+        _check_name(topic, "topic")
+        if client_id is None:
+            conn = current_conn.get()
+            if conn is None:
+                raise ValueError("queue.push outside a hook needs client_id")
+            client_id = conn.client_id
+        self._node.queue_push(topic, int(client_id), data)
+
+
+mesh = Mesh()
+queue = Queue()
+
+
+def bind(node) -> None:
+    """Points `mesh` and `queue` at this process's node."""
+    mesh._node = node
+    queue._node = node
+
+
+def _check_name(name, kind: str) -> None:
+    try:
+        protocol.parse_name(name, kind, kind)
+    except ApiError as exc:
+        raise ValueError(exc.message) from None
+
+
+def _background(awaitable) -> asyncio.Future:
+    """Starts work an entry may or may not await; an error nobody awaits is logged, not lost."""
+    future = asyncio.ensure_future(awaitable)
+    future.add_done_callback(_log_unawaited)
+    return future
+
+
+def _log_unawaited(future) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.debug("background mesh call failed: %s", future.exception())
+
+
+class HandshakeRequest:
+    """What `on_handshake` sees of the upgrade request."""
+
+    __slots__ = ("path", "query", "args", "headers", "remote_addr")
+
+    def __init__(self, request):
+        self.path = request.path
+        self.query = request.query
+        self.args = {key: values[-1].decode("utf-8", "replace") for key, values in request.query_arguments.items()}
+        self.headers = request.headers
+        self.remote_addr = request.remote_ip
+
+
+class _Timed:
+    """Awaits a coroutine one step at a time and reports a step that holds the loop too long."""
+
+    def __init__(self, coro, report):
+        self._coro = coro
+        self._report = report
+
+    def __await__(self):
+        coro = self._coro
+        if not hasattr(coro, "send"):
+            return (yield from coro.__await__())
+        value, error = None, None
+        while True:
+            started = time.perf_counter()
+            try:
+                step = coro.send(value) if error is None else coro.throw(error)
+            except StopIteration as stop:
+                self._check(started)
+                return stop.value
+            self._check(started)
+            try:
+                value, error = (yield step), None
+            except BaseException as exc:   # cancellation included: hand it to the coroutine
+                value, error = None, exc
+
+    def _check(self, started: float) -> None:
+        elapsed = time.perf_counter() - started
+        if elapsed > SLOW_HOOK_S:
+            self._report(elapsed)
+
+
+def _resolve(spec: str, base_dir: str):
+    """`(path, None)` for a file entry, `(None, module_name)` for a dotted module."""
+    if spec.endswith(".py") or "/" in spec or os.sep in spec:
+        return os.path.normpath(os.path.join(base_dir, spec)), None
+    return None, spec
+
+
+def check_spec(spec: str, base_dir: str) -> None:
+    """Start-up check of an entry without running it: the file compiles, or the module can be found.
+
+    Raises:
+        EntryError: with a message that names the file and line.
+    """
+    path, module = _resolve(spec, base_dir)
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                compile(handle.read(), path, "exec")
+        except OSError as exc:
+            raise EntryError(f"{path}: cannot read: {exc.strerror}") from None
+        except SyntaxError as exc:
+            raise EntryError(f"{path}:{exc.lineno}: syntax error: {exc.msg}") from None
+    elif importlib.util.find_spec(module) is None:
+        raise EntryError(f"module {module!r} not found")
+
+
+class Entry:
+    """The entry of one configured server.
+
+    Args:
+        node: the process's Node.
+        server: its ServerConfig.
+        base_dir: the directory entry file paths are relative to.
+    """
+
+    def __init__(self, node, server, base_dir: str):
         self.node = node
-        self.topic = topic
+        self.server = server
+        self.topic = server.topic
+        self.spec = server.entry
+        self.name = self.spec or "default"
+        self.hooks = {}
+        self.custom = bool(self.spec)
+        self._path, self._module_name = _resolve(self.spec, base_dir) if self.spec else (None, None)
+        self._mtime = None
+        self._watcher = None
+        if self.spec:
+            self._load()
+            if server.reload:
+                self._watcher = PeriodicCallback(self.check_reload, RELOAD_CHECK_S * 1000)
+                self._watcher.start()
 
-    def on_open(self, conn) -> None:
-        pass
+    # --- loading -------------------------------------------------------------
 
-    def on_message(self, conn, frame: dict) -> None:
+    def _source_file(self) -> str:
+        if self._path:
+            return self._path
+        module = sys.modules.get(self._module_name)
+        return getattr(module, "__file__", None) or ""
+
+    def _load(self) -> None:
+        """Loads (or reloads) the entry; raises EntryError and changes nothing on failure."""
+        try:
+            if self._path:
+                with open(self._path, encoding="utf-8") as handle:
+                    source = handle.read()
+                module = types.ModuleType(f"meshgate_entry_{abs(hash(self._path))}")
+                module.__file__ = self._path
+                module.mesh, module.queue = mesh, queue
+                exec(compile(source, self._path, "exec"), module.__dict__)
+            else:
+                module = sys.modules.get(self._module_name)
+                module = importlib.reload(module) if module else importlib.import_module(self._module_name)
+                module.__dict__.setdefault("mesh", mesh)
+                module.__dict__.setdefault("queue", queue)
+        except SyntaxError as exc:
+            raise EntryError(f"{exc.filename}:{exc.lineno}: syntax error: {exc.msg}") from None
+        except Exception as exc:
+            raise EntryError(f"{self.name}: failed to load: {type(exc).__name__}: {exc}") from exc
+        self.hooks = {name: getattr(module, name) for name in HOOKS if callable(getattr(module, name, None))}
+        try:
+            self._mtime = os.stat(self._source_file()).st_mtime_ns
+        except OSError:
+            self._mtime = None
+
+    def check_reload(self) -> None:
+        """Reloads the entry when its file changed; a broken new version leaves the old one running."""
+        try:
+            mtime = os.stat(self._source_file()).st_mtime_ns
+        except OSError:
+            return
+        if mtime == self._mtime:
+            return
+        self._mtime = mtime
+        try:
+            self._load()
+        except EntryError as exc:
+            log.error("entry %s not reloaded, the previous version keeps running: %s", self.name, exc)
+            return
+        log.info("entry %s reloaded (hooks: %s)", self.name, ", ".join(self.hooks) or "none")
+
+    def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.stop()
+
+    # --- calling hooks -----------------------------------------------------------
+
+    def handshake(self, conn, request):
+        """Runs `on_handshake`; returns None (accepted) or an awaitable of True/False."""
+        hook = self.hooks.get("on_handshake")
+        if hook is None:
+            return None
+        return self._handshake(conn, hook, HandshakeRequest(request))
+
+    async def _handshake(self, conn, hook, request) -> bool:
+        token = current_conn.set(conn)
+        try:
+            result = hook(conn, request)
+            if inspect.isawaitable(result):
+                result = await _Timed(result, lambda s: self._slow(conn, "on_handshake", s))
+        except Refuse:
+            return False
+        except Exception:
+            self._failed(conn, "on_handshake")
+            return False
+        finally:
+            current_conn.reset(token)
+        return result is not False
+
+    def submit(self, conn, hook: str, *args) -> None:
+        """Runs a hook for `conn` now, or after the hooks it is still running."""
+        if conn.hook_busy:
+            pending = conn.hook_pending
+            if pending is None:
+                pending = conn.hook_pending = deque()
+            if len(pending) >= MAX_PENDING and hook == "on_message":
+                log.warning("%s: %d messages wait for entry %s; closing", conn.describe(), MAX_PENDING, self.name)
+                conn.close(int(CloseCode.POLICY_VIOLATION), "too many messages waiting")
+                return
+            pending.append((hook, args))
+            return
+        self._start(conn, hook, args)
+
+    def _start(self, conn, hook: str, args: tuple) -> None:
+        function = self.hooks.get(hook)
+        if function is None:
+            if hook == "on_message":
+                self.push_default(conn, args[0])
+            return
+        token = current_conn.set(conn)
+        started = time.perf_counter()
+        try:
+            result = function(conn, *args)
+        except Exception:
+            self._failed(conn, hook)
+            result = None
+        finally:
+            current_conn.reset(token)
+        elapsed = time.perf_counter() - started
+        if elapsed > SLOW_HOOK_S:
+            self._slow(conn, hook, elapsed)
+        if result is not None and inspect.isawaitable(result):
+            conn.hook_busy = True
+            asyncio.ensure_future(self._finish(conn, hook, result))
+
+    async def _finish(self, conn, hook: str, awaitable) -> None:
+        current_conn.set(conn)
+        try:
+            await _Timed(awaitable, lambda s: self._slow(conn, hook, s))
+        except (Exception, asyncio.CancelledError):
+            self._failed(conn, hook)
+        finally:
+            conn.hook_busy = False
+            pending = conn.hook_pending
+            while pending and not conn.hook_busy:
+                next_hook, args = pending.popleft()
+                self._start(conn, next_hook, args)
+
+    def push_default(self, conn, frame: dict) -> None:
+        """The default behaviour: push `{"frame": frame}` to the server's topic; a full buffer drops and counts it."""
         try:
             self.node.queue_push(self.topic, conn.client_id, {"frame": frame})
         except QueueFull as exc:
             log.debug("client %d: message dropped: %s", conn.client_id, exc)
 
-    def on_close(self, conn, code, reason) -> None:
-        pass
+    def _failed(self, conn, hook: str) -> None:
+        self.node.counters.hook_errors += 1
+        log.error("entry %s: %s failed for client %s", self.name, hook, conn.client_id, exc_info=True)
+
+    def _slow(self, conn, hook: str, seconds: float) -> None:
+        log.warning("entry %s: %s for client %s held the event loop for %.0f ms (keep hooks non-blocking)",
+                    self.name, hook, conn.client_id, seconds * 1000)
 
 
-def load(node, server_config):
-    """The entry of one configured server."""
-    if server_config.entry:
-        raise ValueError("custom entries are not available in this version; set entry: null")
-    return DefaultEntry(node, server_config.topic)
+def load(node, server) -> Entry:
+    """The entry of one configured server (raises EntryError when it cannot be loaded)."""
+    return Entry(node, server, node.config.base_dir)

@@ -179,10 +179,24 @@ class Node:
         self._closed.append(conn.client_id)
         self._schedule_flush()
 
-    async def subscribe(self, conn, channels: list) -> None:
-        waits = self._interest_changed(self.hub.subscribe(conn, channels))
+    def subscribe_now(self, conn, channels: list) -> asyncio.Future:
+        """Subscribes a local connection at once; the future completes when every peer knows.
+
+        PROTOCOL.md, conn.call guarantee: a publish issued anywhere after the
+        future completes reaches the connection.
+        """
+        if self.hub.conns.get(conn.client_id) is not conn:   # closed meanwhile: nothing to do
+            waits = []
+        else:
+            waits = self._interest_changed(self.hub.subscribe(conn, channels))
         if waits:
-            await asyncio.gather(*waits)
+            return asyncio.gather(*waits)
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+    async def subscribe(self, conn, channels: list) -> None:
+        await self.subscribe_now(conn, channels)
 
     def unsubscribe(self, conn, channels: list) -> None:
         self._interest_changed(self.hub.unsubscribe(conn, channels))
