@@ -6,6 +6,7 @@ setup(
     description="Distributed WebSocket long-connection gateway: one process per core, many machines, one mesh.",
     python_requires=">=3.9",
     packages=find_packages(include=["cluster", "cluster.*", "node", "node.*", "coordinator", "coordinator.*"]),
+    package_data={"node": ["static/*.html"]},
     install_requires=[
         "tornado>=6.2,<7",
         "pyzmq>=25,<28",

@@ -24,6 +24,7 @@ from node.api import Api
 from node.api_http import MeshHandler, NotFoundHandler
 from node.api_ws import ApiSocket
 from node.client_ws import ClientHandler
+from node.demo import DemoHandler
 from node.node import Node
 
 log = logging.getLogger("meshgate.node")
@@ -58,6 +59,8 @@ def client_app(node, servers: list) -> tornado.web.Application:
         path = server.path.rstrip("/") or "/"
         pattern = "/" if path == "/" else path + "/?"
         routes.append((pattern, ClientHandler, {"node": node, "server": server, "entry": entry}))
+        if server.demo:
+            routes.append((server.demo.rstrip("/") or "/", DemoHandler, {"ws_path": path}))
     return tornado.web.Application(routes)
 
 

@@ -38,6 +38,7 @@ class ClientHandler(tornado.websocket.WebSocketHandler):
         self.hook_pending = None     # events waiting for it
         self._waiters = None         # context key -> futures of wait_context_value
         self._opened = False
+        self._closed_by_server = None   # (code, reason) when this side closed first
 
     @property
     def max_message_size(self) -> int:
@@ -95,7 +96,9 @@ class ClientHandler(tornado.websocket.WebSocketHandler):
                     if not future.done():
                         future.set_exception(ConnectionGone(f"client {self.client_id} closed"))
         if self.entry.custom:
-            self.entry.submit(self, "on_close", self.close_code, self.close_reason)
+            # The code of whichever side closed first; 1006 when the connection just dropped.
+            code, reason = self._closed_by_server or (self.close_code or 1006, self.close_reason or "")
+            self.entry.submit(self, "on_close", code, reason)
 
     def _release_request(self) -> None:
         """Drops what only the handshake needed: an idle connection should cost little memory."""
@@ -114,6 +117,11 @@ class ClientHandler(tornado.websocket.WebSocketHandler):
     @property
     def node_id(self) -> int:
         return self.node.node_id
+
+    @property
+    def topic(self) -> str:
+        """The server's configured topic (where the default behaviour pushes)."""
+        return self.server.topic
 
     def describe(self) -> str:
         return f"client {self.client_id} from {self.remote_addr}"
@@ -195,6 +203,8 @@ class ClientHandler(tornado.websocket.WebSocketHandler):
 
     def close(self, code: int = 1000, reason: str = "") -> None:
         if self.ws_connection is not None:
+            if self._closed_by_server is None:
+                self._closed_by_server = (code, reason)
             super().close(code, reason)
 
     def expire_if_idle(self, now: float) -> None:

@@ -19,7 +19,6 @@ entry module, so it needs no import). Owned by the node's IOLoop.
 """
 
 import asyncio
-import base64
 import contextvars
 import importlib
 import importlib.util
