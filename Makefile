@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 CONFIG ?= conf/meshgate.yaml
 PYTEST_ARGS ?=
 
-.PHONY: run test install bench clean
+.PHONY: run test install bench clean browser
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +25,20 @@ install: $(VENV)/.installed
 run: $(VENV)/.installed
 	$(BIN)/meshgate start -c $(CONFIG)
 
-test: $(VENV)/.installed-test
+test: $(VENV)/.installed-test browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Chromium for tests/test_browser.py, from Debian's packages. When it cannot be
+# installed the test is skipped and says why; nothing else depends on it.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing chromium for the browser test"; \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } \
+	      || echo "meshgate: chromium could not be installed; the browser test will be skipped"; \
+	  else \
+	    echo "meshgate: chromium is not installed and apt-get needs root; the browser test will be skipped"; \
+	  fi; }
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'

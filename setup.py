@@ -20,6 +20,8 @@ setup(
             "pytest>=7,<10",
             "pytest-timeout>=2.1,<3",
             "websocket-client>=1.5,<2",
+            # tests/test_browser.py drives Debian's Chromium with it (never a downloaded browser).
+            "playwright>=1.40,<2",
         ],
         # bench/: the hand-written `websockets` broadcast server is the baseline.
         "bench": ["websockets>=13,<16", "websocket-client>=1.5,<2"],

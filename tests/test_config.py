@@ -97,9 +97,18 @@ def test_config_is_frozen():
 
 
 def test_shipped_config_loads():
-    """conf/meshgate.yaml loads and equals the defaults (apart from its path)."""
+    """conf/meshgate.yaml loads: the defaults plus the chat and message center servers on the same port."""
     cfg = config.load(str(SHIPPED))
-    assert dataclasses.replace(cfg, path=None) == config.from_dict({})
+    defaults = config.from_dict({})
+    assert dataclasses.replace(cfg, path=None, node=dataclasses.replace(cfg.node, servers=defaults.node.servers)) \
+        == defaults
+    assert cfg.node.servers[0] == defaults.node.servers[0]
+    extra = {server.path: server for server in cfg.node.servers[1:]}
+    assert set(extra) == {"/chat", "/messages"}
+    assert extra["/chat"].entry == "entries/chat.py" and extra["/chat"].reload and extra["/chat"].demo == "/demo"
+    assert extra["/messages"].entry == "entries/message_center.py"
+    for server in cfg.node.servers[1:]:
+        assert server.port == 6790 and (SHIPPED.parent / server.entry).is_file()
     assert cfg.path == str(SHIPPED)
     assert cfg.base_dir == str(SHIPPED.parent)
 
