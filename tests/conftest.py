@@ -324,6 +324,21 @@ def cluster(tmp_path_factory, request):
     instance.stop()
 
 
+@pytest.fixture
+def clients(cluster):
+    """`clients(n)` connects n clients of `cluster` (ids and nodes known); all are closed after the test."""
+    made = []
+
+    def connect(count: int = 1):
+        found = cluster.clients(count)
+        made.extend(found)
+        return found
+
+    yield connect
+    for client in made:
+        client.ws.close()
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """Attaches the cluster's log to a failing test."""

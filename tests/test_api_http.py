@@ -46,20 +46,6 @@ def api(cluster):
     conn.ws.close()
 
 
-@pytest.fixture
-def clients(cluster):
-    made = []
-
-    def connect(count: int = 1):
-        found = cluster.clients(count)
-        made.extend(found)
-        return found
-
-    yield connect
-    for client in made:
-        client.ws.close()
-
-
 def subscribe(api, client, *channels) -> None:
     reply = api.request("conn.call", {"c": client.client_id, "f": "subscribe", "a": list(channels)})
     assert reply == {"E": None, "r": {"s": True}, "i": reply["i"]}, reply

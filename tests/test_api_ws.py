@@ -83,20 +83,6 @@ def api(cluster):
 
 
 @pytest.fixture
-def clients(cluster):
-    made = []
-
-    def connect(count: int = 1):
-        found = cluster.clients(count)
-        made.extend(found)
-        return found
-
-    yield connect
-    for client in made:
-        client.ws.close()
-
-
-@pytest.fixture
 def raw_client(cluster):
     """A client that has not sent anything yet (its id is learned from its first queue event)."""
     made = []
