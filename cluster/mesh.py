@@ -12,11 +12,12 @@ ZeroMQ sockets of a cluster:
 | peer link | DEALER | connect a peer's mesh point | each node, one per peer | requests to that peer out; its replies in |
 
 Control messages (either direction): `[kind, json]`.
-Mesh requests: `[kind, request_id, json_header, body]`; an empty request_id
-means no reply is wanted. Mesh replies: `[b"REP", request_id, json_result]`.
-Message kinds are exchanged between processes: append only.
+Mesh requests and replies are one frame each (see `request` and `reply`);
+request id 0 means no reply is wanted. Message kinds and their codes are
+exchanged between processes: append only.
 """
 
+import struct
 from typing import Any, NamedTuple
 
 import ujson
@@ -83,36 +84,56 @@ def read_control(frames: list) -> tuple:
 
 class MeshRequest(NamedTuple):
     kind: bytes
-    request_id: bytes
+    request_id: int
     header: dict
     body: bytes
 
 
-def request(kind: bytes, request_id: bytes, header: Any, body: bytes = b"") -> list:
-    """A mesh request `[kind, request_id, json_header, body]`."""
-    return [kind, request_id, _dumps(header), body]
+# One frame per mesh message: every extra ZeroMQ frame costs a send call, and a
+# publish forwarded to a peer is on the fan-out path.
+#   request: kind code (1 byte) | request id (8 bytes, 0 = no reply) | header length (4 bytes) | header JSON | body
+#   reply:   REPLY code (1 byte) | request id (8 bytes) | result JSON
+_REQUEST_HEAD = struct.Struct("!BQI")
+_REPLY_HEAD = struct.Struct("!BQ")
+# Kind codes on the wire (exchanged between processes: append only).
+_CODES = {SEND: 1, PUBLISH: 2, CALL: 3, QUEUE_EVENT: 4, ADVERT: 5, REPLY: 6}
+_KINDS = {code: kind for kind, code in _CODES.items()}
+_REPLY_CODE = _CODES[REPLY]
+
+
+def request(kind: bytes, request_id: int, header: Any, body: bytes = b"") -> list:
+    """A mesh request (one frame); `request_id` 0 means no reply is wanted."""
+    head = _dumps(header)
+    return [_REQUEST_HEAD.pack(_CODES[kind], request_id, len(head)) + head + body]
 
 
 def read_request(frames: list) -> MeshRequest:
     """Reads a mesh request (without the routing id the ROUTER prepends).
 
     Raises:
-        FrameError: wrong frame count, unknown kind, header not a JSON object.
+        FrameError: wrong frame count, unknown kind, truncated frame, header not a JSON object.
     """
-    if len(frames) != 4:
-        raise FrameError(f"mesh request has {len(frames)} frames, expected 4")
-    kind = bytes(frames[0])
-    if kind not in MESH_KINDS:
-        raise FrameError(f"unknown mesh kind {kind!r}")
-    header = _loads(frames[2])
+    if len(frames) != 1:
+        raise FrameError(f"mesh request has {len(frames)} frames, expected 1")
+    frame = bytes(frames[0])
+    if len(frame) < _REQUEST_HEAD.size:
+        raise FrameError("mesh request is truncated")
+    code, request_id, head_size = _REQUEST_HEAD.unpack_from(frame)
+    kind = _KINDS.get(code)
+    if kind is None or kind not in MESH_KINDS:
+        raise FrameError(f"unknown mesh kind code {code}")
+    end = _REQUEST_HEAD.size + head_size
+    if end > len(frame):
+        raise FrameError("mesh request header is truncated")
+    header = _loads(frame[_REQUEST_HEAD.size:end])
     if not isinstance(header, dict):
         raise FrameError("mesh header must be a JSON object")
-    return MeshRequest(kind, bytes(frames[1]), header, bytes(frames[3]))
+    return MeshRequest(kind, request_id, header, frame[end:])
 
 
-def reply(request_id: bytes, result: Any) -> list:
-    """A mesh reply `[REP, request_id, json_result]`."""
-    return [REPLY, request_id, _dumps(result)]
+def reply(request_id: int, result: Any) -> list:
+    """A mesh reply (one frame)."""
+    return [_REPLY_HEAD.pack(_REPLY_CODE, request_id) + _dumps(result)]
 
 
 def read_reply(frames: list) -> tuple:
@@ -121,6 +142,9 @@ def read_reply(frames: list) -> tuple:
     Raises:
         FrameError: not a reply.
     """
-    if len(frames) != 3 or bytes(frames[0]) != REPLY:
+    if len(frames) != 1:
         raise FrameError("not a mesh reply")
-    return bytes(frames[1]), _loads(frames[2])
+    frame = bytes(frames[0])
+    if len(frame) < _REPLY_HEAD.size or frame[0] != _REPLY_CODE:
+        raise FrameError("not a mesh reply")
+    return _REPLY_HEAD.unpack_from(frame)[1], _loads(frame[_REPLY_HEAD.size:])

@@ -8,7 +8,6 @@ request. Owned by the node's IOLoop.
 
 import asyncio
 import logging
-import struct
 import time
 
 import zmq
@@ -103,7 +102,7 @@ class MeshPoint:
         if stream is None:
             return
         try:
-            stream.send(mesh.request(kind, b"", header, body))
+            stream.send(mesh.request(kind, 0, header, body))
         except zmq.Again:
             log.warning("mesh link to node %d is full; dropped a %s", node_id, kind.decode())
 
@@ -119,7 +118,7 @@ class MeshPoint:
             future.set_exception(PeerUnavailable(f"node {node_id} is not in the mesh"))
             return future
         self._counter += 1
-        request_id = struct.pack("!Q", self._counter)
+        request_id = self._counter
         try:
             stream.send(mesh.request(kind, request_id, header, body))
         except zmq.Again:
@@ -179,7 +178,7 @@ class MeshPoint:
             result = {"e": 501, "m": "internal error on the peer"}
         self.send_reply(peer, message.request_id, result)
 
-    def send_reply(self, peer: bytes, request_id: bytes, result) -> None:
+    def send_reply(self, peer: bytes, request_id: int, result) -> None:
         try:
             self.router.send([peer, *mesh.reply(request_id, result)])
         except zmq.Again:

@@ -1,6 +1,7 @@
 """A raw ZeroMQ DEALER speaks cluster/mesh.py frames to a real node's mesh point."""
 
 import json
+import struct
 import urllib.request
 
 import pytest
@@ -25,7 +26,7 @@ def peer(cluster):
     context.term()
 
 
-def _ask(socket, kind, header, body=b"", request_id=b"\x00\x00\x00\x00\x00\x00\x00\x07"):
+def _ask(socket, kind, header, body=b"", request_id=7):
     socket.send_multipart(mesh.request(kind, request_id, header, body))
     got_id, result = mesh.read_reply(socket.recv_multipart())
     assert got_id == request_id
@@ -46,8 +47,9 @@ def test_bad_frames_are_ignored_and_the_node_keeps_answering(peer, cluster):
     """Wrong frame counts, unknown kinds and bad JSON get no reply; the next good request is answered."""
     node, socket = peer
     socket.send_multipart([b"SEND", b"x"])
-    socket.send_multipart([b"NOPE", b"\x01", b"{}", b""])
-    socket.send_multipart([mesh.SEND, b"\x02", b"{not json", b""])
-    socket.send_multipart([mesh.SEND, b"\x03", b"[1]", b""])
+    socket.send_multipart([b"\x63" + bytes(12)])
+    socket.send_multipart([struct.pack("!BQI", 1, 2, 9) + b"{not json"])
+    socket.send_multipart([struct.pack("!BQI", 1, 3, 3) + b"[1]"])
+    socket.send_multipart([struct.pack("!BQI", 1, 4, 500) + b"{}"])
     assert _ask(socket, mesh.PUBLISH, {"ch": ["still-alive"]}, b"\x81\x01x") == {"s": 0, "f": 0}
     assert len(cluster.status()["nodes"]) == cluster.workers

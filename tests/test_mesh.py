@@ -1,6 +1,7 @@
 """Tests of cluster/mesh.py: multipart framing between nodes and with the coordinator."""
 
 import json
+import struct
 
 import pytest
 
@@ -92,57 +93,61 @@ def test_frame_error_is_value_error():
 
 @pytest.mark.parametrize("kind", sorted(mesh.MESH_KINDS))
 @pytest.mark.parametrize("request_id, header, body", [
-    (b"\x00\x00\x00\x01", {"c": 1463786910324359168}, b"payload"),
-    (b"", {}, b""),
-    (b"r-42", {"channels": ["a", "\u9891"], "binary": True}, bytes(range(256))),
-    (b"\xff" * 16, {"nested": {"x": [1, None, "y"]}}, b"\x00"),
+    (1, {"c": 1463786910324359168}, b"payload"),
+    (0, {}, b""),
+    (42, {"channels": ["a", "\u9891"], "binary": True}, bytes(range(256))),
+    (2 ** 64 - 1, {"nested": {"x": [1, None, "y"]}}, b"\x00"),
 ])
 def test_request_round_trip(kind, request_id, header, body):
-    """A mesh request reads back with its kind, request id, header and raw body."""
+    """A mesh request is one frame and reads back with its kind, request id, header and raw body."""
     frames = mesh.request(kind, request_id, header, body)
-    assert len(frames) == 4
+    assert len(frames) == 1
     assert mesh.read_request(frames) == MeshRequest(kind, request_id, header, body)
 
 
 def test_request_default_body_is_empty():
-    """A request without a body carries an empty body frame."""
-    frames = mesh.request(mesh.CALL, b"1", {"f": "close"})
-    assert frames[3] == b""
-    assert mesh.read_request(frames).body == b""
+    """A request without a body reads back with an empty body."""
+    assert mesh.read_request(mesh.request(mesh.CALL, 1, {"f": "close"})).body == b""
 
 
-def test_request_empty_id_means_no_reply():
-    """An empty request id reads back as empty (no reply wanted)."""
-    assert mesh.read_request(mesh.request(mesh.PUBLISH, b"", {"c": ["a"]})).request_id == b""
+def test_request_id_zero_means_no_reply():
+    """Request id 0 reads back as 0 (no reply wanted)."""
+    assert mesh.read_request(mesh.request(mesh.PUBLISH, 0, {"c": ["a"]})).request_id == 0
 
 
-def test_read_request_returns_bytes():
-    """Request id and body come back as bytes even from bytearray frames."""
-    frames = [bytearray(frame) for frame in mesh.request(mesh.SEND, b"7", {"c": 1}, b"data")]
+def test_read_request_accepts_bytearray_and_returns_bytes():
+    """A bytearray frame reads back; the body comes back as bytes."""
+    frames = [bytearray(frame) for frame in mesh.request(mesh.SEND, 7, {"c": 1}, b"data")]
     message = mesh.read_request(frames)
-    assert type(message.request_id) is bytes and type(message.body) is bytes
-    assert message == MeshRequest(mesh.SEND, b"7", {"c": 1}, b"data")
+    assert type(message.body) is bytes
+    assert message == MeshRequest(mesh.SEND, 7, {"c": 1}, b"data")
+
+
+def _raw(code, request_id, header: bytes, body: bytes = b"", length=None):
+    head = struct.pack("!BQI", code, request_id, len(header) if length is None else length)
+    return [head + header + body]
 
 
 @pytest.mark.parametrize("frames", [
     [],
-    [mesh.SEND, b"1", b"{}"],
-    [mesh.SEND, b"1", b"{}", b"", b"extra"],
-    [b"peer-routing-id", mesh.SEND, b"1", b"{}", b""],
-    [b"NOPE", b"1", b"{}", b""],
-    [mesh.REGISTER, b"1", b"{}", b""],
-    [mesh.REPLY, b"1", b"{}", b""],
-    [b"send", b"1", b"{}", b""],
-    [mesh.SEND, b"1", b"", b""],
-    [mesh.SEND, b"1", b"{", b""],
-    [mesh.SEND, b"1", b"\xff", b""],
-    [mesh.SEND, b"1", b"[]", b""],
-    [mesh.SEND, b"1", b"null", b""],
-    [mesh.SEND, b"1", b"5", b""],
-    [mesh.SEND, b"1", b'"x"', b""],
+    [b""],
+    [b"\x01\x00"],
+    mesh.request(mesh.SEND, 1, {}) * 2,
+    [b"peer-routing-id", *mesh.request(mesh.SEND, 1, {})],
+    _raw(0, 1, b"{}"),
+    _raw(99, 1, b"{}"),
+    _raw(6, 1, b"{}"),                  # the reply code is not a request
+    _raw(1, 1, b"{}", length=50),       # header longer than the frame
+    _raw(1, 1, b""),
+    _raw(1, 1, b"{"),
+    _raw(1, 1, b"\xff"),
+    _raw(1, 1, b"[]"),
+    _raw(1, 1, b"null"),
+    _raw(1, 1, b"5"),
+    _raw(1, 1, b'"x"'),
 ])
 def test_read_request_bad(frames):
-    """Wrong frame count, unknown kind, or a header that is not a JSON object is a FrameError."""
+    """Wrong frame count, truncation, unknown kind, or a header that is not a JSON object is a FrameError."""
     with pytest.raises(FrameError):
         mesh.read_request(frames)
 
@@ -160,31 +165,31 @@ def test_read_request_bad(frames):
     "\u00e9",
 ])
 def test_reply_round_trip(result):
-    """A reply reads back as its request id and result, whatever JSON the result is."""
-    frames = mesh.reply(b"\x00\x07", result)
-    assert frames[0] == mesh.REPLY
-    assert mesh.read_reply(frames) == (b"\x00\x07", result)
+    """A reply is one frame and reads back as its request id and result, whatever JSON the result is."""
+    frames = mesh.reply(7, result)
+    assert len(frames) == 1
+    assert mesh.read_reply(frames) == (7, result)
 
 
 @pytest.mark.parametrize("frames", [
     [],
-    [mesh.REPLY, b"1"],
-    [mesh.REPLY, b"1", b"{}", b""],
-    [mesh.SEND, b"1", b"{}"],
-    [b"rep", b"1", b"{}"],
-    [mesh.REPLY, b"1", b""],
-    [mesh.REPLY, b"1", b"{"],
-    [mesh.REPLY, b"1", b"\xff"],
+    [b""],
+    [struct.pack("!BQ", 6, 1)[:5]],
+    mesh.reply(1, {}) * 2,
+    [struct.pack("!BQ", 1, 1) + b"{}"],
+    [struct.pack("!BQ", 6, 1)],
+    [struct.pack("!BQ", 6, 1) + b"{"],
+    [struct.pack("!BQ", 6, 1) + b"\xff"],
 ])
 def test_read_reply_bad(frames):
-    """Anything but `[REP, request_id, json]` is a FrameError."""
+    """Anything but one well-formed reply frame is a FrameError."""
     with pytest.raises(FrameError):
         mesh.read_reply(frames)
 
 
 def test_reply_is_not_a_request():
     """A reply is not mistaken for a request or a control message."""
-    frames = mesh.reply(b"1", {"s": True})
+    frames = mesh.reply(1, {"s": True})
     with pytest.raises(FrameError):
         mesh.read_request(frames)
     with pytest.raises(FrameError):
