@@ -13,7 +13,7 @@ import tornado.websocket
 
 from cluster import protocol
 from cluster.protocol import CloseCode
-from node.clients import write_frame
+from node.clients import NO_CHANNELS, write_frame
 from node.entry import ConnectionGone, ContextTimeout
 
 log = logging.getLogger("meshgate.node")
@@ -28,7 +28,7 @@ class ClientHandler(tornado.websocket.WebSocketHandler):
         self.entry = entry
         self.client_id = 0
         self.stream = None
-        self.channels = set()
+        self.channels = NO_CHANNELS   # a set once it subscribes (node/clients.py)
         self.context = {}
         self.last_seen = 0.0
         self.remote_addr = ""

@@ -71,6 +71,10 @@ def close_slow(conn) -> None:
             stream.close()
 
 
+# A connection's channels until it subscribes to one (most never do: no set for them).
+NO_CHANNELS = frozenset()
+
+
 class Hub:
     """Client connections of this node and their channel subscriptions."""
 
@@ -90,6 +94,8 @@ class Hub:
     def subscribe(self, conn, channels: list) -> list:
         """Returns `(channel, count)` for every channel whose subscriber count changed."""
         changes = []
+        if conn.channels is NO_CHANNELS:
+            conn.channels = set()
         for channel in channels:
             if channel in conn.channels:
                 continue
