@@ -10,19 +10,35 @@ therefore reach a copy twice and in any order (directly from the origin and
 relayed by the coordinator) and every copy still converges on the origin's
 latest state. Entries of a dead node are dropped whole.
 
+A key whose last change removed it (count 0, consumer gone) keeps its
+sequence number as a tombstone for GRAVE_S seconds, long enough for any
+delayed copy of an older change to arrive and be refused; then it is
+forgotten, so channel and consumer churn does not grow the state forever.
+
 Wire forms (exchanged between processes: append only):
     interest change:  [origin, channel, count, seq]     count 0 = no subscribers
     consumer change:  [origin, topic, consumer_id, present, seq]   present 0/1
 """
 
 
+import time
+from collections import deque
+
+GRAVE_S = 60.0
+
+
 class MeshState:
     """Interest and consumers of every node.
 
     Owned by one IOLoop (the coordinator's or a node's): not thread-safe.
+
+    Args:
+        clock: monotonic seconds (tests pass their own).
     """
 
-    def __init__(self):
+    def __init__(self, clock=time.monotonic):
+        self._clock = clock
+        self._graves = deque()   # (time, kind, key, seq) of removals, oldest first
         # channel -> {origin: subscriber count > 0}
         self.interest = {}
         # topic -> {(origin, consumer_id): True}, insertion ordered
@@ -42,10 +58,12 @@ class MeshState:
             if nodes is None:
                 nodes = self.interest[channel] = {}
             nodes[origin] = count
-        elif nodes is not None:
-            nodes.pop(origin, None)
-            if not nodes:
-                del self.interest[channel]
+        else:
+            self._graves.append((self._clock(), "i", key, seq))
+            if nodes is not None:
+                nodes.pop(origin, None)
+                if not nodes:
+                    del self.interest[channel]
         return True
 
     def apply_consumer(self, origin: int, topic: str, consumer_id: int, present: bool, seq: int) -> bool:
@@ -59,17 +77,39 @@ class MeshState:
             if members is None:
                 members = self.consumers[topic] = {}
             members[(origin, consumer_id)] = True
-        elif members is not None:
-            members.pop((origin, consumer_id), None)
-            if not members:
-                del self.consumers[topic]
+        else:
+            self._graves.append((self._clock(), "c", key, seq))
+            if members is not None:
+                members.pop((origin, consumer_id), None)
+                if not members:
+                    del self.consumers[topic]
         return True
 
     def apply(self, interest=(), consumers=()) -> tuple:
         """Applies wire-form changes; returns the ones that were accepted, in the same forms."""
         accepted_interest = [item for item in interest if self.apply_interest(*item)]
         accepted_consumers = [item for item in consumers if self.apply_consumer(*item)]
+        self.bury()
         return accepted_interest, accepted_consumers
+
+    def bury(self) -> int:
+        """Forgets tombstones older than GRAVE_S whose key did not change since; returns how many."""
+        graves = self._graves
+        if not graves:
+            return 0
+        limit = self._clock() - GRAVE_S
+        forgotten = 0
+        while graves and graves[0][0] <= limit:
+            _, kind, key, seq = graves.popleft()
+            seqs = self._interest_seq if kind == "i" else self._consumer_seq
+            if seqs.get(key) == seq:   # nothing happened to the key since this removal
+                del seqs[key]
+                forgotten += 1
+        return forgotten
+
+    def tracked_keys(self) -> int:
+        """How many keys carry a sequence number (live ones and tombstones)."""
+        return len(self._interest_seq) + len(self._consumer_seq)
 
     def drop_origin(self, origin: int) -> set:
         """Forgets everything node `origin` said; returns the topics whose consumers changed."""

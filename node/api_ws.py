@@ -20,6 +20,8 @@ log = logging.getLogger("meshgate.access")
 # A consumer that cannot take its events faster than they come is closed at this
 # backlog (PROTOCOL.md: bounded buffers; DESIGN.md: slow consumer).
 CONSUMER_WRITE_BUFFER = 16 * 1024 * 1024
+# Pipelined requests that wait for the mesh, per connection; more are refused (501) until some finish.
+MAX_IN_FLIGHT = 10000
 _PONG = protocol.encode_ws_frame(b"pong")
 
 
@@ -85,6 +87,9 @@ class ApiSocket(tornado.websocket.WebSocketHandler):
                 result = self.api.queue_pop(self, params)
             elif method == "queue.unpop":
                 result = self.api.queue_unpop(self, params)
+            elif len(self._tasks) >= MAX_IN_FLIGHT:
+                raise ApiError(ErrorCode.MESH_UNAVAILABLE,
+                               f"{method}: {MAX_IN_FLIGHT} requests of this connection are still in flight; retry later")
             else:
                 task = asyncio.ensure_future(self._run(method, params, req_id))
                 self._tasks.add(task)

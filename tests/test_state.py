@@ -597,3 +597,52 @@ def test_forget_consumer():
     assert routing.pick_consumer("t", clients[0]) is None
     assert routing.has_consumers("t") is False
     routing.forget_consumer(3, "t", 1)  # already gone: harmless
+
+
+# --- tombstones -----------------------------------------------------------------------------
+
+class _Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_tombstones_refuse_stale_changes_then_are_forgotten():
+    """A removed key refuses an older change for GRAVE_S seconds; after that it no longer takes memory."""
+    from cluster.state import GRAVE_S
+    clock = _Clock()
+    state = MeshState(clock=clock)
+    for index in range(100):
+        state.apply_interest(1, f"room-{index}", 1, 2 * index + 1)
+        state.apply_interest(1, f"room-{index}", 0, 2 * index + 2)
+        state.apply_consumer(1, "topic", index, True, 1000 + 2 * index)
+        state.apply_consumer(1, "topic", index, False, 1001 + 2 * index)
+    assert state.tracked_keys() == 200
+    assert not state.apply_interest(1, "room-0", 1, 1)        # a late copy of the first change
+    clock.now += GRAVE_S + 1
+    assert state.bury() == 200
+    assert state.tracked_keys() == 0
+    assert state.interest == {} and state.consumers == {}
+
+
+def test_tombstone_of_a_key_changed_again_is_kept():
+    """A key removed, then re-added (and removed again later) keeps the newer sequence number."""
+    from cluster.state import GRAVE_S
+    clock = _Clock()
+    state = MeshState(clock=clock)
+    state.apply_interest(1, "room", 1, 1)
+    state.apply_interest(1, "room", 0, 2)
+    clock.now += GRAVE_S / 2
+    state.apply_interest(1, "room", 3, 3)
+    clock.now += GRAVE_S / 2 + 1
+    assert state.bury() == 0
+    assert state.interest == {"room": {1: 3}}
+    assert not state.apply_interest(1, "room", 0, 2)
+    state.apply_interest(1, "room", 0, 4)
+    clock.now += GRAVE_S / 2
+    assert state.bury() == 0          # the second removal is only half as old as GRAVE_S
+    assert not state.apply_interest(1, "room", 1, 3)
+    clock.now += GRAVE_S
+    assert state.bury() == 1 and state.tracked_keys() == 0
