@@ -7,6 +7,7 @@ No sockets here; reading the one file is the only I/O.
 
 import dataclasses
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -87,7 +88,7 @@ class ServerConfig:
 @dataclass(frozen=True)
 class NodeConfig:
     coordinator: str = field(default="127.0.0.1:6786", metadata=_meta(address=True))
-    advertise: str = field(default="127.0.0.1", metadata=_meta(nonempty=True))
+    advertise: str = field(default="127.0.0.1", metadata=_meta(nonempty=True, host=True))
     workers: int = field(default=0, metadata=_meta(min=0, max=1023))
     forward_timeout: float = field(default=2.0, metadata=_meta(min=0.01))
     mesh: Listen = field(default_factory=lambda: Listen("127.0.0.1", 0))
@@ -136,6 +137,11 @@ def _apply_checks(value: Any, checks: dict, path: str) -> None:
         raise ConfigError(f"{path}: must start with {checks['startswith']!r}")
     if checks.get("address"):
         parse_address(value, path)
+    if checks.get("host") and not _HOST.match(value):
+        raise ConfigError(f"{path}: expected a host name or IP address (no scheme, no port)")
+
+
+_HOST = re.compile(r"[A-Za-z0-9.\-]+\Z|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*\Z")
 
 
 def parse_address(value: str, path: str = "address") -> tuple:

@@ -7,7 +7,11 @@ no sockets, no timers. Owned by the coordinator's IOLoop.
 from dataclasses import dataclass, field
 from typing import Optional
 
+import re
+
 from cluster.ids import MAX_NODE_ID
+
+_MESH_POINT = re.compile(r"tcp://[A-Za-z0-9.\-]+:\d{1,5}\Z|tcp://\[[0-9A-Fa-f:.]+\]:\d{1,5}\Z")
 
 
 class RegistryError(Exception):
@@ -64,6 +68,9 @@ class Registry:
         Raises:
             RegistryError: the id is held by another live node, or no id is free.
         """
+        mesh_point = info.get("mesh_point")
+        if not isinstance(mesh_point, str) or not _MESH_POINT.match(mesh_point):
+            raise RegistryError(f"mesh point {mesh_point!r} is not tcp://HOST:PORT (check node.advertise)", retry=False)
         wanted = info.get("node_id") or self._by_routing.get(routing_id, 0)
         if isinstance(wanted, bool) or not isinstance(wanted, int) or not 0 <= wanted <= MAX_NODE_ID:
             raise RegistryError(f"node id {wanted!r} is not in 1..{MAX_NODE_ID}", retry=False)
@@ -105,7 +112,10 @@ class Registry:
         if info is None or info.routing_id != routing_id:
             return False
         info.last_seen = now
-        info.stats = stats
+        # Figures are shown and summed: keep numbers only, whatever a node sends.
+        info.stats = {key: value for key, value in stats.items()
+                      if isinstance(value, (int, float)) and not isinstance(value, bool)} \
+            if isinstance(stats, dict) else {}
         return True
 
     def remove(self, node_id: int, wall_ms: int) -> Optional[NodeInfo]:

@@ -86,6 +86,7 @@ class ControlLink:
     def send_heartbeat(self) -> None:
         if self.registered:
             self.send(mesh.HEARTBEAT, {"node_id": self.node.node_id, "stats": self.node.stats()})
+            self.node.expire_unconfirmed()
 
     def on_message(self, frames: list) -> None:
         try:

@@ -53,6 +53,7 @@ class Node:
         port = listen.port + worker if listen.port else 0
         self.mesh = MeshPoint(context, f"tcp://{listen.bind}:{port}", self.handle_mesh_request, self.forward_timeout)
         host = config.node.advertise
+        host = f"[{host}]" if ":" in host else host   # an IPv6 address
         self.mesh_point = f"tcp://{host}:{self.mesh.address.rpartition(':')[2]}"
         self.api_server = f"{host}:{config.node.api.port}"
         self._seq = 0
@@ -78,15 +79,34 @@ class Node:
             self.node_id = node_id
             self.ids = IdGenerator(node_id, not_before_ms)
             self.routing = Routing(node_id)
-        self.on_routing_changed(*self.routing.load_snapshot(snapshot))
+            changes = self.routing.load_snapshot(snapshot)
+        else:
+            # The coordinator restarted: it lists only the nodes back so far. Keep the
+            # others (the data plane goes on) until they had time to come back.
+            keep_until = time.monotonic() + 2 * self.config.coordinator.node_timeout + 1
+            changes = self.routing.merge_snapshot(snapshot, keep_until)
+        self.on_routing_changed(*changes)
         self.ready.set()
+
+    def expire_unconfirmed(self) -> None:
+        """Called with each heartbeat: drop peers a restarted coordinator never listed again."""
+        changes = self.routing.expire_unconfirmed(time.monotonic())
+        if changes[1]:
+            log.warning("nodes %s did not come back after the coordinator restarted; dropped",
+                        ", ".join(map(str, sorted(changes[1]))))
+            self.on_routing_changed(*changes)
 
     def on_routing_changed(self, added: set, removed: set, topics: set) -> None:
         for node_id in removed:
             self.mesh.disconnect(node_id)
+        connected = set(self.mesh.connected())
         for node_id in self.routing.peer_ids():
-            if node_id in added or node_id not in self.mesh.connected():
-                self.mesh.connect(node_id, self.routing.nodes[node_id]["mesh_point"], self.node_id)
+            if node_id in added or node_id not in connected:
+                address = self.routing.nodes[node_id].get("mesh_point")
+                try:
+                    self.mesh.connect(node_id, address, self.node_id)
+                except Exception as exc:   # one bad peer must not stop this node from serving
+                    log.error("cannot link to node %d at %r: %s", node_id, address, exc)
         for topic in topics:
             self.drain(topic)
 
@@ -126,32 +146,46 @@ class Node:
             self.link.send(mesh.ADVERT, body)
 
     def _interest_changed(self, changes: list) -> list:
-        """Records subscriber-count changes; returns futures to await before a subscribe may reply."""
-        waits = []
+        """Records subscriber-count changes; returns futures to await before a subscribe may reply.
+
+        A channel's first subscriber (or its last leaving) is told to every
+        peer at once, all channels of one call in one advert per peer; the
+        first kind is acknowledged (PROTOCOL.md, conn.call guarantee). Counts
+        reach the coordinator in the next coalesced flush.
+        """
+        waits, gained, lost = [], [], []
         for channel, count in changes:
             self._dirty_interest[channel] = count
-            if count == 1 or count == 0:
-                # A transition: tell every peer now (PROTOCOL.md, conn.call guarantee).
-                item = [channel, count, self.next_seq()]
-                header = {"o": self.node_id, "interest": [item]}
-                if count == 1:
-                    futures = [self.mesh.request(peer, mesh.ADVERT, header, timeout=self.forward_timeout / 2)
-                               for peer in self.routing.peer_ids()]
-                    wait = asyncio.gather(*futures, return_exceptions=True)
-                    self._interest_waits[channel] = wait
-                    wait.add_done_callback(lambda _, c=channel, w=wait: self._interest_waits.get(c) is w
-                                           and self._interest_waits.pop(c))
-                    waits.append(wait)
-                else:
-                    for peer in self.routing.peer_ids():
-                        self.mesh.notify(peer, mesh.ADVERT, header)
+            if count == 1:
+                gained.append([channel, 1, self.next_seq()])
+            elif count == 0:
+                lost.append([channel, 0, self.next_seq()])
             else:
                 wait = self._interest_waits.get(channel)
                 if wait is not None:
                     waits.append(wait)
+        peers = self.routing.peer_ids()
+        if lost:
+            for peer in peers:
+                self.mesh.notify(peer, mesh.ADVERT, {"o": self.node_id, "interest": lost})
+        if gained:
+            header = {"o": self.node_id, "interest": gained}
+            # A silent peer is waited for at most half the forward timeout: it is
+            # likely dead, and a dead peer cannot publish.
+            wait = asyncio.gather(*[self.mesh.request(peer, mesh.ADVERT, header, timeout=self.forward_timeout / 2)
+                                    for peer in peers], return_exceptions=True)
+            for channel, _, _ in gained:
+                self._interest_waits[channel] = wait
+            wait.add_done_callback(lambda _, names=[c for c, _, _ in gained], w=wait: self._forget_waits(names, w))
+            waits.append(wait)
         if changes:
             self._schedule_flush()
         return waits
+
+    def _forget_waits(self, channels: list, wait) -> None:
+        for channel in channels:
+            if self._interest_waits.get(channel) is wait:
+                del self._interest_waits[channel]
 
     def _consumer_changed(self, consumer_id: int, topics: list, present: bool) -> None:
         items = [[topic, consumer_id, int(present), self.next_seq()] for topic in topics]

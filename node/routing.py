@@ -17,6 +17,9 @@ class Routing:
         self.nodes = {}          # node_id -> public node info (peers and self)
         self.version = 0
         self._sorted_consumers = {}
+        # After a coordinator restart: peers not yet seen again, kept until this time.
+        self._unconfirmed = set()
+        self._merge_until = 0.0
 
     # --- updates -----------------------------------------------------------
 
@@ -34,8 +37,45 @@ class Routing:
         self.nodes = {info["node_id"]: info for info in snapshot.get("nodes", ())}
         self.version = snapshot.get("v", 0)
         self._sorted_consumers.clear()
+        self._unconfirmed = set()
         return (set(self.nodes) - before_nodes, before_nodes - set(self.nodes),
                 before_topics | set(self.state.consumers))
+
+    def merge_snapshot(self, snapshot: dict, keep_until: float) -> tuple:
+        """Takes a snapshot from a coordinator that just restarted, without forgetting anyone yet.
+
+        The restarted coordinator knows only the nodes that have registered
+        again so far. Their state replaces what was cached for them; peers
+        it does not list yet keep their cached state until `keep_until`
+        (monotonic seconds; `expire_unconfirmed` drops them after that)
+        unless they reappear first. Returns `(added, removed, topics)`.
+        """
+        fresh = {info["node_id"]: info for info in snapshot.get("nodes", ())}
+        added = {node_id for node_id, info in fresh.items()
+                 if self.nodes.get(node_id, {}).get("mesh_point") != info.get("mesh_point")}
+        topics = set()
+        for origin in fresh:
+            if origin != self.node_id:
+                topics |= self.state.drop_origin(origin)
+        self._unconfirmed = (set(self.nodes) | self._unconfirmed) - set(fresh) - {self.node_id}
+        self._merge_until = keep_until
+        self.nodes.update(fresh)
+        self.version = snapshot.get("v", 0)
+        interest = [item for item in snapshot.get("interest", ()) if item[0] in fresh]
+        consumers = [item for item in snapshot.get("consumers", ()) if item[0] in fresh]
+        topics |= self.apply_changes(interest, consumers)
+        self._sorted_consumers.clear()
+        return added, set(), topics
+
+    def expire_unconfirmed(self, now: float) -> tuple:
+        """Drops the peers a restarted coordinator never listed again; returns `(added, removed, topics)`."""
+        if not self._unconfirmed or now < self._merge_until:
+            return set(), set(), set()
+        removed, self._unconfirmed = self._unconfirmed, set()
+        topics = set()
+        for node_id in removed:
+            topics |= self.drop_node(node_id)
+        return set(), removed, topics
 
     def apply_update(self, update: dict):
         """Applies one versioned coordinator update.
@@ -57,11 +97,16 @@ class Routing:
             topics |= self.drop_node(dead)
         if "nodes" in update:
             fresh = {info["node_id"]: info for info in update["nodes"]}
-            added = set(fresh) - set(self.nodes)
-            removed |= set(self.nodes) - set(fresh)
-            for gone in removed:
-                topics |= self.drop_node(gone)
-            self.nodes = fresh
+            added = {node_id for node_id, info in fresh.items()
+                     if self.nodes.get(node_id, {}).get("mesh_point") != info.get("mesh_point")}
+            if self._unconfirmed:   # a restarted coordinator's list is partial: only add
+                self._unconfirmed -= set(fresh)
+                self.nodes.update(fresh)
+            else:
+                removed |= set(self.nodes) - set(fresh)
+                for gone in removed:
+                    topics |= self.drop_node(gone)
+                self.nodes = fresh
         topics |= self.apply_changes(update.get("interest", ()), update.get("consumers", ()))
         return added, removed, topics
 
@@ -76,6 +121,7 @@ class Routing:
     def drop_node(self, node_id: int) -> set:
         """Forgets a dead node; returns topics whose consumers changed."""
         self.nodes.pop(node_id, None)
+        self._unconfirmed.discard(node_id)
         topics = self.state.drop_origin(node_id)
         for topic in topics:
             self._sorted_consumers.pop(topic, None)

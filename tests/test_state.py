@@ -646,3 +646,55 @@ def test_tombstone_of_a_key_changed_again_is_kept():
     assert not state.apply_interest(1, "room", 1, 3)
     clock.now += GRAVE_S
     assert state.bury() == 1 and state.tracked_keys() == 0
+
+
+def test_routing_merge_after_coordinator_restart_keeps_unlisted_peers_until_expiry():
+    """A restarted coordinator's partial snapshot adds and refreshes nodes; the others stay until expired."""
+    routing = Routing(1)
+    routing.load_snapshot({"v": 5, "nodes": nodes(1, 2, 3),
+                           "interest": [[2, "a", 1, 10], [3, "b", 1, 10], [2, "gone", 1, 11]],
+                           "consumers": [[3, "t", 7, 1, 12]]})
+    # Node 2 is back with fresh state (it left "gone"); node 3 has not re-registered yet.
+    added, removed, _ = routing.merge_snapshot(
+        {"v": 1, "nodes": nodes(1, 2), "interest": [[2, "a", 2, 50]], "consumers": []}, keep_until=100.0)
+    assert added == set() and removed == set()
+    assert set(routing.nodes) == {1, 2, 3}
+    assert routing.interested_peers(["a", "b", "gone"]) == {2: ["a"], 3: ["b"]}
+    assert routing.pick_consumer("t", 99) == (3, 7)
+    assert routing.version == 1
+    # A partial node list in an update only adds.
+    assert routing.apply_update({"v": 2, "nodes": nodes(1, 2, 4)})[0] == {4}
+    assert set(routing.nodes) == {1, 2, 3, 4}
+    assert routing.expire_unconfirmed(now=50.0) == (set(), set(), set())
+    added, removed, topics = routing.expire_unconfirmed(now=100.0)
+    assert removed == {3} and topics == {"t"}
+    assert set(routing.nodes) == {1, 2, 4} and routing.pick_consumer("t", 99) is None
+    # Back to normal: a full list removes what it does not name.
+    assert routing.apply_update({"v": 3, "nodes": nodes(1, 2)})[1] == {4}
+
+
+def test_routing_node_back_with_a_new_mesh_point_is_reconnected():
+    """A known node id listed with another mesh point counts as added (the link is opened again)."""
+    routing = Routing(1)
+    routing.load_snapshot({"v": 1, "nodes": nodes(1, 2)})
+    moved = [dict(info, mesh_point="tcp://h:9999") if info["node_id"] == 2 else info for info in nodes(1, 2)]
+    assert routing.apply_update({"v": 2, "nodes": moved})[0] == {2}
+
+
+def test_registry_refuses_a_bad_mesh_point():
+    """A mesh point that is not tcp://HOST:PORT is refused for good (a misconfigured node.advertise)."""
+    registry = Registry()
+    for bad in ("tcp://http://h:1", "h:1", "tcp://host name:1", "", None):
+        with pytest.raises(RegistryError) as refused:
+            registry.register(b"r", dict(INFO, mesh_point=bad), now=0, wall_ms=0)
+        assert not refused.value.retry
+
+
+def test_registry_keeps_numeric_figures_only():
+    """Heartbeat figures that are not numbers are dropped, so status totals always add up."""
+    registry = Registry()
+    node_id, _ = registry.register(b"r", INFO, now=0, wall_ms=0)
+    registry.heartbeat(b"r", node_id, {"clients": 3, "cpu": 1.5, "rss": "lots", "flag": True, "x": [1]}, now=1)
+    assert registry.nodes[node_id].stats == {"clients": 3, "cpu": 1.5}
+    registry.heartbeat(b"r", node_id, ["not", "a", "dict"], now=2)
+    assert registry.nodes[node_id].stats == {}
