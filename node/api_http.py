@@ -66,11 +66,17 @@ class MeshHandler(_EnvelopeHandler):
         self._chunks = []
         self._size = 0
         self._too_large = False
+        self._wrong_type = None
 
     def prepare(self):
         if self.request.method != "POST":
             raise tornado.web.HTTPError(405)
         self.request.connection.set_max_body_size(2 ** 40)
+        # JSON or nothing: a browser can send form and text/plain bodies to any site
+        # without asking first, so accepting them would let any web page drive the API.
+        content_type = self.request.headers.get("Content-Type")
+        if content_type is not None and content_type.split(";")[0].strip().lower() != "application/json":
+            self._wrong_type = content_type
         length = self.request.headers.get("Content-Length")
         if length and length.isdigit() and int(length) > self.max_body:
             self._too_large = True
@@ -80,10 +86,14 @@ class MeshHandler(_EnvelopeHandler):
         if self._size > self.max_body:
             self._too_large = True
             self._chunks = []
-        elif not self._too_large:
+        elif not self._too_large and self._wrong_type is None:
             self._chunks.append(chunk)
 
     async def post(self):
+        if self._wrong_type is not None:
+            self.send_error_envelope(ErrorCode.INVALID_PARAMS,
+                                     f"Content-Type: must be application/json (or absent), not {self._wrong_type!r}")
+            return
         if self._too_large:
             self.send_error_envelope(ErrorCode.PAYLOAD_TOO_LARGE, f"body: larger than {self.max_body} bytes")
             return

@@ -34,8 +34,8 @@ class ApiSocket(tornado.websocket.WebSocketHandler):
         self.consumer_id = 0
         self._tasks = set()
 
-    def check_origin(self, origin: str) -> bool:
-        return True   # backends, not browsers
+    # check_origin: Tornado's default. Backends send no Origin (or their own host);
+    # a web page of another site cannot open /ws/v1 from a browser.
 
     async def get(self, *args, **kwargs):
         headers = self.request.headers
@@ -108,13 +108,12 @@ class ApiSocket(tornado.websocket.WebSocketHandler):
                 result = await self.api.mesh_publish(params)
             else:
                 result = await self.api.conn_call(params)
+            body = protocol.ok_body(result, req_id, ws=True)
         except ApiError as exc:
             body = protocol.error_body(exc.code, exc.message, req_id, ws=True)
         except Exception:
             log.exception("%s failed on %s", method, self.describe())
             body = protocol.error_body(ErrorCode.MESH_UNAVAILABLE, "internal error", req_id, ws=True)
-        else:
-            body = protocol.ok_body(result, req_id, ws=True)
         if self.stream is not None and not self.stream.closed():
             self.reply(body)
 

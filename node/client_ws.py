@@ -69,6 +69,15 @@ class ClientHandler(tornado.websocket.WebSocketHandler):
     def open(self, *args):
         node = self.node
         self._release_request()
+        protocol_close = self.ws_connection.close
+
+        def close_from_tornado(code=None, reason=None):
+            # Tornado closes by itself too (1009 for a message over max_message_size):
+            # remember the code so on_close reports it.
+            if self._closed_by_server is None and code is not None:
+                self._closed_by_server = (code, reason or "")
+            protocol_close(code, reason)
+        self.ws_connection.close = close_from_tornado
         self.stream = self.ws_connection.stream
         self.stream.max_write_buffer_size = self.server.write_buffer_limit
         self.last_seen = time.monotonic()
@@ -85,6 +94,9 @@ class ClientHandler(tornado.websocket.WebSocketHandler):
     def on_ping(self, data):
         self.last_seen = time.monotonic()
 
+    def on_pong(self, data):
+        self.last_seen = time.monotonic()
+
     def on_close(self):
         self.stream = None
         if not self._opened:
@@ -96,6 +108,10 @@ class ClientHandler(tornado.websocket.WebSocketHandler):
                     if not future.done():
                         future.set_exception(ConnectionGone(f"client {self.client_id} closed"))
         if self.entry.custom:
+            # Messages still waiting for a hook die with the connection; on_close still runs, last.
+            if self.hook_pending:
+                self.hook_pending = type(self.hook_pending)(
+                    event for event in self.hook_pending if event[0] != "on_message")
             # The code of whichever side closed first; 1006 when the connection just dropped.
             code, reason = self._closed_by_server or (self.close_code or 1006, self.close_reason or "")
             self.entry.submit(self, "on_close", code, reason)

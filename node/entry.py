@@ -335,12 +335,15 @@ class Entry:
 
     def submit(self, conn, hook: str, *args) -> None:
         """Runs a hook for `conn` now, or after the hooks it is still running."""
+        if hook == "on_message" and conn.stream is None:
+            return   # closed or closing: what is still in flight from it is dropped
         if conn.hook_busy:
             pending = conn.hook_pending
             if pending is None:
                 pending = conn.hook_pending = deque()
             if len(pending) >= MAX_PENDING and hook == "on_message":
                 log.warning("%s: %d messages wait for entry %s; closing", conn.describe(), MAX_PENDING, self.name)
+                conn.stream = None   # nothing more from or to it while the close completes
                 conn.close(int(CloseCode.POLICY_VIOLATION), "too many messages waiting")
                 return
             pending.append((hook, args))
@@ -357,6 +360,8 @@ class Entry:
         started = time.perf_counter()
         try:
             result = function(conn, *args)
+        except ConnectionGone:
+            result = None
         except Exception:
             self._failed(conn, hook)
             result = None
@@ -373,6 +378,8 @@ class Entry:
         current_conn.set(conn)
         try:
             await _Timed(awaitable, lambda s: self._slow(conn, hook, s))
+        except ConnectionGone:
+            log.debug("entry %s: %s for client %s stopped: the connection closed", self.name, hook, conn.client_id)
         except (Exception, asyncio.CancelledError):
             self._failed(conn, hook)
         finally:

@@ -180,7 +180,12 @@ class MeshPoint:
 
     def send_reply(self, peer: bytes, request_id: int, result) -> None:
         try:
-            self.router.send([peer, *mesh.reply(request_id, result)])
+            frames = mesh.reply(request_id, result)
+        except (TypeError, OverflowError, ValueError) as exc:   # never leave a peer waiting for nothing
+            log.error("mesh reply could not be encoded: %s", exc)
+            frames = mesh.reply(request_id, {"e": 501, "m": "the reply could not be encoded"})
+        try:
+            self.router.send([peer, *frames])
         except zmq.Again:
             log.warning("mesh reply dropped: peer link full")
         except zmq.ZMQError as exc:

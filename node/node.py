@@ -11,6 +11,7 @@ import logging
 import time
 
 import psutil
+import ujson
 
 from cluster import mesh, protocol
 from cluster.ids import IdGenerator, node_id_of
@@ -24,6 +25,7 @@ log = logging.getLogger("meshgate.node")
 
 _ADVERT_FLUSH_S = 0.02
 _DRAIN_BATCH = 10000
+_RETRY_S = 0.05   # pause before handing out events again after a peer could not be reached
 
 
 class Node:
@@ -195,9 +197,10 @@ class Node:
             self.mesh.notify(peer, mesh.ADVERT, header)
         self._dirty_consumers.extend(items)
         self._schedule_flush()
-        if present:
+        if present:   # after the queue.pop reply has gone out (PROTOCOL.md: reply, then events)
+            loop = asyncio.get_running_loop()
             for topic in topics:
-                self.drain(topic)
+                loop.call_soon(self.drain, topic)
 
     # --- clients ---------------------------------------------------------------
 
@@ -316,6 +319,10 @@ class Node:
         elif function == "close":
             conn.close(*args) if args else conn.close(1000)
         elif function == "get_context":
+            try:   # an entry may have put something in that JSON cannot carry
+                ujson.dumps(conn.context)
+            except (TypeError, OverflowError, ValueError):
+                raise ApiError(ErrorCode.CALL_FAILED, f"client {client_id}: its context holds a value that is not JSON")
             return {"s": True, "d": conn.context}
         return {"s": True}
 
@@ -362,10 +369,15 @@ class Node:
             return
         if error is None and future.result().get("ok"):
             return
-        if error is None:
-            self.routing.forget_consumer(origin, topic, consumer_id)
+        # Not there any more (or no link to its node): stop choosing it; its
+        # node's advert or the coordinator will say the rest.
+        self.routing.forget_consumer(origin, topic, consumer_id)
         self.buffers.put_back(topic, item)
-        asyncio.get_running_loop().call_soon(self.drain, topic)
+        loop = asyncio.get_running_loop()
+        if error is None:
+            loop.call_soon(self.drain, topic)
+        else:
+            loop.call_later(_RETRY_S, self.drain, topic)
 
     def drain(self, topic: str) -> None:
         """Delivers what waits for `topic`, oldest first, while it has consumers."""
@@ -416,7 +428,10 @@ class Node:
         if kind == mesh.ADVERT:
             origin = header["o"]
             interest = [[origin, *item] for item in header.get("interest", ())]
-            consumers = [[origin, *item] for item in header.get("consumers", ())]
+            # A consumer can only be chosen on a node we can reach; the coordinator
+            # relays the same change once it lists that node.
+            consumers = [[origin, *item] for item in header.get("consumers", ())] \
+                if origin in self.routing.nodes else []
             for topic in self.routing.apply_changes(interest, consumers):
                 self.drain(topic)
             return {"ok": True}

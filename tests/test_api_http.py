@@ -358,3 +358,19 @@ def test_wrong_method_is_405_with_101(cluster, method, path):
     assert status == 405, (status, reply)
     assert set(reply) == {"E"} and reply["E"]["c"] == 101, reply
     assert method in reply["E"]["m"], reply
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=x"])
+def test_body_types_a_browser_sends_freely_are_refused(cluster, content_type):
+    """Form and text/plain bodies (which any web page can send) are 400/101 naming Content-Type."""
+    status, body = cluster.http("/v1/mesh/publish", raw=b'{"c": "ch", "d": "x"}',
+                                headers={"Content-Type": content_type})
+    assert status == 400 and body["E"]["c"] == 101 and body["E"]["m"].startswith("Content-Type:")
+
+
+def test_json_content_type_with_charset_is_accepted(cluster):
+    """application/json with a charset parameter is fine."""
+    status, body = cluster.http("/v1/mesh/publish", raw=b'{"c": "ch", "d": "x"}',
+                                headers={"Content-Type": "application/json; charset=utf-8"})
+    assert (status, body) == (200, {"E": None, "r": {"s": 0, "f": 0}})

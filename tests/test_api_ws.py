@@ -677,3 +677,21 @@ def test_queue_pop_over_the_topic_limit_is_201(api):
     assert_error(reply, 201, "p.t", req_id=77)
     assert_ok(conn.request("queue.unpop", {"t": ["limit-0"]}))
     assert_ok(conn.request("queue.pop", {"t": ["one-more"]}))
+
+
+def test_cross_origin_upgrade_is_refused(cluster):
+    """/ws/v1 refuses an upgrade whose Origin names another site (a web page), accepts its own host."""
+    import websocket
+    with pytest.raises(websocket.WebSocketBadStatusException) as refused:
+        websocket.create_connection(f"ws://127.0.0.1:{cluster.api_port}/ws/v1", origin="http://evil.example",
+                                    timeout=10)
+    assert refused.value.status_code == 403
+    own = websocket.create_connection(f"ws://127.0.0.1:{cluster.api_port}/ws/v1", timeout=10,
+                                      origin=f"http://127.0.0.1:{cluster.api_port}")
+    own.send("ping")
+    assert own.recv() == "pong"
+    own.close()
+    bare = websocket.create_connection(f"ws://127.0.0.1:{cluster.api_port}/ws/v1", timeout=10, suppress_origin=True)
+    bare.send("ping")
+    assert bare.recv() == "pong"
+    bare.close()

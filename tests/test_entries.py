@@ -77,6 +77,9 @@ ENTRY = textwrap.dedent('''
                 conn.send("full")
         elif word == "ctx":
             conn.send(json.dumps(conn.context, sort_keys=True))
+        elif word == "badctx":
+            conn.set_context_value("odd", {1, 2})
+            conn.send("stored a set")
         elif word == "bye":
             conn.close(4000, "asked to leave")
         else:
@@ -307,3 +310,50 @@ def test_entry_that_fails_to_import_stops_the_cluster(tmp_path):
                             timeout=WAIT * 2)
     assert result.returncode == 2
     assert "cannot start here" in result.stderr
+
+
+def test_messages_queued_behind_a_hook_die_with_the_connection(entry_cluster):
+    """Close while a hook waits: the queued messages are dropped, on_close runs, nothing is counted as an error."""
+    consumer = entry_cluster.api()
+    assert consumer.request("queue.pop", ["closes"])["E"] is None
+    before = entry_cluster.status()["totals"]
+    client, _ = connect(entry_cluster)
+    client.ws.send("login 0.5")
+    for _ in range(5):
+        client.ws.send("push queued")
+    client.ws.close()
+    event = consumer.event()
+    assert event["p"]["c"] == client.client_id and event["p"]["t"] == "closes"
+    after = entry_cluster.status()["totals"]
+    assert after["hook_errors"] == before["hook_errors"]
+    other = entry_cluster.api()
+    assert other.request("queue.pop", ["entry-topic"])["E"] is None
+    assert other.no_event_for(0.5), "a message queued behind the hook ran after the close"
+    consumer.ws.close()
+    other.ws.close()
+
+
+def test_on_close_reports_the_code_tornado_closed_with(entry_cluster):
+    """A message over max_message_size closes with 1009, and on_close is told 1009."""
+    consumer = entry_cluster.api()
+    assert consumer.request("queue.pop", ["closes"])["E"] is None
+    client, _ = connect(entry_cluster)
+    client.ws.send("x" * (1048576 + 1))
+    assert client.close_code() in (1009, None)   # None: the socket went before the client read the close frame
+    event = consumer.event()
+    assert event["p"]["c"] == client.client_id and event["p"]["d"]["code"] == 1009
+    consumer.ws.close()
+
+
+def test_context_that_is_not_json_is_a_clear_301(entry_cluster):
+    """get_context of a context holding a set answers 301 at once, locally and across nodes."""
+    clients = spread_clients(entry_cluster, 6)
+    for client in clients:
+        client.ws.send("badctx")
+        assert client.recv() == "stored a set"
+    api = entry_cluster.api()
+    for client in clients:
+        started = time.monotonic()
+        reply = api.request("conn.call", {"c": client.client_id, "f": "get_context"})
+        assert reply["E"]["c"] == 301 and "not JSON" in reply["E"]["m"]
+        assert time.monotonic() - started < 1.0

@@ -38,14 +38,17 @@ def test_idle_client_is_closed_1001_after_read_timeout(limited):
     """A client that sends nothing for read_timeout is closed 1001; pings keep a client alive."""
     idle = limited.client()
     lively = limited.client()
+    ponging = limited.client()
     started = time.monotonic()
     for _ in range(8):
         lively.ws.ping(b"k")
+        ponging.ws.pong(b"k")   # unsolicited pongs are frames too (heartbeats)
         time.sleep(0.25)
     assert idle.close_code() == 1001
     assert 0.9 < time.monotonic() - started < 1 + 2.5
-    lively.ws.ping(b"k")
-    assert lively.ws.connected
+    for client in (lively, ponging):
+        client.ws.ping(b"k")
+        assert client.ws.connected and client.nothing_for(0.05)
 
 
 def test_slow_client_over_its_write_buffer_is_closed_1008(limited):

@@ -34,7 +34,8 @@ def test_http_requests_land_on_every_node(cluster):
     import urllib.request
     for _ in range(60):
         request = urllib.request.Request(f"http://127.0.0.1:{cluster.api_port}/v1/mesh/publish",
-                                         data=b'{"c":"nobody","d":"x"}', method="POST")
+                                         data=b'{"c":"nobody","d":"x"}', method="POST",
+                                         headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=WAIT) as response:
             seen.add(response.headers["X-Meshgate-Node"])
         if len(seen) == cluster.workers:

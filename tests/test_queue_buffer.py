@@ -25,7 +25,8 @@ def test_messages_wait_for_a_consumer_and_overflow_is_dropped_and_counted(small_
     wait_until(lambda: _node_figure(small_cluster, client.node, "queue_depth") == 5, what="5 buffered")
     assert _node_figure(small_cluster, client.node, "queue_dropped") == 3
     consumer = small_cluster.api()
-    assert consumer.request("queue.pop", {"t": "default"})["E"] is None
+    consumer.send_raw('{"m": "queue.pop", "p": {"t": "default"}, "i": "pop"}')
+    assert consumer.read() == {"E": None, "r": {"s": True}, "i": "pop"}, "the reply comes before the events"
     got = [consumer.event()["p"]["d"]["frame"]["data"] for _ in range(5)]
     assert got == [f"early-{index}" for index in range(5)]
     assert consumer.no_event_for(0.3)

@@ -17,7 +17,7 @@ server's topic, as with the default entry.
 
 import json
 
-from node.entry import ContextTimeout, QueueFull, queue
+from node.entry import ConnectionGone, ContextTimeout, QueueFull, queue
 
 AUTH_TOPIC = "auth"
 AUTH_TIMEOUT_S = 5.0
@@ -46,6 +46,8 @@ async def on_message(conn, frame):
             uid = await conn.wait_context_value("uid", AUTH_TIMEOUT_S)
         except ContextTimeout:
             return answer(conn, 1, "Auth failed")
+        except ConnectionGone:   # the client left while we waited
+            return None
         return answer(conn, 0, "ok", uid=uid)
 
     if op == "subscribe":
