@@ -68,6 +68,7 @@ class ApiConfig:
 class QueueConfig:
     topic_size: int = field(default=2000, metadata=_meta(min=1))
     max_topics: int = field(default=100, metadata=_meta(min=1))
+    max_bytes: int = field(default=67108864, metadata=_meta(min=1024))   # all topic buffers of a node together
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ class ClientHandler(tornado.websocket.WebSocketHandler):
         self.headers = None
         self.hook_busy = False       # an async hook of this connection is running (node/entry.py)
         self.hook_pending = None     # events waiting for it
+        self.hook_pending_bytes = 0  # client data in those events
         self._waiters = None         # context key -> futures of wait_context_value
         self._opened = False
         self._closed_by_server = None   # (code, reason) when this side closed first
@@ -112,6 +113,7 @@ class ClientHandler(tornado.websocket.WebSocketHandler):
             if self.hook_pending:
                 self.hook_pending = type(self.hook_pending)(
                     event for event in self.hook_pending if event[0] != "on_message")
+                self.hook_pending_bytes = 0
             # The code of whichever side closed first; 1006 when the connection just dropped.
             code, reason = self._closed_by_server or (self.close_code or 1006, self.close_reason or "")
             self.entry.submit(self, "on_close", code, reason)

@@ -19,7 +19,9 @@ from cluster.zloop import ZSocket
 
 log = logging.getLogger("meshgate.node")
 
-_REGISTER_RETRY_S = 0.25
+_REGISTER_RETRY_S = 0.25       # first retry of an unanswered registration; doubles up to the next
+_REGISTER_RETRY_MAX_S = 2.0
+_SYNC_RETRY_S = 1.0            # one snapshot request at a time
 
 
 class ControlLink:
@@ -38,6 +40,8 @@ class ControlLink:
         self._heartbeat = PeriodicCallback(self.send_heartbeat, self._heartbeat_ms())
         self.fatal = None   # set to a message when this process must exit
         self.leaving = False
+        self._retry_s = _REGISTER_RETRY_S
+        self._sync_sent = 0.0
 
     def _heartbeat_ms(self) -> float:
         return max(20, min(1000, self.config.coordinator.node_timeout * 1000 / 4))
@@ -80,7 +84,8 @@ class ControlLink:
         })
 
     def _register_if_needed(self) -> None:
-        if not self.registered and time.monotonic() - self._registering_since >= _REGISTER_RETRY_S:
+        if not self.registered and time.monotonic() - self._registering_since >= self._retry_s:
+            self._retry_s = min(self._retry_s * 2, _REGISTER_RETRY_MAX_S)   # a busy coordinator is not flooded
             self.register()
 
     def send_heartbeat(self) -> None:
@@ -100,10 +105,14 @@ class ControlLink:
                 return
             changed = node.routing.apply_update(body)
             if changed is None:
-                self.send(mesh.SYNC, {"node_id": node.node_id})
+                now = time.monotonic()
+                if now - self._sync_sent >= _SYNC_RETRY_S:
+                    self._sync_sent = now
+                    self.send(mesh.SYNC, {"node_id": node.node_id})
             else:
                 node.on_routing_changed(*changed)
         elif kind == mesh.SNAPSHOT:
+            self._sync_sent = 0.0
             if self.registered:
                 node.on_routing_changed(*node.routing.load_snapshot(body))
         elif kind == mesh.WELCOME:
@@ -112,12 +121,13 @@ class ControlLink:
                 return
             first = not node.node_id
             self.registered = True
+            self._retry_s = _REGISTER_RETRY_S
             node.on_welcome(body["node_id"], body.get("not_before_ms", 0), body["snapshot"])
             self.send_heartbeat()
             log.info("%s node %d (mesh point %s)", "registered as" if first else "re-registered as",
                      node.node_id, node.mesh_point)
         elif kind == mesh.REREGISTER:
-            if self.registered or time.monotonic() - self._registering_since >= _REGISTER_RETRY_S:
+            if self.registered or time.monotonic() - self._registering_since >= self._retry_s:
                 log.warning("coordinator does not know this node; registering again")
                 self.register()
         elif kind == mesh.REFUSED:

@@ -9,7 +9,8 @@ server's topic (the default entry).
 
 Hooks of one connection run one at a time, in order: while an async hook is
 not finished, that connection's next events wait (at most MAX_PENDING; over it
-the connection is closed 1008). Other connections are not affected. An
+the connection is closed 1008, as it is past MAX_PENDING_BYTES of waiting
+client data). Other connections are not affected. An
 exception in a hook is logged with its traceback, the client id and the
 entry's name, counted (`hook_errors`), and leaves the connection open. A hook
 step that holds the event loop longer than SLOW_HOOK_S is logged as a warning.
@@ -41,6 +42,7 @@ log = logging.getLogger("meshgate.entry")
 HOOKS = ("on_handshake", "on_open", "on_message", "on_close")
 SLOW_HOOK_S = 0.1
 MAX_PENDING = 1000
+MAX_PENDING_BYTES = 8 * 1024 * 1024   # client data waiting for one connection's hooks
 RELOAD_CHECK_S = 1.0
 
 __all__ = ["mesh", "queue", "Refuse", "ContextTimeout", "ConnectionGone", "QueueFull", "EntryError", "Entry",
@@ -275,12 +277,19 @@ class Entry:
                 module.mesh, module.queue = mesh, queue
                 exec(compile(source, self._path, "exec"), module.__dict__)
             else:
-                module = sys.modules.get(self._module_name)
-                module = importlib.reload(module) if module else importlib.import_module(self._module_name)
-                module.__dict__.setdefault("mesh", mesh)
-                module.__dict__.setdefault("queue", queue)
+                # A fresh module object every time: a version that fails half way
+                # never replaces the running one (importlib.reload would).
+                spec = importlib.util.find_spec(self._module_name)
+                if spec is None or spec.loader is None:
+                    raise EntryError(f"module {self._module_name!r} not found")
+                module = importlib.util.module_from_spec(spec)
+                module.mesh, module.queue = mesh, queue
+                spec.loader.exec_module(module)
+                sys.modules[self._module_name] = module
         except SyntaxError as exc:
             raise EntryError(f"{exc.filename}:{exc.lineno}: syntax error: {exc.msg}") from None
+        except EntryError:
+            raise
         except Exception as exc:
             raise EntryError(f"{self.name}: failed to load: {type(exc).__name__}: {exc}") from exc
         self.hooks = {name: getattr(module, name) for name in HOOKS if callable(getattr(module, name, None))}
@@ -323,8 +332,17 @@ class Entry:
         try:
             result = hook(conn, request)
             if inspect.isawaitable(result):
-                result = await _Timed(result, lambda s: self._slow(conn, "on_handshake", s))
+                # A handshake that never decides is refused after read_timeout.
+                result = await asyncio.wait_for(_Timed(result, lambda s: self._slow(conn, "on_handshake", s)),
+                                                self.server.read_timeout)
         except Refuse:
+            return False
+        except ContextTimeout:   # the hook's own wait: a failure of the hook, not of the deadline
+            self._failed(conn, "on_handshake")
+            return False
+        except asyncio.TimeoutError:
+            log.warning("entry %s: on_handshake for client %s took over %g s; refused", self.name, conn.client_id,
+                        self.server.read_timeout)
             return False
         except Exception:
             self._failed(conn, "on_handshake")
@@ -341,11 +359,15 @@ class Entry:
             pending = conn.hook_pending
             if pending is None:
                 pending = conn.hook_pending = deque()
-            if len(pending) >= MAX_PENDING and hook == "on_message":
-                log.warning("%s: %d messages wait for entry %s; closing", conn.describe(), MAX_PENDING, self.name)
+            size = len(args[0]["data"]) if hook == "on_message" else 0
+            if hook == "on_message" and (len(pending) >= MAX_PENDING
+                                         or conn.hook_pending_bytes + size > MAX_PENDING_BYTES):
+                log.warning("%s: %d messages (%d bytes) wait for entry %s; closing", conn.describe(), len(pending),
+                            conn.hook_pending_bytes, self.name)
                 conn.stream = None   # nothing more from or to it while the close completes
                 conn.close(int(CloseCode.POLICY_VIOLATION), "too many messages waiting")
                 return
+            conn.hook_pending_bytes += size
             pending.append((hook, args))
             return
         self._start(conn, hook, args)
@@ -387,6 +409,8 @@ class Entry:
             pending = conn.hook_pending
             while pending and not conn.hook_busy:
                 next_hook, args = pending.popleft()
+                if next_hook == "on_message":
+                    conn.hook_pending_bytes -= len(args[0]["data"])
                 self._start(conn, next_hook, args)
 
     def push_default(self, conn, frame: dict) -> None:

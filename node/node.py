@@ -44,7 +44,8 @@ class Node:
         self.routing = Routing(0)
         self.counters = Counters()
         self.hub = Hub(self.counters)
-        self.buffers = Buffers(config.node.queue.topic_size, config.node.queue.max_topics)
+        queue = config.node.queue
+        self.buffers = Buffers(queue.topic_size, queue.max_topics, queue.max_bytes, size_of=lambda item: len(item[2]))
         self.consumers = Consumers()
         self.api_sockets = set()   # open /ws/v1 connections (node/api_ws.py)
         self.ready = asyncio.Event()

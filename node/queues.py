@@ -6,21 +6,33 @@ Messages pushed on this node wait here, as `(seq, ...)` tuples in arrival
 order, while their topic has no consumer
 anywhere in the mesh (PROTOCOL.md, queue.pop delivery semantics): at most
 `topic_size` per topic and `max_topics` topics; over either bound the push is
-refused and counted, and what already waits is kept.
+refused and counted, and what already waits is kept. All buffers of a node
+together hold at most `max_bytes`.
 """
 
 from collections import deque
 
 
 class QueueFull(Exception):
-    """The topic's buffer (or the node's topic count) is at its bound."""
+    """The topic's buffer (or the node's topic count or byte budget) is at its bound."""
 
 
 class Buffers:
-    def __init__(self, topic_size: int, max_topics: int):
+    """Args:
+        topic_size: items per topic.
+        max_topics: topics with waiting items.
+        max_bytes: bytes of all waiting items together (a slow or absent consumer
+            must not grow the node's memory without bound, however big the messages).
+        size_of: the size in bytes of one item.
+    """
+
+    def __init__(self, topic_size: int, max_topics: int, max_bytes: int = 1 << 62, size_of=lambda item: 0):
         self.topic_size = topic_size
         self.max_topics = max_topics
+        self.max_bytes = max_bytes
+        self._size_of = size_of
         self._topics = {}
+        self.bytes = 0
         self.dropped = 0
 
     def depth(self) -> int:
@@ -36,6 +48,10 @@ class Buffers:
         Raises:
             QueueFull: the topic holds `topic_size` items, or it is new and `max_topics` topics wait.
         """
+        size = self._size_of(item)
+        if self.bytes + size > self.max_bytes:
+            self.dropped += 1
+            raise QueueFull(f"topic {topic!r}: the node's buffers hold {self.max_bytes} bytes already")
         queue = self._topics.get(topic)
         if queue is None:
             if len(self._topics) >= self.max_topics:
@@ -46,6 +62,7 @@ class Buffers:
             self.dropped += 1
             raise QueueFull(f"topic {topic!r}: buffer full ({self.topic_size} messages)")
         queue.append(item)
+        self.bytes += size
 
     def put_back(self, topic: str, item) -> None:
         """Puts an item that could not be delivered back in arrival order.
@@ -64,6 +81,7 @@ class Buffers:
         else:
             index = len(queue)
         queue.insert(index, item)
+        self.bytes += self._size_of(item)
 
     def pop(self, topic: str):
         """Removes and returns the oldest item of `topic`, or None."""
@@ -71,6 +89,7 @@ class Buffers:
         if not queue:
             return None
         item = queue.popleft()
+        self.bytes -= self._size_of(item)
         if not queue:
             del self._topics[topic]
         return item

@@ -357,3 +357,51 @@ def test_context_that_is_not_json_is_a_clear_301(entry_cluster):
         reply = api.request("conn.call", {"c": client.client_id, "f": "get_context"})
         assert reply["E"]["c"] == 301 and "not JSON" in reply["E"]["m"]
         assert time.monotonic() - started < 1.0
+
+
+def test_waiting_client_data_is_bounded_in_bytes(entry_cluster):
+    """A client that floods while its hook waits is closed 1008 past 8 MiB of waiting data."""
+    client, _ = connect(entry_cluster)
+    client.ws.send("login 5")
+    chunk = "z" * 1_000_000
+    try:
+        for _ in range(12):
+            client.ws.send(chunk)
+    except (websocket.WebSocketConnectionClosedException, ConnectionError):
+        pass
+    assert client.close_code() in (1008, None)
+    wait_until(lambda: "messages (" in entry_cluster.logs() and "wait for entry hooks.py; closing"
+               in entry_cluster.logs(), what="the flood to be refused")
+
+
+MODULE_ENTRY = textwrap.dedent('''
+    COUNTER = {"n": 0}
+    VERSION = "m1"
+
+    def on_message(conn, frame):
+        COUNTER["n"] += 1
+        conn.send("%s %d" % (VERSION, COUNTER["n"]))
+''')
+
+
+def test_module_entry_reload_that_fails_half_way_keeps_the_running_version(tmp_path):
+    """A dotted-module entry: a new version that raises while loading leaves the old module and its state alone."""
+    package = tmp_path / "pkg"
+    package.mkdir()
+    module = package / "module_entry.py"
+    module.write_text(MODULE_ENTRY)
+    cluster = Cluster(tmp_path, workers=1, server={"entry": "module_entry", "reload": True})
+    cluster.start_options = {"env": {**os.environ, "PYTHONPATH": str(package)}}
+    cluster.start()
+    try:
+        client = cluster.client()
+        client.ws.send("a")
+        assert client.recv() == "m1 1"
+        module.write_text(MODULE_ENTRY.replace('"m1"', '"m2"') + "\nraise RuntimeError('half way')\n")
+        stamp = time.time() + 5
+        os.utime(module, (stamp, stamp))
+        wait_until(lambda: "entry module_entry not reloaded" in cluster.logs(), interval=0.2, what="refusal")
+        client.ws.send("b")
+        assert client.recv() == "m1 2"
+    finally:
+        cluster.stop()

@@ -268,3 +268,19 @@ def test_consumers_readd_after_remove():
     consumers.remove(1, ["a"])
     consumers.add(1, "conn", ["a"])
     assert consumers.topics[1] == {"a", "b"}
+
+
+def test_buffers_byte_budget_covers_all_topics():
+    """Past max_bytes (all topics together) a push is refused and counted; popping frees room again."""
+    buffers = Buffers(topic_size=100, max_topics=10, max_bytes=10, size_of=lambda item: len(item[1]))
+    buffers.push("a", (1, b"1234"))
+    buffers.push("b", (2, b"123456"))
+    assert buffers.bytes == 10
+    with pytest.raises(QueueFull, match="10 bytes"):
+        buffers.push("c", (3, b"x"))
+    assert buffers.dropped == 1
+    assert buffers.pop("a") == (1, b"1234")
+    assert buffers.bytes == 6
+    buffers.push("c", (3, b"xyz"))
+    buffers.put_back("a", (0, b"12345"))          # returned items are never refused
+    assert buffers.bytes == 14 and buffers.depth() == 3
