@@ -19,27 +19,50 @@ from node.entry import ConnectionGone, ContextTimeout
 log = logging.getLogger("meshgate.node")
 
 
+class _Protocol(tornado.websocket.WebSocketProtocol13):
+    """Tornado's protocol, telling the handler the code when Tornado closes by itself (1009, ...)."""
+
+    def close(self, code=None, reason=None):
+        handler = self.handler
+        if handler is not None and handler._closed_by_server is None and code is not None:
+            handler._closed_by_server = (code, reason or "")
+        super().close(code, reason)
+
+
+# An idle connection should cost little memory: what most connections never
+# change is a class attribute until an instance sets its own.
+
+
 class ClientHandler(tornado.websocket.WebSocketHandler):
     """One client connection. Its mutable state is owned by the node's IOLoop."""
+
+    client_id = 0
+    stream = None
+    channels = NO_CHANNELS       # a set once it subscribes (node/clients.py)
+    _context = None              # the context dict, made on first use (see `context`)
+    last_seen = 0.0
+    remote_addr = ""
+    path = query = ""
+    headers = None
+    hook_busy = False            # an async hook of this connection is running (node/entry.py)
+    hook_pending = None          # events waiting for it
+    hook_pending_bytes = 0       # client data in those events
+    _waiters = None              # context key -> futures of wait_context_value
+    _opened = False
+    _closed_by_server = None     # (code, reason) of whichever side closed first, if this side
 
     def initialize(self, node, server, entry):
         self.node = node
         self.server = server
         self.entry = entry
-        self.client_id = 0
-        self.stream = None
-        self.channels = NO_CHANNELS   # a set once it subscribes (node/clients.py)
-        self.context = {}
-        self.last_seen = 0.0
-        self.remote_addr = ""
-        self.path = self.query = ""
-        self.headers = None
-        self.hook_busy = False       # an async hook of this connection is running (node/entry.py)
-        self.hook_pending = None     # events waiting for it
-        self.hook_pending_bytes = 0  # client data in those events
-        self._waiters = None         # context key -> futures of wait_context_value
-        self._opened = False
-        self._closed_by_server = None   # (code, reason) when this side closed first
+
+    def get_websocket_protocol(self):
+        if self.request.headers.get("Sec-WebSocket-Version") != "13":
+            return None
+        params = tornado.websocket._WebSocketParams(
+            ping_interval=self.ping_interval, ping_timeout=self.ping_timeout,
+            max_message_size=self.max_message_size, compression_options=None)
+        return _Protocol(self, False, params)
 
     @property
     def max_message_size(self) -> int:
@@ -70,15 +93,6 @@ class ClientHandler(tornado.websocket.WebSocketHandler):
     def open(self, *args):
         node = self.node
         self._release_request()
-        protocol_close = self.ws_connection.close
-
-        def close_from_tornado(code=None, reason=None):
-            # Tornado closes by itself too (1009 for a message over max_message_size):
-            # remember the code so on_close reports it.
-            if self._closed_by_server is None and code is not None:
-                self._closed_by_server = (code, reason or "")
-            protocol_close(code, reason)
-        self.ws_connection.close = close_from_tornado
         self.stream = self.ws_connection.stream
         self.stream.max_write_buffer_size = self.server.write_buffer_limit
         self.last_seen = time.monotonic()
@@ -144,13 +158,26 @@ class ClientHandler(tornado.websocket.WebSocketHandler):
     def describe(self) -> str:
         return f"client {self.client_id} from {self.remote_addr}"
 
+    @property
+    def context(self) -> dict:
+        """The connection's context (entries read it; change it with the set_* calls)."""
+        context = self._context
+        if context is None:
+            context = self._context = {}
+        return context
+
+    @context.setter
+    def context(self, value: dict) -> None:
+        self._context = value
+
     def context_value(self, key: str, default=None):
-        return self.context.get(key, default)
+        return self._context.get(key, default) if self._context else default
 
     def set_context_value(self, key: str, value) -> None:
         """Sets one key (None removes it) and wakes whoever waits for it."""
         if value is None:
-            self.context.pop(key, None)
+            if self._context:
+                self._context.pop(key, None)
             return
         self.context[key] = value
         if self._waiters and key in self._waiters:
