@@ -19,6 +19,9 @@ from cluster.zloop import ZSocket
 log = logging.getLogger("meshgate.mesh")
 
 _HWM = 100000
+# Bytes of requests one peer has not answered yet; past it, requests to that peer fail at once
+# (a frozen peer must not grow this node's memory for a whole forward timeout).
+MAX_PEER_BYTES = 64 * 1024 * 1024
 
 
 class PeerUnavailable(Exception):
@@ -55,7 +58,8 @@ class MeshPoint:
         self.router = ZSocket(socket, self.on_request)
         self.routing_id = b""
         self._peers = {}        # node_id -> ZSocket (DEALER)
-        self._pending = {}      # request id -> (future, deadline, node_id)
+        self._pending = {}      # request id -> (future, deadline, node_id, size)
+        self._peer_bytes = {}   # node_id -> bytes of its pending requests
         self._counter = 0
         self.timeouts = 0
         self._sweeper = PeriodicCallback(self.sweep, max(10, min(100, timeout * 250)))
@@ -85,11 +89,12 @@ class MeshPoint:
         stream = self._peers.pop(node_id, None)
         if stream is not None:
             stream.close()
-        for request_id, (future, _, owner) in list(self._pending.items()):
+        for request_id, (future, _, owner, _) in list(self._pending.items()):
             if owner == node_id:
                 del self._pending[request_id]
                 if not future.done():
                     future.set_exception(PeerUnavailable(f"node {node_id} left the mesh"))
+        self._peer_bytes.pop(node_id, None)
 
     def connected(self) -> list:
         return list(self._peers)
@@ -117,6 +122,11 @@ class MeshPoint:
         if stream is None:
             future.set_exception(PeerUnavailable(f"node {node_id} is not in the mesh"))
             return future
+        size = len(body)
+        waiting = self._peer_bytes.get(node_id, 0)
+        if waiting + size > MAX_PEER_BYTES:
+            future.set_exception(PeerUnavailable(f"node {node_id} has {waiting} bytes of requests unanswered"))
+            return future
         self._counter += 1
         request_id = self._counter
         try:
@@ -125,8 +135,16 @@ class MeshPoint:
             future.set_exception(PeerUnavailable(f"mesh link to node {node_id} is full"))
             return future
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        self._pending[request_id] = (future, deadline, node_id)
+        self._pending[request_id] = (future, deadline, node_id, size)
+        self._peer_bytes[node_id] = waiting + size
         return future
+
+    def _settled(self, node_id: int, size: int) -> None:
+        left = self._peer_bytes.get(node_id, 0) - size
+        if left > 0:
+            self._peer_bytes[node_id] = left
+        else:
+            self._peer_bytes.pop(node_id, None)
 
     def on_reply(self, frames: list) -> None:
         try:
@@ -135,14 +153,18 @@ class MeshPoint:
             log.warning("bad mesh reply: %s", exc)
             return
         entry = self._pending.pop(request_id, None)
-        if entry is not None and not entry[0].done():
+        if entry is None:
+            return
+        self._settled(entry[2], entry[3])
+        if not entry[0].done():
             entry[0].set_result(result)
 
     def sweep(self) -> None:
         now = time.monotonic()
-        expired = [rid for rid, (_, deadline, _) in self._pending.items() if deadline <= now]
+        expired = [rid for rid, entry in self._pending.items() if entry[1] <= now]
         for request_id in expired:
-            future, _, node_id = self._pending.pop(request_id)
+            future, _, node_id, size = self._pending.pop(request_id)
+            self._settled(node_id, size)
             self.timeouts += 1
             if not future.done():
                 future.set_exception(PeerTimeout(f"node {node_id} did not answer in time"))

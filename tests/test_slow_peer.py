@@ -65,3 +65,34 @@ def test_frozen_owner_gives_401_501_and_counted_failures(frozen):
     assert time.monotonic() - started < 0.5 + 1.0
     for client in others:
         assert client.recv() == "partial"
+
+
+def test_unanswered_bytes_to_a_frozen_peer_are_bounded(tmp_path):
+    """Past 64 MiB of unanswered requests to one peer, more fail at once instead of piling up."""
+    cluster = Cluster(tmp_path, workers=2, node_timeout=30, forward_timeout=8)
+    cluster.start()
+    pid = None
+    try:
+        clients = cluster.clients(12)
+        victim = clients[0].node
+        api = cluster.api()
+        for client in clients:
+            assert api.request("conn.call", {"c": client.client_id, "f": "subscribe", "a": ["big"]})["E"] is None
+        api.ws.close()
+        pid = next(n["pid"] for n in cluster.status()["nodes"] if n["node_id"] == victim)
+        os.kill(pid, signal.SIGSTOP)
+        publisher = None
+        while publisher is None:
+            publisher = cluster.api_with_timeout(1.0)
+        chunk = "b" * 1_000_000
+        started = time.monotonic()
+        for index in range(80):
+            publisher.send_raw('{"m": "mesh.publish", "i": %d, "p": {"c": "big", "d": "%s"}}' % (index, chunk))
+        # Requests past the budget are answered at once, long before the 8 s forward timeout.
+        early = publisher.reply_to(79, timeout=6)
+        assert time.monotonic() - started < 6
+        assert early["r"]["f"] >= 1
+    finally:
+        if pid:
+            os.kill(pid, signal.SIGCONT)
+        cluster.stop()
