@@ -24,7 +24,9 @@ class _Protocol(tornado.websocket.WebSocketProtocol13):
 
     def close(self, code=None, reason=None):
         handler = self.handler
-        if handler is not None and handler._closed_by_server is None and code is not None:
+        # client_terminated: this is the answer to the client's close frame, not our own close.
+        if (handler is not None and handler._closed_by_server is None and code is not None
+                and not self.client_terminated):
             handler._closed_by_server = (code, reason or "")
         super().close(code, reason)
 
