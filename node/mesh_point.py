@@ -2,11 +2,12 @@
 
 Request/reply correlation and per-request deadlines live here: every
 forwarded request ends within its timeout, as a reply, `PeerTimeout` or
-`PeerUnavailable`. Deadlines are checked by one periodic sweep, not a timer per
+`PeerUnavailable`. Deadlines sit in a heap checked by one periodic sweep, not a timer per
 request. Owned by the node's IOLoop.
 """
 
 import asyncio
+import heapq
 import logging
 import time
 
@@ -59,6 +60,7 @@ class MeshPoint:
         self.routing_id = b""
         self._peers = {}        # node_id -> ZSocket (DEALER)
         self._pending = {}      # request id -> (future, deadline, node_id, size)
+        self._deadlines = []    # heap of (deadline, request id); answered ids are skipped when they come up
         self._peer_bytes = {}   # node_id -> bytes of its pending requests
         self._counter = 0
         self.timeouts = 0
@@ -90,7 +92,7 @@ class MeshPoint:
         if stream is not None:
             stream.close()
         for request_id, (future, _, owner, _) in list(self._pending.items()):
-            if owner == node_id:
+            if owner == node_id:   # their heap entries are skipped when they come up
                 del self._pending[request_id]
                 if not future.done():
                     future.set_exception(PeerUnavailable(f"node {node_id} left the mesh"))
@@ -136,6 +138,7 @@ class MeshPoint:
             return future
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         self._pending[request_id] = (future, deadline, node_id, size)
+        heapq.heappush(self._deadlines, (deadline, request_id))
         self._peer_bytes[node_id] = waiting + size
         return future
 
@@ -161,9 +164,13 @@ class MeshPoint:
 
     def sweep(self) -> None:
         now = time.monotonic()
-        expired = [rid for rid, entry in self._pending.items() if entry[1] <= now]
-        for request_id in expired:
-            future, _, node_id, size = self._pending.pop(request_id)
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            _, request_id = heapq.heappop(deadlines)
+            entry = self._pending.pop(request_id, None)
+            if entry is None:   # answered (or its peer dropped) already
+                continue
+            future, _, node_id, size = entry
             self._settled(node_id, size)
             self.timeouts += 1
             if not future.done():
