@@ -14,7 +14,7 @@ from cluster.protocol import (
 MAX_ID = 2 ** 64 - 1
 
 
-def invalid(call, *args, field, **kwargs) -> ApiError:
+def assert_invalid(call, *args, field, **kwargs) -> ApiError:
     """Runs `call` and checks it raises ApiError 101 whose message starts with `field:`."""
     with pytest.raises(ApiError) as info:
         call(*args, **kwargs)
@@ -97,13 +97,13 @@ def test_parse_client_id_good(value, expected):
 ])
 def test_parse_client_id_bad(value):
     """Negative, non-numeric, float, bool, empty or > 2^64-1 client ids are 101 naming p.c."""
-    invalid(protocol.parse_client_id, value, field="p.c")
+    assert_invalid(protocol.parse_client_id, value, field="p.c")
 
 
 @pytest.mark.parametrize("field", ["p.c", "c", "p.a"])
 def test_parse_client_id_names_given_field(field):
     """The error message starts with the field the caller names."""
-    invalid(protocol.parse_client_id, "nope", field, field=field)
+    assert_invalid(protocol.parse_client_id, "nope", field, field=field)
 
 
 # --- channel and topic names ------------------------------------------------------
@@ -140,19 +140,19 @@ def test_parse_name_good(name):
 ])
 def test_parse_name_bad(name):
     """Empty, whitespace, control characters, more than 255 bytes or not a string are 101."""
-    invalid(protocol.parse_name, name, "p.c", field="p.c")
+    assert_invalid(protocol.parse_name, name, "p.c", field="p.c")
 
 
 @pytest.mark.parametrize("name", ["\ud800", "a\udfffb", "a" * 70 + "\ud83d"], ids=["high", "low-inside", "long"])
 def test_parse_name_lone_surrogate(name):
     """A name that is not valid Unicode (a lone surrogate from a JSON escape) is 101, not a crash."""
-    invalid(protocol.parse_name, name, "p.c", field="p.c")
+    assert_invalid(protocol.parse_name, name, "p.c", field="p.c")
 
 
 @pytest.mark.parametrize("kind", ["channel", "topic"])
 def test_parse_name_message_names_kind(kind):
     """The error message says which kind of name was wrong."""
-    error = invalid(protocol.parse_name, "", "p.t", kind, field="p.t")
+    error = assert_invalid(protocol.parse_name, "", "p.t", kind, field="p.t")
     assert kind in error.message
 
 
@@ -179,12 +179,12 @@ def test_parse_names_good(value, expected):
 ])
 def test_parse_names_bad(value, field):
     """An empty list, a non-list or a bad item is 101 naming the item's index."""
-    invalid(protocol.parse_names, value, "p.c", field=field)
+    assert_invalid(protocol.parse_names, value, "p.c", field=field)
 
 
 def test_parse_names_single_refused_when_not_allowed():
     """A lone string is refused where a list is required."""
-    invalid(protocol.parse_names, "a", "p.a", allow_single=False, field="p.a")
+    assert_invalid(protocol.parse_names, "a", "p.a", allow_single=False, field="p.a")
 
 
 # --- payload (d and t) ------------------------------------------------------------
@@ -262,7 +262,7 @@ def test_parse_payload_text_json(data):
 ])
 def test_parse_payload_bad(params, field):
     """Missing d, number/bool/null d, unknown or null t and bad base64 are 101 naming the field."""
-    invalid(protocol.parse_payload, params, field=field)
+    assert_invalid(protocol.parse_payload, params, field=field)
 
 
 @pytest.mark.parametrize("params, field", [
@@ -273,14 +273,14 @@ def test_parse_payload_bad(params, field):
 ])
 def test_parse_payload_http_prefix(params, field):
     """With the HTTP prefix "" the message names the bare field."""
-    invalid(protocol.parse_payload, params, "", field=field)
+    assert_invalid(protocol.parse_payload, params, "", field=field)
 
 
 @pytest.mark.parametrize("data", ["\ud800", "ok \udc00 ok", {"k": "\ud800"}, ["\udfff"]],
                          ids=["string", "string-inside", "object", "array"])
 def test_parse_payload_lone_surrogate(data):
     """Text that cannot be encoded as UTF-8 (a lone surrogate) is 101, not a crash."""
-    invalid(protocol.parse_payload, {"d": data}, field="p.d")
+    assert_invalid(protocol.parse_payload, {"d": data}, field="p.d")
 
 
 def test_parse_payload_binary_round_trip():
@@ -324,7 +324,7 @@ def test_parse_send_good(params, expected):
 ])
 def test_parse_send_bad(params, field):
     """Bad mesh.send parameters over WebSocket are 101 naming p.<field>."""
-    invalid(protocol.parse_send, params, field=field)
+    assert_invalid(protocol.parse_send, params, field=field)
 
 
 @pytest.mark.parametrize("params, field", [
@@ -339,7 +339,7 @@ def test_parse_send_bad(params, field):
 ])
 def test_parse_send_bad_http(params, field):
     """Bad /v1/mesh/send bodies are 101 naming the bare field."""
-    invalid(protocol.parse_send, params, "", field=field)
+    assert_invalid(protocol.parse_send, params, "", field=field)
 
 
 @pytest.mark.parametrize("params, expected", [
@@ -374,7 +374,7 @@ def test_parse_publish_good(params, expected):
 ])
 def test_parse_publish_bad(params, field):
     """Bad mesh.publish parameters are 101 naming the field (and list index)."""
-    invalid(protocol.parse_publish, params, field=field)
+    assert_invalid(protocol.parse_publish, params, field=field)
 
 
 @pytest.mark.parametrize("params, field", [
@@ -386,7 +386,7 @@ def test_parse_publish_bad(params, field):
 ])
 def test_parse_publish_bad_http(params, field):
     """Bad /v1/mesh/publish bodies are 101 naming the bare field."""
-    invalid(protocol.parse_publish, params, "", field=field)
+    assert_invalid(protocol.parse_publish, params, "", field=field)
 
 
 # --- queue.pop / queue.unpop ------------------------------------------------------
@@ -423,7 +423,7 @@ def test_parse_queue_pop_good(params, expected):
 ])
 def test_parse_queue_pop_bad(params, field):
     """An empty topic list, a bad topic or a non-object is 101 naming the field."""
-    invalid(protocol.parse_queue_pop, params, field=field)
+    assert_invalid(protocol.parse_queue_pop, params, field=field)
 
 
 @pytest.mark.parametrize("params, expected", [
@@ -451,7 +451,7 @@ def test_parse_queue_unpop_good(params, expected):
 ])
 def test_parse_queue_unpop_bad(params, field):
     """Bad topics in queue.unpop are 101 naming the field."""
-    invalid(protocol.parse_queue_unpop, params, field=field)
+    assert_invalid(protocol.parse_queue_unpop, params, field=field)
 
 
 # --- conn.call ----------------------------------------------------------------------
@@ -561,12 +561,12 @@ def test_parse_conn_call_default_args(function):
 ])
 def test_parse_conn_call_bad(params, field):
     """Unknown f and bad `a` for every function are 101 naming the field."""
-    invalid(protocol.parse_conn_call, params, field=field)
+    assert_invalid(protocol.parse_conn_call, params, field=field)
 
 
 def test_parse_conn_call_close_reason_lone_surrogate():
     """A close reason that is not valid Unicode is 101, not a crash."""
-    invalid(protocol.parse_conn_call, {"c": CID, "f": "close", "a": [1000, "\ud800"]}, field="p.a[1]")
+    assert_invalid(protocol.parse_conn_call, {"c": CID, "f": "close", "a": [1000, "\ud800"]}, field="p.a[1]")
 
 
 def test_call_functions_are_all_parsed():
@@ -641,15 +641,15 @@ def test_parse_ws_request_not_object(text):
 ])
 def test_parse_ws_request_bad_method(message, req_id):
     """An unknown or missing method is 101 naming m, with the request id kept for the reply."""
-    error = invalid(protocol.parse_ws_request, json.dumps(message), field="m")
+    error = assert_invalid(protocol.parse_ws_request, json.dumps(message), field="m")
     assert error.req_id == req_id
 
 
 @pytest.mark.parametrize("req_id", [1.5, True, False, [1], {"a": 1}])
 def test_parse_ws_request_bad_id(req_id):
     """An id that is neither an integer nor a string is 101 naming i."""
-    invalid(protocol.parse_ws_request, json.dumps({"m": "queue.pop", "p": {}, "i": req_id}), field="i")
-    invalid(protocol.parse_ws_request, json.dumps({"m": "queue.pop", "p": {}, "id": req_id}), field="i")
+    assert_invalid(protocol.parse_ws_request, json.dumps({"m": "queue.pop", "p": {}, "i": req_id}), field="i")
+    assert_invalid(protocol.parse_ws_request, json.dumps({"m": "queue.pop", "p": {}, "id": req_id}), field="i")
 
 
 # --- HTTP bodies ------------------------------------------------------------------------
@@ -668,13 +668,13 @@ def test_parse_http_body_good(body, expected):
 @pytest.mark.parametrize("body", [b"", b"[]", b"[{}]", b'"x"', b"1", b"null", b"true"])
 def test_parse_http_body_not_object(body):
     """An empty body or one that is not a JSON object is 101 naming body."""
-    invalid(protocol.parse_http_body, body, field="body")
+    assert_invalid(protocol.parse_http_body, body, field="body")
 
 
 @pytest.mark.parametrize("body", [b"{", b"{'c': 1}", b"c=1&d=2", b"\xff", b'{"c": "\xff"}', b'{"a": 1}}'])
 def test_parse_http_body_bad_json(body):
     """A body that is not JSON (or not UTF-8) is 101 naming body."""
-    invalid(protocol.parse_http_body, body, field="body")
+    assert_invalid(protocol.parse_http_body, body, field="body")
 
 
 # --- envelopes ---------------------------------------------------------------------------
