@@ -38,18 +38,18 @@ def main():
 @click.option("--workers", type=int, help="Node processes on this machine (0 = one per CPU core).")
 def start(path, workers):
     """Run the whole cluster on this machine: coordinator and node processes."""
+    _supervise(path, workers, coordinator_address=None, with_coordinator=True)
+
+
+def _supervise(path, workers, coordinator_address, with_coordinator: bool) -> None:
+    """`start` and `node`: check what can be checked before anything starts, then supervise."""
     from cluster.supervisor import Supervisor, resolve_workers
-    config = _load(path, workers=workers)
+    config = _load(path, workers=workers, coordinator=coordinator_address)
     _check_entries(config)
-    _check_startable(config, resolve_workers(config.node.workers))
+    count = resolve_workers(config.node.workers)
+    _check_startable(config, count)
     _setup_supervisor_logging(config)
-    supervisor = Supervisor(path, resolve_workers(config.node.workers), coordinator=True,
-                            coordinator_address=None)
-    if workers is not None:
-        for child in supervisor.children:
-            if child.name != "coordinator":
-                child.argv += ["--workers", str(workers)]
-    sys.exit(supervisor.run())
+    sys.exit(Supervisor(path, count, coordinator=with_coordinator, coordinator_address=coordinator_address).run())
 
 
 @main.command()
@@ -67,24 +67,17 @@ def coordinator(path, fresh):
 @click.option("--workers", type=int, help="Node processes on this machine (0 = one per CPU core).")
 def node(path, coordinator_address, workers):
     """Run this machine's node processes, joining the coordinator at --coordinator."""
-    from cluster.supervisor import Supervisor, resolve_workers
-    config = _load(path, workers=workers, coordinator=coordinator_address)
-    _check_entries(config)
-    _check_startable(config, resolve_workers(config.node.workers))
-    _setup_supervisor_logging(config)
-    sys.exit(Supervisor(path, resolve_workers(config.node.workers), coordinator=False,
-                        coordinator_address=coordinator_address).run())
+    _supervise(path, workers, coordinator_address, with_coordinator=False)
 
 
 @main.command("node-process", hidden=True)
 @click.option("-c", "--config", "path", type=click.Path(dir_okay=False))
 @click.option("--worker", type=int, default=0)
 @click.option("--coordinator", "coordinator_address")
-@click.option("--workers", type=int)
-def node_process(path, worker, coordinator_address, workers):
+def node_process(path, worker, coordinator_address):
     """One node process (started by the supervisor)."""
     from node.app import run
-    sys.exit(run(_load(path, workers=workers, coordinator=coordinator_address), worker))
+    sys.exit(run(_load(path, coordinator=coordinator_address), worker))
 
 
 def _check_startable(config, workers: int) -> None:

@@ -334,8 +334,8 @@ def _loads(text, field: str = "request") -> Any:
     except (ValueError, TypeError, OverflowError):
         raise _invalid(f"{field}: malformed JSON") from None
     # JSON may escape a lone UTF-16 surrogate (\ud800), which no UTF-8 text can carry.
-    raw = text if isinstance(text, str) else text.decode("latin-1")
-    if "\\ud" in raw or "\\uD" in raw:
+    marks = ("\\ud", "\\uD") if isinstance(text, str) else (b"\\ud", b"\\uD")
+    if marks[0] in text or marks[1] in text:
         try:
             _dumps(value).encode("utf-8")
         except UnicodeEncodeError:

@@ -52,9 +52,7 @@ class ZSocket:
             return
         socket = self.socket
         for _ in range(_BATCH):
-            try:
-                if not socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                    return
+            try:   # until EAGAIN: then the descriptor signals the next arrival again
                 frames = socket.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return

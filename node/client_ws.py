@@ -14,7 +14,7 @@ import tornado.websocket
 from cluster import protocol
 from cluster.protocol import CloseCode
 from node.clients import NO_CHANNELS, write_frame
-from node.entry import ConnectionGone, ContextTimeout
+from node.entry import ConnectionGone, ContextTimeout, check_name, encode_data
 
 log = logging.getLogger("meshgate.node")
 
@@ -233,19 +233,12 @@ class ClientHandler(tornado.websocket.WebSocketHandler):
 
     @staticmethod
     def _channel_list(channels) -> list:
-        names = []
-        for channel in channels:
-            for name in ([channel] if isinstance(channel, str) else channel):
-                try:
-                    names.append(protocol.parse_name(name, "channel"))
-                except protocol.ApiError as exc:
-                    raise ValueError(exc.message) from None
-        return names
+        return [check_name(name, "channel")
+                for channel in channels for name in ([channel] if isinstance(channel, str) else channel)]
 
     def send(self, data, type: str = "text") -> bool:
         """Writes one message to this client; False when it could not be written."""
-        from node.entry import _encode
-        payload, binary = _encode(data, type)
+        payload, binary = encode_data(data, type)
         return write_frame(self, protocol.encode_ws_frame(payload, binary), self.node.counters)
 
     def close(self, code: int = 1000, reason: str = "") -> None:

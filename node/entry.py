@@ -69,7 +69,7 @@ class EntryError(Exception):
 current_conn = contextvars.ContextVar("meshgate_current_conn", default=None)
 
 
-def _encode(data, msg_type: str) -> tuple:
+def encode_data(data, msg_type: str) -> tuple:
     """Turns what an entry passes into (bytes, binary) for one WebSocket message."""
     if msg_type not in ("text", "binary"):
         raise ValueError(f"type must be 'text' or 'binary', not {msg_type!r}")
@@ -91,7 +91,7 @@ class Mesh:
 
     def send(self, client_id, data, type: str = "text") -> asyncio.Future:
         """Sends to one client anywhere; the future (await it or not) gives True when it was written."""
-        payload, binary = _encode(data, type)
+        payload, binary = encode_data(data, type)
         node = self._node
 
         async def deliver():
@@ -106,8 +106,8 @@ class Mesh:
         """Publishes to a channel (or a list of channels); the future gives `(s, f)`."""
         channels = [channel] if isinstance(channel, str) else list(channel)
         for name in channels:
-            _check_name(name, "channel")
-        payload, binary = _encode(data, type)
+            check_name(name, "channel")
+        payload, binary = encode_data(data, type)
         return _background(self._node.publish(channels, protocol.encode_ws_frame(payload, binary)))
 
 
@@ -124,7 +124,7 @@ class Queue:
             QueueFull: no consumer can take it now and the topic's buffer is full.
             ValueError: bad topic name, or no connection to attribute it to (pass client_id).
         """
-        _check_name(topic, "topic")
+        check_name(topic, "topic")
         if client_id is None:
             conn = current_conn.get()
             if conn is None:
@@ -143,9 +143,10 @@ def bind(node) -> None:
     queue._node = node
 
 
-def _check_name(name, kind: str) -> None:
+def check_name(name, kind: str) -> str:
+    """A channel or topic name from an entry; ValueError (the protocol's message) when it breaks the rules."""
     try:
-        protocol.parse_name(name, kind, kind)
+        return protocol.parse_name(name, kind, kind)
     except ApiError as exc:
         raise ValueError(exc.message) from None
 

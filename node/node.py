@@ -272,9 +272,8 @@ class Node:
         peers = self.routing.interested_peers(channels)
         if not peers:
             return written, failed
-        futures = {peer: self.mesh.request(peer, mesh.PUBLISH, {"ch": peer_channels}, frame)
-                   for peer, peer_channels in peers.items()}
-        results = await asyncio.gather(*futures.values(), return_exceptions=True)
+        results = await asyncio.gather(*[self.mesh.request(peer, mesh.PUBLISH, {"ch": peer_channels}, frame)
+                                          for peer, peer_channels in peers.items()], return_exceptions=True)
         for (peer, peer_channels), result in zip(peers.items(), results):
             if isinstance(result, BaseException):
                 failed += self.routing.interest_count(peer, peer_channels)
