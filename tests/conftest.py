@@ -9,6 +9,7 @@ HTTP clients. `MESHGATE_TEST_SCALE` multiplies every wait (slow machines).
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -44,6 +45,21 @@ def wait_until(predicate, timeout: float = WAIT, interval: float = 0.02, what: s
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(interval)
+
+
+def names_field(message: str, field: str) -> bool:
+    """True when `message` names `field` the way PROTOCOL.md shows it (`p.c: ...`, `c: ...`, `p.a[0]: ...`)."""
+    return re.search(rf"(?<![\w.]){re.escape(field)}[:\[]", message) is not None
+
+
+def compact(value) -> str:
+    """JSON as the server writes it: no spaces, UTF-8."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def channel() -> str:
+    """A channel name no other test uses."""
+    return f"ch-{uuid.uuid4().hex[:10]}"
 
 
 class Client:

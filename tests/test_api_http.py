@@ -7,21 +7,14 @@ checks the code, the HTTP status and that the message names the field.
 import base64
 import http.client
 import json
-import re
-import uuid
 
 import pytest
 import websocket
 
-from conftest import wait_until
+from conftest import channel, compact, names_field, wait_until
 
 MAX_BODY = 1024 * 1024      # node.api.max_body default
 UNKNOWN_ID = "123"          # a well-formed client id that no node ever made
-
-
-def names_field(message: str, field: str) -> bool:
-    """True when `message` names `field` the way PROTOCOL.md shows it (`c: ...`, `c[1]: ...`)."""
-    return re.search(rf"(?<![\w.]){re.escape(field)}[:\[]", message) is not None
 
 
 def assert_error(status: int, body, code: int, field: str, http_status: int = 400) -> None:
@@ -29,14 +22,6 @@ def assert_error(status: int, body, code: int, field: str, http_status: int = 40
     assert isinstance(body, dict) and set(body) == {"E"}, body
     assert body["E"]["c"] == code, body
     assert names_field(body["E"]["m"], field), body
-
-
-def compact(value) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-
-
-def channel() -> str:
-    return f"ch-{uuid.uuid4().hex[:10]}"
 
 
 @pytest.fixture

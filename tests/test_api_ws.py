@@ -7,23 +7,17 @@ consumers before it ends, since consumers of one topic compete.
 
 import base64
 import json
-import re
 import struct
 import uuid
 
 import pytest
 import websocket
 
-from conftest import WAIT, wait_until
+from conftest import WAIT, channel, compact, names_field, wait_until
 
 MAX_BODY = 1024 * 1024      # node.api.max_body default
 TOPIC = "default"           # the default entry's topic
 UNKNOWN_ID = "123"          # a well-formed client id that no node ever made
-
-
-def names_field(message: str, field: str) -> bool:
-    """True when `message` names `field` the way PROTOCOL.md shows it (`p.c: ...`, `p.a[0]: ...`)."""
-    return re.search(rf"(?<![\w.]){re.escape(field)}[:\[]", message) is not None
 
 
 def assert_error(reply: dict, code: int, field: str, req_id=None) -> None:
@@ -36,14 +30,6 @@ def assert_error(reply: dict, code: int, field: str, req_id=None) -> None:
 def assert_ok(reply: dict, result=None) -> None:
     assert reply["E"] is None, reply
     assert reply["r"] == ({"s": True} if result is None else result), reply
-
-
-def compact(value) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-
-
-def channel() -> str:
-    return f"ch-{uuid.uuid4().hex[:10]}"
 
 
 def close_code(client) -> tuple:

@@ -11,7 +11,7 @@ from cluster.config import Config, ConfigError, ServerConfig, UserConfig
 SHIPPED = Path(__file__).resolve().parent.parent / "conf" / "meshgate.yaml"
 
 
-def refused(raw, prefix: str) -> ConfigError:
+def assert_refused(raw, prefix: str) -> ConfigError:
     """Checks that `raw` is refused with a message starting with `prefix`."""
     with pytest.raises(ConfigError) as info:
         config.from_dict(raw)
@@ -132,7 +132,7 @@ def test_shipped_config_loads():
 ])
 def test_unknown_keys(raw, prefix):
     """An unknown key is refused, naming its path."""
-    refused(raw, prefix)
+    assert_refused(raw, prefix)
 
 
 @pytest.mark.parametrize("raw, prefix", [
@@ -174,7 +174,7 @@ def test_unknown_keys(raw, prefix):
 ])
 def test_wrong_types(raw, prefix):
     """A value of the wrong type is refused, naming its path and the expected type."""
-    refused(raw, prefix)
+    assert_refused(raw, prefix)
 
 
 @pytest.mark.parametrize("raw, prefix", [
@@ -189,7 +189,7 @@ def test_wrong_types(raw, prefix):
 ])
 def test_bool_is_not_a_number(raw, prefix):
     """YAML booleans are not accepted where an integer or number is expected."""
-    refused(raw, prefix)
+    assert_refused(raw, prefix)
 
 
 @pytest.mark.parametrize("raw, prefix", [
@@ -220,19 +220,19 @@ def test_bool_is_not_a_number(raw, prefix):
 ])
 def test_out_of_range(raw, prefix):
     """Values outside their allowed range or choices are refused, naming the key path."""
-    refused(raw, prefix)
+    assert_refused(raw, prefix)
 
 
 def test_user_without_username_refused():
     """A user entry without a username is refused (the username must not be empty)."""
-    refused({"access": {"users": [{"password": "p"}]}}, "access.users[0].username")
+    assert_refused({"access": {"users": [{"password": "p"}]}}, "access.users[0].username")
 
 
 @pytest.mark.parametrize("address", ["127.0.0.1", "127.0.0.1:", ":6786", "host:port", "host:0", "host:65536",
                                      "host:-1", "host: 6786", ""])
 def test_bad_coordinator_address(address):
     """node.coordinator must be host:port with a port in 1..65535."""
-    refused({"node": {"coordinator": address}}, "node.coordinator: expected host:port")
+    assert_refused({"node": {"coordinator": address}}, "node.coordinator: expected host:port")
 
 
 @pytest.mark.parametrize("address, expected", [
@@ -256,7 +256,7 @@ def test_parse_address(address, expected):
 ])
 def test_cross_checks(raw, prefix):
     """Server lists and ports that clash are refused, naming the key."""
-    refused(raw, prefix)
+    assert_refused(raw, prefix)
 
 
 def test_same_port_different_paths_allowed():
@@ -382,3 +382,24 @@ def test_override_bad(kwargs, prefix):
 def test_default_config_type():
     """from_dict returns a Config."""
     assert isinstance(config.from_dict({}), Config)
+
+
+@pytest.mark.parametrize("raw, prefix", [
+    ({"node": {"queue": {"max_bytes": 10}}}, "node.queue.max_bytes: must be at least 1024"),
+    ({"node": {"queue": {"max_bytes": "big"}}}, "node.queue.max_bytes: expected an integer"),
+    ({"node": {"servers": [{"reload": "yes"}]}}, "node.servers[0].reload: expected a boolean"),
+    ({"node": {"servers": [{"demo": "demo"}]}}, "node.servers[0].demo: must start with '/'"),
+    ({"node": {"servers": [{"demo": 1}]}}, "node.servers[0].demo: expected a string"),
+    ({"node": {"servers": [{"path": "/chat", "demo": "/chat"}]}}, "node.servers[0].demo: /chat is the path"),
+    ({"node": {"advertise": "http://host"}}, "node.advertise: expected a host name or IP address"),
+])
+def test_newer_keys_refused_with_their_path(raw, prefix):
+    """queue.max_bytes, servers[].reload/demo and advertise are checked like every other key."""
+    assert_refused(raw, prefix)
+
+
+def test_newer_keys_defaults():
+    """Defaults: 64 MiB of buffered queue data, no reload, no demo page."""
+    server = config.from_dict({}).node.servers[0]
+    assert config.from_dict({}).node.queue.max_bytes == 64 * 1024 * 1024
+    assert server.reload is False and server.demo is None

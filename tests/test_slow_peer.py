@@ -96,3 +96,28 @@ def test_unanswered_bytes_to_a_frozen_peer_are_bounded(tmp_path):
         if pid:
             os.kill(pid, signal.SIGCONT)
         cluster.stop()
+
+
+def test_requests_in_flight_per_api_connection_are_bounded(tmp_path):
+    """With 10000 requests of one /ws/v1 connection waiting on a frozen peer, one more is 501 at once."""
+    cluster = Cluster(tmp_path, workers=2, node_timeout=30, forward_timeout=20)
+    cluster.start()
+    pid = None
+    try:
+        clients = cluster.clients(12)
+        victim = clients[0]
+        pid = next(n["pid"] for n in cluster.status()["nodes"] if n["node_id"] == victim.node)
+        os.kill(pid, signal.SIGSTOP)
+        api = None
+        while api is None:
+            api = cluster.api_with_timeout(1.0)
+        request = '{"m": "conn.call", "i": %d, "p": {"c": "' + victim.client_id + '", "f": "get_context"}}'
+        for index in range(10000):
+            api.send_raw(request % index)
+        api.send_raw(request % 10000)
+        reply = api.reply_to(10000, timeout=15)
+        assert reply["E"]["c"] == 501 and "10000 requests of this connection are still in flight" in reply["E"]["m"]
+    finally:
+        if pid:
+            os.kill(pid, signal.SIGCONT)
+        cluster.stop()
