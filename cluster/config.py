@@ -1,6 +1,6 @@
 """Configuration: YAML -> defaults -> validated frozen dataclasses.
 
-Every key is optional (DESIGN.md, Configuration). Unknown keys and wrong types
+Every key is optional (docs/configuration.md). Unknown keys and wrong types
 are refused with the key's path, e.g. `node.servers[0].port: expected an integer`.
 No sockets here; reading the one file is the only I/O.
 """
@@ -58,10 +58,22 @@ class CoordinatorConfig:
 
 
 @dataclass(frozen=True)
+class MeshConfig:
+    bind: str = "127.0.0.1"
+    port: int = field(default=0, metadata=_meta(min=0, max=65535))
+    # Bytes of requests one peer has not answered yet; past it, requests to that peer fail at once.
+    max_pending_bytes: int = field(default=67108864, metadata=_meta(min=1024))
+
+
+@dataclass(frozen=True)
 class ApiConfig:
     bind: str = "127.0.0.1"
     port: int = field(default=6789, metadata=_meta(min=0, max=65535))
     max_body: int = field(default=1048576, metadata=_meta(min=1024))
+    # Requests of one /ws/v1 connection that wait for an answer; more are refused (501) until some finish.
+    max_in_flight: int = field(default=10000, metadata=_meta(min=1))
+    # Bytes waiting to be written to one /ws/v1 connection (replies and queue events); over it: close 1008.
+    write_buffer_limit: int = field(default=16777216, metadata=_meta(min=1024))
 
 
 @dataclass(frozen=True)
@@ -84,6 +96,9 @@ class ServerConfig:
     allowed_origins: list = field(default_factory=list, metadata=_meta(items=str))
     reload: bool = False                 # reload the entry when its file changes
     demo: Optional[str] = field(default=None, metadata=_meta(startswith="/"))   # path of the chat demo page
+    # Client messages (and their bytes) that may wait for one connection's running hook; over it: close 1008.
+    max_pending: int = field(default=1000, metadata=_meta(min=1))
+    max_pending_bytes: int = field(default=8388608, metadata=_meta(min=1024))
 
 
 @dataclass(frozen=True)
@@ -92,7 +107,7 @@ class NodeConfig:
     advertise: str = field(default="127.0.0.1", metadata=_meta(nonempty=True, host=True))
     workers: int = field(default=0, metadata=_meta(min=0, max=1023))
     forward_timeout: float = field(default=2.0, metadata=_meta(min=0.01))
-    mesh: Listen = field(default_factory=lambda: Listen("127.0.0.1", 0))
+    mesh: MeshConfig = field(default_factory=MeshConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
     servers: list = field(default_factory=lambda: [ServerConfig()], metadata=_meta(items=ServerConfig))
@@ -259,7 +274,7 @@ def load(path: Optional[str]) -> Config:
 
 
 def override(config: Config, workers: Optional[int] = None, coordinator: Optional[str] = None) -> Config:
-    """Applies command-line options over the file (DESIGN.md: the command line wins)."""
+    """Applies command-line options over the file (docs/configuration.md, Command-line overrides)."""
     node = config.node
     if workers is not None:
         if not 0 <= workers <= 1023:

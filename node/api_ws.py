@@ -17,11 +17,6 @@ from node.clients import write_frame
 
 log = logging.getLogger("meshgate.access")
 
-# A consumer that cannot take its events faster than they come is closed at this
-# backlog (PROTOCOL.md: bounded buffers; DESIGN.md: slow consumer).
-CONSUMER_WRITE_BUFFER = 16 * 1024 * 1024
-# Pipelined requests that wait for the mesh, per connection; more are refused (501) until some finish.
-MAX_IN_FLIGHT = 10000
 _PONG = protocol.encode_ws_frame(b"pong")
 
 
@@ -57,7 +52,7 @@ class ApiSocket(tornado.websocket.WebSocketHandler):
 
     def open(self):
         self.stream = self.ws_connection.stream
-        self.stream.max_write_buffer_size = CONSUMER_WRITE_BUFFER
+        self.stream.max_write_buffer_size = self.node.config.node.api.write_buffer_limit
         self.consumer_id = self.node.consumers.new_id()
         self.node.api_sockets.add(self)
 
@@ -87,9 +82,9 @@ class ApiSocket(tornado.websocket.WebSocketHandler):
                 result = self.api.queue_pop(self, params)
             elif method == "queue.unpop":
                 result = self.api.queue_unpop(self, params)
-            elif len(self._tasks) >= MAX_IN_FLIGHT:
+            elif len(self._tasks) >= self.node.config.node.api.max_in_flight:
                 raise ApiError(ErrorCode.MESH_UNAVAILABLE,
-                               f"{method}: {MAX_IN_FLIGHT} requests of this connection are still in flight; retry later")
+                               f"{method}: {len(self._tasks)} requests of this connection are still in flight; retry later")
             else:
                 task = asyncio.ensure_future(self._run(method, params, req_id))
                 self._tasks.add(task)

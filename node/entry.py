@@ -8,9 +8,9 @@ async (DESIGN.md, Entry hooks; docs/entries.md). Without an entry, or without
 server's topic (the default entry).
 
 Hooks of one connection run one at a time, in order: while an async hook is
-not finished, that connection's next events wait (at most MAX_PENDING; over it
-the connection is closed 1008, as it is past MAX_PENDING_BYTES of waiting
-client data). Other connections are not affected. An
+not finished, that connection's next events wait (at most the server's
+`max_pending`; over it the connection is closed 1008, as it is past
+`max_pending_bytes` of waiting client data). Other connections are not affected. An
 exception in a hook is logged with its traceback, the client id and the
 entry's name, counted (`hook_errors`), and leaves the connection open. A hook
 step that holds the event loop longer than SLOW_HOOK_S is logged as a warning.
@@ -41,8 +41,6 @@ log = logging.getLogger("meshgate.entry")
 
 HOOKS = ("on_handshake", "on_open", "on_message", "on_close")
 SLOW_HOOK_S = 0.1
-MAX_PENDING = 1000
-MAX_PENDING_BYTES = 8 * 1024 * 1024   # client data waiting for one connection's hooks
 RELOAD_CHECK_S = 1.0
 
 __all__ = ["mesh", "queue", "Refuse", "ContextTimeout", "ConnectionGone", "QueueFull", "EntryError", "Entry",
@@ -361,8 +359,8 @@ class Entry:
             if pending is None:
                 pending = conn.hook_pending = deque()
             size = len(args[0]["data"]) if hook == "on_message" else 0
-            if hook == "on_message" and (len(pending) >= MAX_PENDING
-                                         or conn.hook_pending_bytes + size > MAX_PENDING_BYTES):
+            if hook == "on_message" and (len(pending) >= self.server.max_pending
+                                         or conn.hook_pending_bytes + size > self.server.max_pending_bytes):
                 log.warning("%s: %d messages (%d bytes) wait for entry %s; closing", conn.describe(), len(pending),
                             conn.hook_pending_bytes, self.name)
                 conn.stream = None   # nothing more from or to it while the close completes

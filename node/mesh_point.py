@@ -20,9 +20,6 @@ from cluster.zloop import ZSocket
 log = logging.getLogger("meshgate.mesh")
 
 _HWM = 100000
-# Bytes of requests one peer has not answered yet; past it, requests to that peer fail at once
-# (a frozen peer must not grow this node's memory for a whole forward timeout).
-MAX_PEER_BYTES = 64 * 1024 * 1024
 
 
 class PeerUnavailable(Exception):
@@ -40,10 +37,14 @@ class MeshPoint:
         handle_request: `(peer_routing_id, MeshRequest) -> result | awaitable | None`;
             the result is sent back when the request asked for a reply.
         timeout: default seconds a request may take.
+        max_pending_bytes: bytes of requests one peer has not answered yet; past it, requests
+            to that peer fail at once (a frozen peer must not grow this node's memory for a
+            whole forward timeout).
     """
 
-    def __init__(self, context: zmq.Context, bind: str, handle_request, timeout: float):
+    def __init__(self, context: zmq.Context, bind: str, handle_request, timeout: float, max_pending_bytes: int):
         self.context = context
+        self.max_pending_bytes = max_pending_bytes
         self.timeout = timeout
         self.handle_request = handle_request
         socket = context.socket(zmq.ROUTER)
@@ -126,7 +127,7 @@ class MeshPoint:
             return future
         size = len(body)
         waiting = self._peer_bytes.get(node_id, 0)
-        if waiting + size > MAX_PEER_BYTES:
+        if waiting + size > self.max_pending_bytes:
             future.set_exception(PeerUnavailable(f"node {node_id} has {waiting} bytes of requests unanswered"))
             return future
         self._counter += 1

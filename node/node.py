@@ -54,7 +54,8 @@ class Node:
         self._arrivals = 0          # arrival sequence of queue pushes (keeps per-client order on retries)
         listen = config.node.mesh
         port = listen.port + worker if listen.port else 0
-        self.mesh = MeshPoint(context, f"tcp://{listen.bind}:{port}", self.handle_mesh_request, self.forward_timeout)
+        self.mesh = MeshPoint(context, f"tcp://{listen.bind}:{port}", self.handle_mesh_request, self.forward_timeout,
+                              listen.max_pending_bytes)
         host = config.node.advertise
         host = f"[{host}]" if ":" in host else host   # an IPv6 address
         self.mesh_point = f"tcp://{host}:{self.mesh.address.rpartition(':')[2]}"
