@@ -141,7 +141,7 @@ _COLUMNS = ("NODE", "HOST", "PID", "CPU%", "RSS", "CONNS", "CHANNELS", "CONSUMER
 
 
 def format_status(document: dict) -> str:
-    """The `meshgate status` table (DESIGN.md, CLI)."""
+    """The `meshgate status` table (docs/operations.md, meshgate status)."""
     rows = [_COLUMNS]
     for n in document["nodes"]:
         rows.append((str(n["node_id"]), n["host"], str(n["pid"]), f"{n['cpu']:.1f}", _size(n["rss"]),

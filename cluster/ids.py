@@ -80,5 +80,5 @@ def timestamp_ms_of(client_id: int) -> int:
 
 
 def to_wire(client_id: int) -> str:
-    """Client ids are always emitted as decimal strings (PROTOCOL.md, Identifiers)."""
+    """Client ids are always emitted as decimal strings (docs/protocol.md, Identifiers)."""
     return str(client_id)

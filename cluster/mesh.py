@@ -1,117 +1,552 @@
-"""Multipart framing of node<->node and node<->coordinator messages.
+"""The node-to-node and node-to-coordinator contract: one builder and one strict reader per kind.
 
-PURE: builds and reads lists of frames (bytes); no sockets here.
+PURE: builds and reads ZeroMQ frames (bytes); no sockets here. What arrives
+from another process is checked as strictly as an API request (types, ranges,
+sizes, name rules) before anything uses it: a reader returns a message with
+named fields or raises `FrameError`, never anything half-checked. node/ and
+coordinator/ never touch the wire keys below.
 
 ZeroMQ sockets of a cluster:
 
 | socket | type | bind/connect | owner | purpose |
 | --- | --- | --- | --- | --- |
 | registry | ROUTER | bind `coordinator.registry` (6786) | coordinator | registration, heartbeats, adverts in; table updates out |
-| control link | DEALER | connect registry | each node | the node's side of the above (fixed routing id) |
+| coordinator link | DEALER | connect registry | each node | the node's side of the above (fixed routing id) |
 | mesh point | ROUTER | bind `node.mesh` (one port per node) | each node | requests from peers in; replies out |
 | peer link | DEALER | connect a peer's mesh point | each node, one per peer | requests to that peer out; its replies in |
 
-Control messages (either direction): `[kind, json]`.
-Mesh requests and replies are one frame each (see `request` and `reply`);
-request id 0 means no reply is wanted. Message kinds and their codes are
-exchanged between processes: append only.
+Control messages (node <-> registry) are two frames, `[kind, JSON object]`;
+the JSON keys are the field names of the classes below:
+
+| kind | class | from | fields |
+| --- | --- | --- | --- |
+| `REG` | Register | node | node_id (0: give me one), host, pid, api_server, mesh_point, started_at, state {interest, consumers, clients} |
+| `HB` | Heartbeat | node | node_id, stats {figure: number} |
+| `ADV` | Advert | node | interest, consumers, opened, closed (coalesced changes of this node) |
+| `SYNC` | Sync | node | node_id (a version was skipped: send a snapshot) |
+| `BYE` | Bye | node | node_id (leaving for good) |
+| `WELCOME` | Welcome | coordinator | node_id, not_before_ms, snapshot |
+| `UPD` | Update | coordinator | v, nodes (absent: unchanged), dead, interest, consumers |
+| `SNAP` | Snapshot | coordinator | v, nodes, interest, consumers |
+| `REREG` | Reregister | coordinator | (none: register again) |
+| `REFUSED` | Refused | coordinator | reason, retry |
+
+Mesh messages (node -> node) are one frame each: kind code (1 byte) |
+request id (8 bytes; 0 = no reply wanted) | header length (4 bytes) | header
+JSON | body. A reply is: code 6 | request id | result JSON.
+
+| kind | code | class | header | body | result |
+| --- | --- | --- | --- | --- | --- |
+| `SEND` | 1 | Send | `c` client_id | one WebSocket frame | `s`: true written, false failed, null no such client |
+| `PUB` | 2 | Publish | `ch` channels | one WebSocket frame | `s` written, `f` failed |
+| `CALL` | 3 | Call | `c` client_id, `f` function, `a` args | (none) | `r` the conn.call result |
+| `QEV` | 4 | QueueEvent | `t` topic, `k` consumer_id | the queue event (JSON) | `ok`: written |
+| `ADV` | 5 | PeerAdvert | `o` origin, `interest`, `consumers` | (none) | `ok` |
+
+Any result may instead be a failure `{"e": code, "m": message}` (an
+`ErrorCode`): the peer could not serve the request.
+
+Wire forms of changes (cluster/interest_table.py): interest `[channel, count,
+seq]`, consumers `[topic, consumer_id, present, seq]`; in the coordinator's
+updates and snapshots each starts with its origin node id.
+
+Kinds, codes and keys are exchanged between processes: append only.
 """
 
+import math
+import re
 import struct
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import ujson
 
-# node -> coordinator
-REGISTER = b"REG"
-HEARTBEAT = b"HB"
-ADVERT = b"ADV"          # also node -> node
-SYNC = b"SYNC"
-BYE = b"BYE"
-# coordinator -> node
-WELCOME = b"WELCOME"
-UPDATE = b"UPD"
-SNAPSHOT = b"SNAP"
-REREGISTER = b"REREG"
-REFUSED = b"REFUSED"
-# node -> node
-SEND = b"SEND"
-PUBLISH = b"PUB"
-CALL = b"CALL"
-QUEUE_EVENT = b"QEV"
-REPLY = b"REP"
-
-CONTROL_KINDS = frozenset((REGISTER, HEARTBEAT, ADVERT, SYNC, BYE, WELCOME, UPDATE, SNAPSHOT, REREGISTER, REFUSED))
-MESH_KINDS = frozenset((SEND, PUBLISH, CALL, QUEUE_EVENT, ADVERT))
+from cluster import protocol
+from cluster.ids import MAX_NODE_ID
+from cluster.protocol import MAX_CLIENT_ID, ApiError, ErrorCode
 
 
 class FrameError(ValueError):
-    """A message that does not follow this module's framing."""
+    """A message that does not follow this module: framing, kind, or a field's type, range, size or name."""
+
+
+_BIG = 2 ** 63 - 1
+_MISSING = object()
+
+
+# --- field checks: each returns the value to use or raises FrameError naming the field ---------
+
+def _int(low: int, high: int):
+    def check(value, field):
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise FrameError(f"{field}: expected an integer in {low}..{high}")
+        return value
+    return check
+
+
+_node_id = _int(1, MAX_NODE_ID)
+_node_id_or_zero = _int(0, MAX_NODE_ID)
+_client_id = _int(0, MAX_CLIENT_ID)
+_consumer_id = _int(1, _BIG)
+_seq = _int(1, _BIG)
+_count = _int(0, _BIG)
+_present = _int(0, 1)
+
+
+def _number(value, field):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise FrameError(f"{field}: expected a finite number >= 0")
+    return value
+
+
+def _flag(value, field):
+    if not isinstance(value, bool):
+        raise FrameError(f"{field}: expected true or false")
+    return value
+
+
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _text(max_bytes: int):
+    """Printable text (no control characters) of at most `max_bytes` UTF-8 bytes."""
+    def check(value, field):
+        if not isinstance(value, str) or _CONTROL_CHARS.search(value):
+            raise FrameError(f"{field}: expected text without control characters")
+        try:
+            size = len(value.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise FrameError(f"{field}: not valid Unicode text") from None
+        if size > max_bytes:
+            raise FrameError(f"{field}: longer than {max_bytes} bytes")
+        return value
+    return check
+
+
+def _name(kind: str):
+    def check(value, field):
+        try:
+            return protocol.parse_name(value, field, kind)
+        except ApiError as exc:
+            raise FrameError(exc.message) from None
+    return check
+
+
+_channel = _name("channel")
+_topic = _name("topic")
+
+MESH_POINT = re.compile(r"tcp://[A-Za-z0-9.\-]+:\d{1,5}\Z|tcp://\[[0-9A-Fa-f:.]+\]:\d{1,5}\Z")
+
+
+def _mesh_point(value, field):
+    if not isinstance(value, str) or not MESH_POINT.match(value):
+        raise FrameError(f"{field}: expected tcp://HOST:PORT")
+    return value
+
+
+def _list_of(check, max_items: int = _BIG):
+    def read(value, field):
+        if not isinstance(value, list):
+            raise FrameError(f"{field}: expected a list")
+        if len(value) > max_items:
+            raise FrameError(f"{field}: more than {max_items} items")
+        return [check(item, f"{field}[{index}]") for index, item in enumerate(value)]
+    return read
+
+
+def _row(*checks):
+    """A fixed-length list whose items pass `checks` in order (a change in wire form)."""
+    def read(value, field):
+        if not isinstance(value, list) or len(value) != len(checks):
+            raise FrameError(f"{field}: expected a list of {len(checks)} items")
+        return [check(item, f"{field}[{index}]") for index, (check, item) in enumerate(zip(checks, value))]
+    return read
+
+
+_interest = _list_of(_row(_channel, _count, _seq))
+_consumers = _list_of(_row(_topic, _consumer_id, _present, _seq))
+_origin_interest = _list_of(_row(_node_id, _channel, _count, _seq))
+_origin_consumers = _list_of(_row(_node_id, _topic, _consumer_id, _present, _seq))
+_client_ids = _list_of(_client_id)
+_node_ids = _list_of(_node_id)
+
+_FIGURE = re.compile(r"[a-z][a-z0-9_]{0,63}\Z")
+MAX_FIGURES = 64
+
+
+def _stats(value, field):
+    if not isinstance(value, dict) or len(value) > MAX_FIGURES:
+        raise FrameError(f"{field}: expected an object of at most {MAX_FIGURES} figures")
+    for key, figure in value.items():
+        if not _FIGURE.match(key):
+            raise FrameError(f"{field}: figure name {key[:70]!r} is not lower_case_with_underscores")
+        _number(figure, f"{field}.{key}")
+    return value
+
+
+def _object(cls, fields):
+    """Reads a JSON object into `cls` (a NamedTuple) by `fields`: `(key, check, default)` per field, in order.
+
+    A key that is absent takes its default (`_MISSING`: required). Keys this
+    version does not know are ignored, so a newer peer can add some.
+    """
+    def read(value, field):
+        if not isinstance(value, dict):
+            raise FrameError(f"{field}: expected a JSON object")
+        values = []
+        for key, check, default in fields:
+            item = value.get(key, _MISSING)
+            if item is _MISSING:
+                if default is _MISSING:
+                    raise FrameError(f"{field}.{key}: is required")
+                item = default
+            elif item is not None or default is not None:
+                item = check(item, f"{field}.{key}")
+            values.append(item)
+        return cls(*values)
+    return read
 
 
 def _dumps(value: Any) -> bytes:
-    return ujson.dumps(value, ensure_ascii=False).encode("utf-8")
+    return ujson.dumps(value, ensure_ascii=False, escape_forward_slashes=False).encode("utf-8")
 
 
-def _loads(raw: bytes) -> Any:
+def _loads(raw, field: str) -> Any:
     try:
         return ujson.loads(raw)
-    except (ValueError, TypeError) as exc:
-        raise FrameError(f"bad JSON frame: {exc}") from None
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise FrameError(f"{field}: bad JSON: {exc}") from None
 
 
-def control(kind: bytes, body: Any) -> list:
-    """A control message `[kind, json]`."""
-    return [kind, _dumps(body)]
+# --- control messages (node <-> coordinator) ----------------------------------------------
+
+class NodeEntry(NamedTuple):
+    """A live node as the coordinator lists it (also the `/v1/nodes` entry)."""
+    node_id: int
+    host: str
+    pid: int
+    api_server: str
+    mesh_point: str
+    clients: int
+    started_at: float
 
 
-def read_control(frames: list) -> tuple:
-    """Returns `(kind, body)` of a control message (without any routing id).
+class NodeState(NamedTuple):
+    """Everything one node advertises, sent when it (re-)registers."""
+    interest: list = ()       # [channel, count, seq]
+    consumers: list = ()      # [topic, consumer_id, present, seq]
+    clients: list = ()        # client ids it owns
+
+
+class Register(NamedTuple):
+    node_id: int              # 0: a new node, give it an id; else the id it holds
+    host: str
+    pid: int
+    api_server: str
+    mesh_point: str           # the registry checks its form and refuses it with a reason
+    started_at: float
+    state: NodeState
+
+
+class Heartbeat(NamedTuple):
+    node_id: int
+    stats: dict
+
+
+class Advert(NamedTuple):
+    """A node's coalesced changes since its last advert."""
+    interest: list = ()
+    consumers: list = ()
+    opened: list = ()         # client ids
+    closed: list = ()
+
+
+class Sync(NamedTuple):
+    node_id: int
+
+
+class Bye(NamedTuple):
+    node_id: int
+
+
+class Snapshot(NamedTuple):
+    v: int
+    nodes: list               # NodeEntry
+    interest: list = ()       # [origin, channel, count, seq]
+    consumers: list = ()      # [origin, topic, consumer_id, present, seq]
+
+
+class Welcome(NamedTuple):
+    node_id: int
+    not_before_ms: int
+    snapshot: Snapshot
+
+
+class Update(NamedTuple):
+    v: int
+    nodes: Optional[list] = None   # the whole node list when it changed
+    dead: list = ()
+    interest: list = ()
+    consumers: list = ()
+
+
+class Reregister(NamedTuple):
+    """The coordinator does not know the sender (it restarted): register again."""
+
+
+class Refused(NamedTuple):
+    reason: str
+    retry: bool
+
+
+_node_entry = _object(NodeEntry, (
+    ("node_id", _node_id, _MISSING), ("host", _text(255), _MISSING), ("pid", _count, _MISSING),
+    ("api_server", _text(300), _MISSING), ("mesh_point", _mesh_point, _MISSING),
+    ("clients", _count, 0), ("started_at", _number, 0),
+))
+_node_entries = _list_of(_node_entry, MAX_NODE_ID)
+_snapshot = _object(Snapshot, (
+    ("v", _count, _MISSING), ("nodes", _node_entries, _MISSING),
+    ("interest", _origin_interest, ()), ("consumers", _origin_consumers, ()),
+))
+
+# kind bytes -> (class, reader); which side may send it
+_CONTROL = {
+    b"REG": (Register, _object(Register, (
+        ("node_id", _node_id_or_zero, 0), ("host", _text(255), _MISSING), ("pid", _count, _MISSING),
+        ("api_server", _text(300), _MISSING), ("mesh_point", _text(300), _MISSING),
+        ("started_at", _number, 0),
+        ("state", _object(NodeState, (("interest", _interest, ()), ("consumers", _consumers, ()),
+                                      ("clients", _client_ids, ()))), NodeState()),
+    ))),
+    b"HB": (Heartbeat, _object(Heartbeat, (("node_id", _node_id, _MISSING), ("stats", _stats, {})))),
+    b"ADV": (Advert, _object(Advert, (("interest", _interest, ()), ("consumers", _consumers, ()),
+                                      ("opened", _client_ids, ()), ("closed", _client_ids, ())))),
+    b"SYNC": (Sync, _object(Sync, (("node_id", _node_id, _MISSING),))),
+    b"BYE": (Bye, _object(Bye, (("node_id", _node_id, _MISSING),))),
+    b"WELCOME": (Welcome, _object(Welcome, (("node_id", _node_id, _MISSING), ("not_before_ms", _count, 0),
+                                            ("snapshot", _snapshot, _MISSING)))),
+    b"UPD": (Update, _object(Update, (
+        ("v", _int(1, _BIG), _MISSING), ("nodes", _node_entries, None), ("dead", _node_ids, ()),
+        ("interest", _origin_interest, ()), ("consumers", _origin_consumers, ()),
+    ))),
+    b"SNAP": (Snapshot, _snapshot),
+    b"REREG": (Reregister, _object(Reregister, ())),
+    b"REFUSED": (Refused, _object(Refused, (("reason", _text(1000), ""), ("retry", _flag, False)))),
+}
+_CONTROL_KIND = {cls: kind for kind, (cls, _) in _CONTROL.items()}
+FROM_NODE = frozenset((Register, Heartbeat, Advert, Sync, Bye))
+FROM_COORDINATOR = frozenset((Welcome, Update, Snapshot, Reregister, Refused))
+
+
+def _wire(value):
+    """A control message's fields as JSON values (nested messages become objects)."""
+    if isinstance(value, (Snapshot, NodeState, NodeEntry)):
+        return {key: _wire(item) for key, item in zip(value._fields, value)}
+    if isinstance(value, list) and value and isinstance(value[0], NodeEntry):
+        return [_wire(item) for item in value]
+    return value
+
+
+def encode_control(message) -> list:
+    """The frames `[kind, JSON]` of a control message (one of the classes above)."""
+    body = {key: _wire(item) for key, item in zip(message._fields, message) if item is not None}
+    return [_CONTROL_KIND[type(message)], _dumps(body)]
+
+
+def control_kind(message) -> str:
+    """The kind of a control message, for logs."""
+    return _CONTROL_KIND[type(message)].decode()
+
+
+def read_control(frames: list, allowed: frozenset):
+    """Reads a control message (without any routing id) whose class is in `allowed`.
 
     Raises:
-        FrameError: wrong frame count, unknown kind or a body that is not a JSON object.
+        FrameError: wrong frame count, unknown or unexpected kind, or a bad field.
     """
     if len(frames) != 2:
         raise FrameError(f"control message has {len(frames)} frames, expected 2")
     kind = bytes(frames[0])
-    if kind not in CONTROL_KINDS:
-        raise FrameError(f"unknown control kind {kind!r}")
-    body = _loads(frames[1])
-    if not isinstance(body, dict):
-        raise FrameError("control body must be a JSON object")
-    return kind, body
+    known = _CONTROL.get(kind)
+    if known is None or known[0] not in allowed:
+        raise FrameError(f"unexpected control kind {kind[:20]!r}")
+    cls, read = known
+    return read(_loads(frames[1], kind.decode()), kind.decode())
 
 
-class MeshRequest(NamedTuple):
-    kind: bytes
+# --- mesh requests (node -> node) --------------------------------------------------------
+
+class Send(NamedTuple):
+    client_id: int
+    frame: bytes              # one encoded WebSocket frame
+
+
+class Publish(NamedTuple):
+    channels: list
+    frame: bytes
+
+
+class Call(NamedTuple):
+    client_id: int
+    function: str             # one of protocol.CALL_FUNCTIONS
+    args: list                # checked as protocol.parse_call_args does
+
+
+class QueueEvent(NamedTuple):
+    topic: str
+    consumer_id: int
+    event: bytes              # the encoded queue.pop event
+
+
+class PeerAdvert(NamedTuple):
+    origin: int
+    interest: list = ()       # [channel, count, seq]
+    consumers: list = ()      # [topic, consumer_id, present, seq]
+
+
+class Request(NamedTuple):
+    """One request from a peer: reply to `request_id` unless it is 0."""
     request_id: int
-    header: dict
+    message: Any              # Send, Publish, Call, QueueEvent or PeerAdvert
+
+
+class Outbound(NamedTuple):
+    """A request encoded but for its request id (which mesh_point.py adds with `frame_request`)."""
+    kind: type                # the request's class: its reply is read with read_result(kind, ...)
+    head: bytes
     body: bytes
 
 
-# One frame per mesh message: every extra ZeroMQ frame costs a send call, and a
-# publish forwarded to a peer is on the fan-out path.
-#   request: kind code (1 byte) | request id (8 bytes, 0 = no reply) | header length (4 bytes) | header JSON | body
-#   reply:   REPLY code (1 byte) | request id (8 bytes) | result JSON
+_OPCODE_TEXT = 0x81
+_OPCODE_BINARY = 0x82
+
+
+def _ws_frame(value: bytes, field: str) -> bytes:
+    """One unmasked, final server-to-client data frame, its length exact; text must be UTF-8."""
+    size = len(value)
+    if size < 2 or value[0] not in (_OPCODE_TEXT, _OPCODE_BINARY) or value[1] & 0x80:
+        raise FrameError(f"{field}: not a WebSocket data frame")
+    length, start = value[1], 2
+    if length == 126:
+        length, start = (int.from_bytes(value[2:4], "big") if size >= 4 else -1), 4
+        ok = length >= 126
+    elif length == 127:
+        length, start = (int.from_bytes(value[2:10], "big") if size >= 10 else -1), 10
+        ok = length > 0xFFFF
+    else:
+        ok = True
+    if not ok or start + length != size:
+        raise FrameError(f"{field}: WebSocket frame length does not match")
+    if value[0] == _OPCODE_TEXT:
+        try:
+            str(memoryview(value)[start:], "utf-8")
+        except UnicodeDecodeError:
+            raise FrameError(f"{field}: text frame is not UTF-8") from None
+    return value
+
+
+def _queue_event(value: bytes, field: str) -> bytes:
+    event = _loads(value, field)
+    if not isinstance(event, dict) or event.get("e") != "queue.pop" or not isinstance(event.get("p"), dict):
+        raise FrameError(f"{field}: not a queue.pop event")
+    return value
+
+
+def _call_args(function: str, args, field: str) -> list:
+    if not isinstance(args, list):
+        raise FrameError(f"{field}: expected a list")
+    try:
+        return protocol.parse_call_args(function, args)
+    except ApiError as exc:
+        raise FrameError(f"{field}: {exc.message}") from None
+
+
+def _read_send(header: dict, body: bytes, where: str) -> Send:
+    return Send(_client_id(header.get("c"), f"{where}.c"), _ws_frame(body, f"{where} body"))
+
+
+def _read_publish(header: dict, body: bytes, where: str) -> Publish:
+    channels = _list_of(_channel)(header.get("ch"), f"{where}.ch")
+    if not channels:
+        raise FrameError(f"{where}.ch: must not be empty")
+    return Publish(channels, _ws_frame(body, f"{where} body"))
+
+
+def _read_call(header: dict, body: bytes, where: str) -> Call:
+    function = header.get("f")
+    if function not in protocol.CALL_FUNCTIONS:
+        raise FrameError(f"{where}.f: unknown conn.call function")
+    return Call(_client_id(header.get("c"), f"{where}.c"), function, _call_args(function, header.get("a"), f"{where}.a"))
+
+
+def _read_queue_event(header: dict, body: bytes, where: str) -> QueueEvent:
+    return QueueEvent(_topic(header.get("t"), f"{where}.t"), _consumer_id(header.get("k"), f"{where}.k"),
+                      _queue_event(body, f"{where} body"))
+
+
+_peer_advert = _object(PeerAdvert, (("o", _node_id, _MISSING), ("interest", _interest, ()),
+                                    ("consumers", _consumers, ())))
+
+
+def _read_peer_advert(header: dict, body: bytes, where: str) -> PeerAdvert:
+    return _peer_advert(header, where)
+
+
+# class -> (code, kind name, reader of (header, body, where)); the codes are on the wire: append only
+_REQUESTS = {
+    Send: (1, "SEND", _read_send),
+    Publish: (2, "PUB", _read_publish),
+    Call: (3, "CALL", _read_call),
+    QueueEvent: (4, "QEV", _read_queue_event),
+    PeerAdvert: (5, "ADV", _read_peer_advert),
+}
+_BY_CODE = {code: (cls, name, read) for cls, (code, name, read) in _REQUESTS.items()}
+_REPLY_CODE = 6
 _REQUEST_HEAD = struct.Struct("!BQI")
 _REPLY_HEAD = struct.Struct("!BQ")
-# Kind codes on the wire (exchanged between processes: append only).
-_CODES = {SEND: 1, PUBLISH: 2, CALL: 3, QUEUE_EVENT: 4, ADVERT: 5, REPLY: 6}
-_KINDS = {code: kind for kind, code in _CODES.items()}
-_REPLY_CODE = _CODES[REPLY]
 
 
-def request(kind: bytes, request_id: int, header: Any, body: bytes = b"") -> list:
-    """A mesh request (one frame); `request_id` 0 means no reply is wanted."""
-    head = _dumps(header)
-    return [_REQUEST_HEAD.pack(_CODES[kind], request_id, len(head)) + head + body]
+def kind_name(kind: type) -> str:
+    """The wire name of a request class, for logs."""
+    return _REQUESTS[kind][1]
 
 
-def read_request(frames: list) -> MeshRequest:
-    """Reads a mesh request (without the routing id the ROUTER prepends).
+def send_request(client_id: int, frame: bytes) -> Outbound:
+    return Outbound(Send, _dumps({"c": client_id}), frame)
+
+
+def publish_request(channels: list, frame: bytes) -> Outbound:
+    return Outbound(Publish, _dumps({"ch": channels}), frame)
+
+
+def call_request(client_id: int, function: str, args: list) -> Outbound:
+    return Outbound(Call, _dumps({"c": client_id, "f": function, "a": args}), b"")
+
+
+def queue_event_request(topic: str, consumer_id: int, event: bytes) -> Outbound:
+    return Outbound(QueueEvent, _dumps({"t": topic, "k": consumer_id}), event)
+
+
+def advert_request(origin: int, interest=(), consumers=()) -> Outbound:
+    header = {"o": origin}
+    if interest:
+        header["interest"] = interest
+    if consumers:
+        header["consumers"] = consumers
+    return Outbound(PeerAdvert, _dumps(header), b"")
+
+
+def frame_request(message: Outbound, request_id: int) -> list:
+    """The one frame of a request; `request_id` 0 means no reply is wanted."""
+    head = message.head
+    return [_REQUEST_HEAD.pack(_REQUESTS[message.kind][0], request_id, len(head)) + head + message.body]
+
+
+def read_request(frames: list) -> Request:
+    """Reads a request from a peer (without the routing id the ROUTER prepends).
 
     Raises:
-        FrameError: wrong frame count, unknown kind, truncated frame, header not a JSON object.
+        FrameError: wrong frame count, truncation, unknown kind, or a bad field.
     """
     if len(frames) != 1:
         raise FrameError(f"mesh request has {len(frames)} frames, expected 1")
@@ -119,32 +554,118 @@ def read_request(frames: list) -> MeshRequest:
     if len(frame) < _REQUEST_HEAD.size:
         raise FrameError("mesh request is truncated")
     code, request_id, head_size = _REQUEST_HEAD.unpack_from(frame)
-    kind = _KINDS.get(code)
-    if kind is None or kind not in MESH_KINDS:
+    known = _BY_CODE.get(code)
+    if known is None:
         raise FrameError(f"unknown mesh kind code {code}")
     end = _REQUEST_HEAD.size + head_size
     if end > len(frame):
         raise FrameError("mesh request header is truncated")
-    header = _loads(frame[_REQUEST_HEAD.size:end])
+    _, name, read = known
+    header = _loads(frame[_REQUEST_HEAD.size:end], name)
     if not isinstance(header, dict):
-        raise FrameError("mesh header must be a JSON object")
-    return MeshRequest(kind, request_id, header, frame[end:])
+        raise FrameError(f"{name}: header must be a JSON object")
+    return Request(request_id, read(header, frame[end:], name))
 
 
-def reply(request_id: int, result: Any) -> list:
-    """A mesh reply (one frame)."""
-    return [_REPLY_HEAD.pack(_REPLY_CODE, request_id) + _dumps(result)]
+# --- replies ----------------------------------------------------------------------------
+
+class Delivered(NamedTuple):
+    """What a publish did on one node."""
+    written: int
+    failed: int
+
+
+class Failure(NamedTuple):
+    """The peer could not serve a request (any kind)."""
+    code: ErrorCode
+    message: str
+
+
+def send_result(written: Optional[bool]) -> bytes:
+    """True written, False the write failed, None: no such client on that node."""
+    return _dumps({"s": written})
+
+
+def publish_result(written: int, failed: int) -> bytes:
+    return _dumps({"s": written, "f": failed})
+
+
+def call_result(result: dict) -> bytes:
+    """Raises TypeError or OverflowError when `result` holds something JSON cannot carry."""
+    return _dumps({"r": result})
+
+
+def queue_event_result(written: bool) -> bytes:
+    return _dumps({"ok": written})
+
+
+def advert_result() -> bytes:
+    return _dumps({"ok": True})
+
+
+def failure(code: ErrorCode, message: str) -> bytes:
+    return _dumps({"e": int(code), "m": message})
+
+
+def frame_reply(request_id: int, result: bytes) -> list:
+    return [_REPLY_HEAD.pack(_REPLY_CODE, request_id) + result]
 
 
 def read_reply(frames: list) -> tuple:
-    """Returns `(request_id, result)` of a mesh reply.
+    """Returns `(request_id, result bytes)` of a reply; read the result with `read_result`.
 
     Raises:
-        FrameError: not a reply.
+        FrameError: not a reply frame.
     """
-    if len(frames) != 1:
-        raise FrameError("not a mesh reply")
-    frame = bytes(frames[0])
+    frame = bytes(frames[0]) if len(frames) == 1 else b""
     if len(frame) < _REPLY_HEAD.size or frame[0] != _REPLY_CODE:
         raise FrameError("not a mesh reply")
-    return _REPLY_HEAD.unpack_from(frame)[1], _loads(frame[_REPLY_HEAD.size:])
+    return _REPLY_HEAD.unpack_from(frame)[1], frame[_REPLY_HEAD.size:]
+
+
+def _read_send_result(result: dict):
+    written = result.get("s", _MISSING)
+    if written is not None and not isinstance(written, bool):
+        raise FrameError("SEND result.s: expected true, false or null")
+    return written
+
+
+def _read_publish_result(result: dict) -> Delivered:
+    return Delivered(_count(result.get("s"), "PUB result.s"), _count(result.get("f"), "PUB result.f"))
+
+
+def _read_call_result(result: dict) -> dict:
+    value = result.get("r")
+    if not isinstance(value, dict) or value.get("s") is not True or not isinstance(value.get("d", {}), dict):
+        raise FrameError("CALL result.r: expected {\"s\": true} (and \"d\": an object)")
+    return value
+
+
+_RESULTS = {
+    Send: _read_send_result,
+    Publish: _read_publish_result,
+    Call: _read_call_result,
+    QueueEvent: lambda result: _flag(result.get("ok"), "QEV result.ok"),
+    PeerAdvert: lambda result: _flag(result.get("ok"), "ADV result.ok"),
+}
+
+
+def read_result(kind: type, raw: bytes):
+    """The result of a request of class `kind`, or a `Failure`.
+
+    Returns:
+        Send: True, False or None; Publish: Delivered; Call: the `r` object;
+        QueueEvent: written (bool); PeerAdvert: True. Or Failure for any kind.
+
+    Raises:
+        FrameError: not a result of that kind.
+    """
+    result = _loads(raw, "mesh result")
+    if not isinstance(result, dict):
+        raise FrameError("mesh result must be a JSON object")
+    if "e" in result:
+        code, message = result["e"], result.get("m")
+        if isinstance(code, bool) or code not in ErrorCode._value2member_map_ or not isinstance(message, str):
+            raise FrameError("mesh failure: expected an error code and a message")
+        return Failure(ErrorCode(code), message[:1000])
+    return _RESULTS[kind](result)

@@ -1,4 +1,4 @@
-"""The backend API wire contract (PROTOCOL.md): envelopes, errors, parameters.
+"""The backend API wire contract (docs/protocol.md): envelopes, errors, parameters.
 
 PURE: this module takes decoded JSON values or raw text and returns values or
 raises `ApiError`. No sockets, no Tornado, no configuration. The terse wire keys
@@ -27,7 +27,7 @@ MAX_NAME_BYTES = 255
 
 
 class ErrorCode(enum.IntEnum):
-    """PROTOCOL.md, Error codes. Exchanged with backends: values never change."""
+    """docs/protocol.md, Error codes. Exchanged with backends: values never change."""
 
     INVALID_PARAMS = 101
     NOT_AUTHORIZED = 102
@@ -50,7 +50,7 @@ class CloseCode(enum.IntEnum):
     INTERNAL_ERROR = 1011
 
 
-# PROTOCOL.md, HTTP status codes [decided].
+# docs/protocol.md, HTTP status codes.
 _HTTP_STATUS = {
     ErrorCode.INVALID_PARAMS: 400,
     ErrorCode.NOT_AUTHORIZED: 403,
@@ -160,7 +160,7 @@ class Payload(NamedTuple):
 
 
 def parse_payload(params: dict, prefix: str = "p.") -> Payload:
-    """Reads `d` and `t` (PROTOCOL.md, Data and message types).
+    """Reads `d` and `t` (docs/protocol.md, Data and message types).
 
     Raises:
         ApiError(101): `d` missing or of the wrong type, `t` unknown, bad base64.
@@ -208,7 +208,7 @@ class PublishParams(NamedTuple):
 
 def parse_send(params: Any, prefix: str = "p.") -> SendParams:
     """Parameters of mesh.send: `prefix` is "p." for `/ws/v1` and "" for an HTTP body."""
-    params = _require_object(params, prefix.rstrip(".") or "body")
+    params = _require_object(params, _whole(prefix))
     if "c" not in params:
         raise _invalid(f"{prefix}c: client_id is required")
     return SendParams(parse_client_id(params["c"], f"{prefix}c"), parse_payload(params, prefix))
@@ -216,36 +216,41 @@ def parse_send(params: Any, prefix: str = "p.") -> SendParams:
 
 def parse_publish(params: Any, prefix: str = "p.") -> PublishParams:
     """Parameters of mesh.publish; `c` is one channel or a non-empty list of them."""
-    params = _require_object(params, prefix.rstrip(".") or "body")
+    params = _require_object(params, _whole(prefix))
     if "c" not in params:
         raise _invalid(f"{prefix}c: channel is required")
     channels = parse_names(params["c"], f"{prefix}c", "channel")
     return PublishParams(channels, parse_payload(params, prefix))
 
 
-def parse_queue_pop(params: Any) -> list:
+def _whole(prefix: str) -> str:
+    """The name of the parameters object itself in messages: `p`, or `body` over HTTP."""
+    return prefix.rstrip(".") or "body"
+
+
+def parse_queue_pop(params: Any, prefix: str = "p.") -> list:
     """Topics of queue.pop: `{"t": [..]}`, `{"t": ".."}` or the connmix list form `[..]`."""
     if isinstance(params, list):
-        return parse_names(params, "p", "topic")
-    params = _require_object(params)
+        return parse_names(params, _whole(prefix), "topic")
+    params = _require_object(params, _whole(prefix))
     if "t" not in params:
-        raise _invalid("p.t: topic list is required")
-    return parse_names(params["t"], "p.t", "topic")
+        raise _invalid(f"{prefix}t: topic list is required")
+    return parse_names(params["t"], f"{prefix}t", "topic")
 
 
-def parse_queue_unpop(params: Any):
+def parse_queue_unpop(params: Any, prefix: str = "p."):
     """Topics of queue.unpop, or None for all of this connection's topics."""
     if params is None:
         return None
     if isinstance(params, list):
-        return parse_names(params, "p", "topic") if params else None
-    params = _require_object(params)
+        return parse_names(params, _whole(prefix), "topic") if params else None
+    params = _require_object(params, _whole(prefix))
     if "t" not in params or params["t"] is None:
         return None
-    return parse_names(params["t"], "p.t", "topic")
+    return parse_names(params["t"], f"{prefix}t", "topic")
 
 
-# conn.call functions (PROTOCOL.md, conn.call). Exchanged between nodes: append only.
+# conn.call functions (docs/protocol.md, conn.call). Exchanged between nodes: append only.
 CALL_FUNCTIONS = ("set_context_value", "set_context", "subscribe", "unsubscribe", "close", "get_context")
 _MAX_REASON_BYTES = 123
 
@@ -269,52 +274,53 @@ def _valid_close_code(code: Any) -> bool:
             and (code in (1000, 1001, 1002, 1003) or 1007 <= code <= 1011 or 3000 <= code <= 4999))
 
 
-def parse_call_args(function: str, args: list) -> list:
+def parse_call_args(function: str, args: list, prefix: str = "p.") -> list:
     """Validates `a` for one conn.call function and returns it normalised."""
+    field = f"{prefix}a"
     if function == "set_context_value":
         if len(args) != 2:
-            raise _invalid("p.a: set_context_value takes [key, value]")
+            raise _invalid(f"{field}: set_context_value takes [key, value]")
         if not isinstance(args[0], str) or not args[0]:
-            raise _invalid("p.a[0]: key must be a non-empty string")
+            raise _invalid(f"{field}[0]: key must be a non-empty string")
         return args
     if function == "set_context":
         if len(args) != 1 or not isinstance(args[0], dict):
-            raise _invalid("p.a: set_context takes [object]")
+            raise _invalid(f"{field}: set_context takes [object]")
         return args
     if function in ("subscribe", "unsubscribe"):
         if not args:
-            raise _invalid(f"p.a: {function} takes at least one channel")
-        return parse_names(args, "p.a", "channel", allow_single=False)
+            raise _invalid(f"{field}: {function} takes at least one channel")
+        return parse_names(args, field, "channel", allow_single=False)
     if function == "close":
         if len(args) > 2:
-            raise _invalid("p.a: close takes [], [code] or [code, reason]")
+            raise _invalid(f"{field}: close takes [], [code] or [code, reason]")
         if args and not _valid_close_code(args[0]):
-            raise _invalid("p.a[0]: close code must be 1000-1003, 1007-1011 or 3000-4999")
+            raise _invalid(f"{field}[0]: close code must be 1000-1003, 1007-1011 or 3000-4999")
         if len(args) == 2 and (not isinstance(args[1], str) or _utf8_size(args[1]) > _MAX_REASON_BYTES):
-            raise _invalid(f"p.a[1]: close reason must be a text string of at most {_MAX_REASON_BYTES} bytes")
+            raise _invalid(f"{field}[1]: close reason must be a text string of at most {_MAX_REASON_BYTES} bytes")
         return args
     if function == "get_context":
         if args:
-            raise _invalid("p.a: get_context takes []")
+            raise _invalid(f"{field}: get_context takes []")
         return args
-    raise _invalid(f"p.f: unknown function {function!r}")
+    raise _invalid(f"{prefix}f: unknown function {function!r}")
 
 
-def parse_conn_call(params: Any) -> CallParams:
+def parse_conn_call(params: Any, prefix: str = "p.") -> CallParams:
     """Parameters of conn.call: `c`, `f` (one of CALL_FUNCTIONS) and `a` (a list)."""
-    params = _require_object(params)
+    params = _require_object(params, _whole(prefix))
     if "c" not in params:
-        raise _invalid("p.c: client_id is required")
-    client_id = parse_client_id(params["c"], "p.c")
+        raise _invalid(f"{prefix}c: client_id is required")
+    client_id = parse_client_id(params["c"], f"{prefix}c")
     function = params.get("f")
     if not isinstance(function, str):
-        raise _invalid("p.f: function name is required")
+        raise _invalid(f"{prefix}f: function name is required")
     if function not in CALL_FUNCTIONS:
-        raise _invalid(f"p.f: unknown function {function!r}")
+        raise _invalid(f"{prefix}f: unknown function {function!r}")
     args = params.get("a", [])
     if not isinstance(args, list):
-        raise _invalid("p.a: arguments must be a list")
-    return CallParams(client_id, function, parse_call_args(function, args))
+        raise _invalid(f"{prefix}a: arguments must be a list")
+    return CallParams(client_id, function, parse_call_args(function, args, prefix))
 
 
 # --- requests ---------------------------------------------------------------
@@ -391,14 +397,14 @@ def error_body(code: ErrorCode, message: str, req_id: Any = None, ws: bool = Fal
 
 
 def client_frame(message) -> dict:
-    """The frame handed to the entry for one complete client message (PROTOCOL.md, port 6790)."""
+    """The frame handed to the entry for one complete client message (docs/protocol.md, Client WebSocket server)."""
     if isinstance(message, bytes):
         return {"type": "binary", "data": binascii.b2a_base64(message, newline=False).decode("ascii"), "finish": True}
     return {"type": "text", "data": message, "finish": True}
 
 
 def queue_event(node_id: int, client_id: int, topic: str, data: Any) -> bytes:
-    """The `queue.pop` event a consumer receives, encoded once (PROTOCOL.md, queue.pop)."""
+    """The `queue.pop` event a consumer receives, encoded once (docs/protocol.md, queue.pop)."""
     return _dumps({"e": "queue.pop", "p": {"n": node_id, "c": str(client_id), "t": topic, "d": data},
                    "i": None}).encode("utf-8")
 

@@ -1,8 +1,9 @@
 """The registry ROUTER: registrations, heartbeats and adverts in; table updates out.
 
 Feeds coordinator/registry.py and coordinator/tables.py and pushes versioned
-updates to every node. Owned by the coordinator's IOLoop. Never on a message's
-path: it only sees control traffic.
+updates to every node. Every message goes through the strict readers of
+cluster/mesh.py; a bad one is logged and dropped. Owned by the coordinator's
+IOLoop. Never on a message's path: it only sees control traffic.
 """
 
 import logging
@@ -21,6 +22,14 @@ log = logging.getLogger("meshgate.coordinator")
 
 
 class Control:
+    """The coordinator's side of every node's link: who is alive, and what the tables say.
+
+    Args:
+        config: the cluster Config.
+        context: the process's zmq.Context.
+        fresh: no node of an earlier run can exist (a cluster's first start).
+    """
+
     def __init__(self, config, context: zmq.Context, fresh: bool = False):
         self.config = config
         self.node_timeout = config.coordinator.node_timeout
@@ -40,8 +49,8 @@ class Control:
         self._sweeper = PeriodicCallback(self.sweep, max(50, self.node_timeout * 250))
         self._sweeper.start()
         self._handlers = {
-            mesh.REGISTER: self.handle_register, mesh.HEARTBEAT: self.handle_heartbeat,
-            mesh.ADVERT: self.handle_advert, mesh.SYNC: self.handle_sync, mesh.BYE: self.handle_bye,
+            mesh.Register: self.handle_register, mesh.Heartbeat: self.handle_heartbeat,
+            mesh.Advert: self.handle_advert, mesh.Sync: self.handle_sync, mesh.Bye: self.handle_bye,
         }
 
     def close(self) -> None:
@@ -53,56 +62,51 @@ class Control:
     def on_message(self, frames: list) -> None:
         routing_id = bytes(frames[0])
         try:
-            kind, body = mesh.read_control(frames[1:])
-            handler = self._handlers.get(kind)
-            if handler is None:
-                raise mesh.FrameError(f"{kind!r} is not a node-to-coordinator message")
-            handler(routing_id, body)
+            message = mesh.read_control(frames[1:], mesh.FROM_NODE)
         except mesh.FrameError as exc:
-            log.warning("bad control message from %r: %s", routing_id, exc)
-        except Exception:
-            log.exception("control message from %r failed", routing_id)
-
-    def handle_register(self, routing_id: bytes, body: dict) -> None:
-        try:
-            node_id, not_before = self.registry.register(routing_id, body, time.monotonic(), now_ms())
-        except RegistryError as exc:
-            self.send(routing_id, mesh.REFUSED, {"reason": str(exc), "retry": exc.retry})
-            if not exc.retry:
-                log.error("refused node pid %s on %s: %s", body.get("pid"), body.get("host"), exc)
+            log.warning("bad control message from %r: %s", routing_id[:64], exc)
             return
-        interest, consumers = self.tables.replace_node_state(node_id, body.get("state") or {})
-        update = self.tables.next_update(nodes=self.registry.public_list(), interest=interest, consumers=consumers)
-        welcome = {"node_id": node_id, "not_before_ms": not_before,
-                   "snapshot": self.tables.snapshot(self.registry.public_list())}
-        self.send(routing_id, mesh.WELCOME, welcome)
+        try:
+            self._handlers[type(message)](routing_id, message)
+        except Exception:
+            log.exception("control message %s from %r failed", mesh.control_kind(message), routing_id[:64])
+
+    def handle_register(self, routing_id: bytes, message: mesh.Register) -> None:
+        try:
+            node_id, not_before = self.registry.register(routing_id, message, time.monotonic(), now_ms())
+        except RegistryError as exc:
+            self.send(routing_id, mesh.Refused(str(exc), exc.retry))
+            if not exc.retry:
+                log.error("refused node pid %s on %s: %s", message.pid, message.host, exc)
+            return
+        interest, consumers = self.tables.replace_node_state(node_id, message.state)
+        update = self.tables.next_update(nodes=self.registry.entries(), interest=interest, consumers=consumers)
+        self.send(routing_id, mesh.Welcome(node_id, not_before, self.tables.snapshot(self.registry.entries())))
         self.broadcast(update, skip=node_id)
         log.info("node %d registered: pid %s, api %s, mesh point %s",
-                 node_id, body.get("pid"), body.get("api_server"), body.get("mesh_point"))
+                 node_id, message.pid, message.api_server, message.mesh_point)
 
-    def handle_heartbeat(self, routing_id: bytes, body: dict) -> None:
-        node_id = body.get("node_id")
-        if not isinstance(node_id, int) or not self.registry.heartbeat(
-                routing_id, node_id, body.get("stats") or {}, time.monotonic()):
-            self.send(routing_id, mesh.REREGISTER, {})
+    def handle_heartbeat(self, routing_id: bytes, message: mesh.Heartbeat) -> None:
+        if not self.registry.heartbeat(routing_id, message.node_id, message.stats, time.monotonic()):
+            self.send(routing_id, mesh.Reregister())
 
-    def handle_advert(self, routing_id: bytes, body: dict) -> None:
+    def handle_advert(self, routing_id: bytes, message: mesh.Advert) -> None:
         node_id = self.registry.node_for(routing_id)
         if node_id is None:
-            self.send(routing_id, mesh.REREGISTER, {})
+            self.send(routing_id, mesh.Reregister())
             return
         self.registry.nodes[node_id].last_seen = time.monotonic()
-        interest, consumers = self.tables.apply_advert(node_id, body)
+        interest, consumers = self.tables.apply_advert(node_id, message)
         if interest or consumers:
             self.broadcast(self.tables.next_update(interest=interest, consumers=consumers))
 
-    def handle_sync(self, routing_id: bytes, body: dict) -> None:
+    def handle_sync(self, routing_id: bytes, message: mesh.Sync) -> None:
         if self.registry.node_for(routing_id) is None:
-            self.send(routing_id, mesh.REREGISTER, {})
+            self.send(routing_id, mesh.Reregister())
             return
-        self.send(routing_id, mesh.SNAPSHOT, self.tables.snapshot(self.registry.public_list()))
+        self.send(routing_id, self.tables.snapshot(self.registry.entries()))
 
-    def handle_bye(self, routing_id: bytes, body: dict) -> None:
+    def handle_bye(self, routing_id: bytes, message: mesh.Bye) -> None:
         node_id = self.registry.node_for(routing_id)
         if node_id is not None:
             self.drop(node_id, "said goodbye")
@@ -118,16 +122,16 @@ class Control:
         if info is None:
             return
         self.tables.drop_node(node_id)
-        self.broadcast(self.tables.next_update(nodes=self.registry.public_list(), dead=[node_id]))
+        self.broadcast(self.tables.next_update(nodes=self.registry.entries(), dead=[node_id]))
         log.warning("node %d (pid %d) removed: %s", node_id, info.pid, why)
 
     # --- outbound ----------------------------------------------------------
 
-    def send(self, routing_id: bytes, kind: bytes, body: dict) -> None:
-        self._send([routing_id, *mesh.control(kind, body)])
+    def send(self, routing_id: bytes, message) -> None:
+        self._send([routing_id, *mesh.encode_control(message)])
 
-    def broadcast(self, update: dict, skip: int = 0) -> None:
-        frames = mesh.control(mesh.UPDATE, update)
+    def broadcast(self, update: mesh.Update, skip: int = 0) -> None:
+        frames = mesh.encode_control(update)
         for node_id, info in self.registry.nodes.items():
             if node_id != skip:
                 self._send([info.routing_id, *frames])

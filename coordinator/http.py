@@ -1,4 +1,4 @@
-"""Coordinator HTTP (PROTOCOL.md, Coordinator HTTP): /version, /v1/nodes, /v1/status, /metrics."""
+"""Coordinator HTTP (docs/protocol.md, Coordinator HTTP): /version, /v1/nodes, /v1/status, /metrics."""
 
 import time
 

@@ -7,11 +7,8 @@ no sockets, no timers. Owned by the coordinator's IOLoop.
 from dataclasses import dataclass, field
 from typing import Optional
 
-import re
-
+from cluster import mesh
 from cluster.ids import MAX_NODE_ID
-
-_MESH_POINT = re.compile(r"tcp://[A-Za-z0-9.\-]+:\d{1,5}\Z|tcp://\[[0-9A-Fa-f:.]+\]:\d{1,5}\Z")
 
 
 class RegistryError(Exception):
@@ -34,17 +31,17 @@ class NodeInfo:
     last_seen: float
     stats: dict = field(default_factory=dict)
 
+    def entry(self) -> mesh.NodeEntry:
+        """What nodes learn of this node (also the `/v1/nodes` form: docs/protocol.md, Coordinator HTTP)."""
+        return mesh.NodeEntry(self.node_id, self.host, self.pid, self.api_server, self.mesh_point,
+                              int(self.stats.get("clients", 0)), self.started_at)
+
     def public(self) -> dict:
-        """The `/v1/nodes` form (PROTOCOL.md, Coordinator HTTP)."""
-        return {
-            "node_id": self.node_id, "host": self.host, "pid": self.pid,
-            "api_server": self.api_server, "mesh_point": self.mesh_point,
-            "clients": self.stats.get("clients", 0), "started_at": self.started_at,
-        }
+        return self.entry()._asdict()
 
 
 class Registry:
-    """Live nodes by id.
+    """Live nodes by id, and which routing id holds each.
 
     Args:
         grace_until: monotonic time before which fresh nodes (asking no id) are
@@ -58,20 +55,20 @@ class Registry:
         self._next_id = 1
         self._grace_until = grace_until
 
-    def register(self, routing_id: bytes, info: dict, now: float, wall_ms: int) -> tuple:
+    def register(self, routing_id: bytes, info: mesh.Register, now: float, wall_ms: int) -> tuple:
         """Adds a node; returns `(node_id, not_before_ms)`.
 
-        `info["node_id"]` > 0 asks to keep that id (a node re-registering after
+        `info.node_id` > 0 asks to keep that id (a node re-registering after
         a coordinator restart or after it was wrongly declared dead). A repeated
         registration from the same routing id gets the same id again.
 
         Raises:
             RegistryError: the id is held by another live node, or no id is free.
         """
-        mesh_point = info.get("mesh_point")
-        if not isinstance(mesh_point, str) or not _MESH_POINT.match(mesh_point):
-            raise RegistryError(f"mesh point {mesh_point!r} is not tcp://HOST:PORT (check node.advertise)", retry=False)
-        wanted = info.get("node_id") or self._by_routing.get(routing_id, 0)
+        if not mesh.MESH_POINT.match(info.mesh_point):
+            raise RegistryError(f"mesh point {info.mesh_point!r} is not tcp://HOST:PORT (check node.advertise)",
+                                retry=False)
+        wanted = info.node_id or self._by_routing.get(routing_id, 0)
         if isinstance(wanted, bool) or not isinstance(wanted, int) or not 0 <= wanted <= MAX_NODE_ID:
             raise RegistryError(f"node id {wanted!r} is not in 1..{MAX_NODE_ID}", retry=False)
         if wanted:
@@ -87,10 +84,8 @@ class Registry:
         if previous is not None:
             self._by_routing.pop(previous.routing_id, None)
         self.nodes[node_id] = NodeInfo(
-            node_id=node_id, routing_id=routing_id, host=str(info.get("host", "")),
-            pid=int(info.get("pid", 0)), api_server=str(info.get("api_server", "")),
-            mesh_point=str(info.get("mesh_point", "")), started_at=float(info.get("started_at", 0)),
-            last_seen=now,
+            node_id=node_id, routing_id=routing_id, host=info.host, pid=info.pid, api_server=info.api_server,
+            mesh_point=info.mesh_point, started_at=float(info.started_at), last_seen=now,
         )
         self._by_routing[routing_id] = node_id
         return node_id, max(self._released_ms.pop(node_id, 0), 0)
@@ -107,15 +102,15 @@ class Registry:
         return self._by_routing.get(routing_id)
 
     def heartbeat(self, routing_id: bytes, node_id: int, stats: dict, now: float) -> bool:
-        """Records a heartbeat; returns False when the sender is not the registered holder of `node_id`."""
+        """Records a heartbeat; returns False when the sender is not the registered holder of `node_id`.
+
+        `stats` was checked by cluster/mesh.py (names and finite numbers only).
+        """
         info = self.nodes.get(node_id)
         if info is None or info.routing_id != routing_id:
             return False
         info.last_seen = now
-        # Figures are shown and summed: keep numbers only, whatever a node sends.
-        info.stats = {key: value for key, value in stats.items()
-                      if isinstance(value, (int, float)) and not isinstance(value, bool)} \
-            if isinstance(stats, dict) else {}
+        info.stats = stats
         return True
 
     def remove(self, node_id: int, wall_ms: int) -> Optional[NodeInfo]:
@@ -131,5 +126,10 @@ class Registry:
         """Ids of nodes whose last heartbeat is older than `timeout` seconds."""
         return [node_id for node_id, info in self.nodes.items() if now - info.last_seen > timeout]
 
+    def entries(self) -> list:
+        """`mesh.NodeEntry` of every live node, by id."""
+        return [info.entry() for _, info in sorted(self.nodes.items())]
+
     def public_list(self) -> list:
-        return [info.public() for _, info in sorted(self.nodes.items())]
+        """The `/v1/nodes` list."""
+        return [entry._asdict() for entry in self.entries()]

@@ -2,45 +2,48 @@
 
 PURE: no I/O. Every accepted change becomes part of an update with the next
 version; nodes apply updates in version order and ask for a snapshot when they
-see a gap. Owned by the coordinator's IOLoop.
+see a gap. Takes and makes cluster/mesh.py messages. Owned by the
+coordinator's IOLoop.
 """
 
-from cluster.state import MeshState
+from cluster import mesh
+from cluster.interest_table import InterestTable
 
 
 class Tables:
+    """Which node owns which client, and the interest table of every node, with a version."""
+
     def __init__(self):
-        self.state = MeshState()
+        self.state = InterestTable()
         self.ownership = {}   # node_id -> set of client ids
         self.version = 0
 
-    def apply_advert(self, origin: int, body: dict) -> tuple:
+    def apply_advert(self, origin: int, advert: mesh.Advert) -> tuple:
         """Applies a node's advert (its own changes); returns `(interest, consumers)` accepted, in wire form."""
         owned = self.ownership.setdefault(origin, set())
-        owned.update(body.get("opened", ()))
-        owned.difference_update(body.get("closed", ()))
-        interest = [[origin, *item] for item in body.get("interest", ()) if len(item) == 3]
-        consumers = [[origin, *item] for item in body.get("consumers", ()) if len(item) == 4]
-        return self.state.apply(interest, consumers)
+        owned.update(advert.opened)
+        owned.difference_update(advert.closed)
+        return self.state.apply([[origin, *item] for item in advert.interest],
+                                [[origin, *item] for item in advert.consumers])
 
-    def replace_node_state(self, origin: int, body: dict) -> tuple:
+    def replace_node_state(self, origin: int, state: mesh.NodeState) -> tuple:
         """A node (re-)registered with its full state: forget what it said before, take this."""
         self.drop_node(origin)
-        self.ownership[origin] = set(body.get("clients", ()))
-        return self.apply_advert(origin, {"interest": body.get("interest", ()), "consumers": body.get("consumers", ())})
+        self.ownership[origin] = set(state.clients)
+        return self.apply_advert(origin, mesh.Advert(state.interest, state.consumers))
 
     def drop_node(self, origin: int) -> None:
         self.ownership.pop(origin, None)
         self.state.drop_origin(origin)
 
-    def next_update(self, **parts) -> dict:
-        """Wraps changes into the next versioned update."""
+    def next_update(self, nodes=None, dead=(), interest=(), consumers=()) -> mesh.Update:
+        """Wraps changes into the next versioned update (`nodes`: the whole new node list, if it changed)."""
         self.version += 1
-        return {"v": self.version, **{k: v for k, v in parts.items() if v}}
+        return mesh.Update(self.version, nodes, dead, interest, consumers)
 
-    def snapshot(self, nodes: list) -> dict:
+    def snapshot(self, nodes: list) -> mesh.Snapshot:
         interest, consumers = self.state.dump()
-        return {"v": self.version, "nodes": nodes, "interest": interest, "consumers": consumers}
+        return mesh.Snapshot(self.version, nodes, interest, consumers)
 
     def counts(self) -> dict:
         return {

@@ -1,46 +1,194 @@
-"""One executor behind every transport: one method per API call.
+"""THE executor: every backend API call, whatever carried it, runs here (docs/protocol.md).
 
-Each method takes the request's parameters (already decoded JSON), returns the
-result `r` or raises `ApiError`; the HTTP and WebSocket adapters turn that into
-envelopes. PROTOCOL.md is the contract for every method here.
+`Api.execute` looks the method up in one table keyed by the protocol's method
+list (`METHODS`), parses its parameters (cluster/protocol.py), checks the
+caller's roles (here and nowhere else), runs it, and turns every outcome into
+one envelope: an `ApiError` keeps its code; anything else is logged with its
+traceback and answered 501, and the caller's connection stays open. The
+transports (node/api_http.py, node/api_ws.py) only decode a request, call
+`execute` and write the envelope they are handed.
+
+The conn.call functions for local clients live here too (`CONN_FUNCTIONS`);
+node/forward.py decides whether a call runs here or on the client's owner.
 """
+
+import asyncio
+import inspect
+import logging
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 from cluster import protocol
 from cluster.protocol import ApiError, ErrorCode
+from node.queues import AlreadyConsuming, TooManyTopics
+
+log = logging.getLogger("meshgate.access")
+
+READ, WRITE = "read", "write"
+ALL_ROLES = frozenset((READ, WRITE))
+
+
+class Caller(NamedTuple):
+    """Who makes a call, and through what.
+
+    `prefix` is how fields are named in error messages ("p." over `/ws/v1`, ""
+    for an HTTP body), `ws` whether envelopes carry `i`, `consumer` the
+    `/ws/v1` connection that receives queue events (None over HTTP), `roles`
+    what the caller may do (docs/protocol.md, Access control: roles).
+    """
+    prefix: str
+    ws: bool
+    consumer: Any = None
+    roles: frozenset = ALL_ROLES
+
+
+HTTP_CALLER = Caller("", False)
+
+
+class Method(NamedTuple):
+    parse: Callable                 # (params, prefix) -> parsed parameters; raises ApiError(101)
+    role: Union[str, Callable]      # READ, WRITE, or parsed -> one of them
+    run: Callable                   # (api, parsed, caller) -> result `r`, or an awaitable of it
+
+
+class ConnFunction(NamedTuple):
+    role: str
+    run: Callable                   # (node, conn, args) -> None, a result, or an awaitable
 
 
 class Api:
+    """The executor of one node process.
+
+    Args:
+        node: the process's Node (its `forward`, `queues`, `hub`, `subscribe`
+            and `unsubscribe` are used at call time).
+    """
+
     def __init__(self, node):
         self.node = node
 
-    async def mesh_send(self, params, prefix: str = "p.") -> dict:
-        """PROTOCOL.md, mesh.send."""
-        client_id, payload = protocol.parse_send(params, prefix)
-        await self.node.send(client_id, protocol.encode_ws_frame(payload.data, payload.binary))
+    def execute(self, method: str, params, caller: Caller, req_id, reply) -> Optional[asyncio.Future]:
+        """Runs one call; `reply(code, envelope)` gets its outcome exactly once.
+
+        `code` is None on success, else the ErrorCode; `envelope` is the
+        encoded body. The reply comes now, or when the call completes; then
+        the running future is returned (the transport bounds how many it has).
+        """
+        try:
+            spec = METHODS.get(method)
+            if spec is None:
+                raise ApiError(ErrorCode.INVALID_PARAMS, f"m: unknown method {method!r}")
+            parsed = spec.parse(params, caller.prefix)
+            role = spec.role(parsed) if callable(spec.role) else spec.role
+            if role not in caller.roles:
+                raise ApiError(ErrorCode.NOT_AUTHORIZED, f"{method}: this user lacks the {role} role")
+            result = spec.run(self, parsed, caller)
+            if inspect.isawaitable(result):
+                return asyncio.ensure_future(self._finish(method, result, caller, req_id, reply))
+            envelope = protocol.ok_body(result, req_id, caller.ws).encode("utf-8")
+        except Exception as exc:
+            reply(*self._failed(method, exc, caller, req_id))
+            return None
+        reply(None, envelope)
+        return None
+
+    async def _finish(self, method: str, awaitable, caller: Caller, req_id, reply) -> None:
+        try:
+            envelope = protocol.ok_body(await awaitable, req_id, caller.ws).encode("utf-8")
+        except Exception as exc:
+            reply(*self._failed(method, exc, caller, req_id))
+            return
+        reply(None, envelope)
+
+    @staticmethod
+    def _failed(method: str, exc: Exception, caller: Caller, req_id) -> tuple:
+        if isinstance(exc, ApiError):
+            code, message = exc.code, exc.message
+        else:
+            log.error("%s failed", method, exc_info=exc)
+            code, message = ErrorCode.MESH_UNAVAILABLE, "internal error"
+        return code, protocol.error_body(code, message, req_id, caller.ws).encode("utf-8")
+
+    # --- methods (docs/protocol.md, each under its name) ------------------------------
+
+    async def mesh_send(self, params: protocol.SendParams, caller: Caller) -> dict:
+        payload = params.payload
+        await self.node.forward.send(params.client_id, protocol.encode_ws_frame(payload.data, payload.binary))
         return {"s": True}
 
-    async def mesh_publish(self, params, prefix: str = "p.") -> dict:
-        """PROTOCOL.md, mesh.publish."""
-        channels, payload = protocol.parse_publish(params, prefix)
-        written, failed = await self.node.publish(channels, protocol.encode_ws_frame(payload.data, payload.binary))
+    async def mesh_publish(self, params: protocol.PublishParams, caller: Caller) -> dict:
+        payload = params.payload
+        written, failed = await self.node.forward.publish(
+            params.channels, protocol.encode_ws_frame(payload.data, payload.binary))
         return {"s": written, "f": failed}
 
-    async def conn_call(self, params) -> dict:
-        """PROTOCOL.md, conn.call."""
-        client_id, function, args = protocol.parse_conn_call(params)
-        return await self.node.call(client_id, function, args)
+    def conn_call(self, params: protocol.CallParams, caller: Caller):
+        return self.node.forward.call(params.client_id, params.function, params.args)
 
-    def queue_pop(self, consumer, params) -> dict:
-        """PROTOCOL.md, queue.pop: `consumer` is the API connection that will receive the events."""
-        topics = protocol.parse_queue_pop(params)
-        self.node.consume(consumer.consumer_id, consumer, topics)
-        return {"s": True}
-
-    def queue_unpop(self, consumer, params) -> dict:
-        """PROTOCOL.md, queue.unpop: all topics of the connection, or the listed ones."""
-        topics = protocol.parse_queue_unpop(params)
+    def queue_pop(self, topics: list, caller: Caller) -> dict:
+        consumer = _consumer(caller, "queue.pop")
         try:
-            self.node.stop_consuming(consumer.consumer_id, topics)
-        except Exception as exc:  # the tables are local; a failure here is a bug, reported as 203
-            raise ApiError(ErrorCode.CANCEL_CONSUME_FAILED, f"queue.unpop failed: {exc}") from exc
+            self.node.queues.consume(consumer.consumer_id, consumer, topics)
+        except AlreadyConsuming:
+            raise ApiError(ErrorCode.REPEATED_CONSUMPTION,
+                           f"{caller.prefix}t: this connection already consumes one of these topics") from None
+        except TooManyTopics:
+            raise ApiError(ErrorCode.CONSUME_FAILED, f"{caller.prefix}t: a connection may consume at most "
+                           f"{self.node.queues.consumers.max_topics_per_consumer} topics") from None
         return {"s": True}
+
+    def queue_unpop(self, topics, caller: Caller) -> dict:
+        consumer = _consumer(caller, "queue.unpop")
+        self.node.queues.stop_consuming(consumer.consumer_id, topics)
+        return {"s": True}
+
+    # --- conn.call on a local client ------------------------------------------------
+
+    async def call_local(self, client_id: int, function: str, args: list) -> dict:
+        """Runs a conn.call function on a client of this node; returns the result `r`.
+
+        Raises:
+            ApiError(301): the client is not connected here, or the function failed.
+        """
+        conn = self.node.hub.conns.get(client_id)
+        if conn is None:
+            raise ApiError(ErrorCode.CALL_FAILED, f"client {client_id} is not connected")
+        result = CONN_FUNCTIONS[function].run(self.node, conn, args)
+        if inspect.isawaitable(result):
+            result = await result
+        return result if isinstance(result, dict) else {"s": True}
+
+
+def _consumer(caller: Caller, method: str):
+    if caller.consumer is None:
+        raise ApiError(ErrorCode.INVALID_PARAMS, f"{method}: only on a /ws/v1 connection")
+    return caller.consumer
+
+
+def _get_context(node, conn, args) -> dict:
+    try:   # an entry may have put something in that JSON (or UTF-8) cannot carry
+        protocol.ok_body(conn.context).encode("utf-8")
+    except (TypeError, OverflowError, ValueError):
+        raise ApiError(ErrorCode.CALL_FAILED,
+                       f"client {conn.client_id}: its context holds a value that is not JSON") from None
+    return {"s": True, "d": conn.context}
+
+
+# docs/protocol.md, conn.call: one row per function of its table.
+CONN_FUNCTIONS = {
+    "set_context_value": ConnFunction(WRITE, lambda node, conn, args: conn.set_context_value(args[0], args[1])),
+    "set_context": ConnFunction(WRITE, lambda node, conn, args: conn.set_context(args[0])),
+    "subscribe": ConnFunction(WRITE, lambda node, conn, args: node.subscribe(conn, args)),
+    "unsubscribe": ConnFunction(WRITE, lambda node, conn, args: node.unsubscribe(conn, args)),
+    "close": ConnFunction(WRITE, lambda node, conn, args: conn.close(*args)),
+    "get_context": ConnFunction(READ, _get_context),
+}
+
+# docs/protocol.md, one row per method; roles from its Access control section.
+METHODS = {
+    "queue.pop": Method(protocol.parse_queue_pop, READ, Api.queue_pop),
+    "queue.unpop": Method(protocol.parse_queue_unpop, READ, Api.queue_unpop),
+    "conn.call": Method(protocol.parse_conn_call, lambda call: CONN_FUNCTIONS[call.function].role, Api.conn_call),
+    "mesh.send": Method(protocol.parse_send, WRITE, Api.mesh_send),
+    "mesh.publish": Method(protocol.parse_publish, WRITE, Api.mesh_publish),
+}
+assert tuple(METHODS) == protocol.METHODS and tuple(CONN_FUNCTIONS) == protocol.CALL_FUNCTIONS

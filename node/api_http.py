@@ -1,7 +1,8 @@
-"""Thin Tornado adapters over node/api.py: HTTP `/v1/mesh/send` and `/v1/mesh/publish`.
+"""Thin Tornado adapter over node/api.py for HTTP `/v1/...`: parse, execute, reply.
 
-Errors become envelopes here and nowhere else on the HTTP edge (PROTOCOL.md,
-HTTP status codes): 400 for 101/103, 404/405 with 101, 503 for 501.
+Errors become envelopes here and nowhere else on the HTTP edge
+(docs/protocol.md, HTTP status codes): 400 for 101/103, 404/405 with 101,
+503 for 501.
 """
 
 import logging
@@ -10,8 +11,12 @@ import tornado.web
 
 from cluster import protocol
 from cluster.protocol import ApiError, ErrorCode
+from node.api import HTTP_CALLER
 
 log = logging.getLogger("meshgate.access")
+
+# docs/protocol.md, HTTP API: path -> method of the executor
+ROUTES = {"/v1/mesh/send": "mesh.send", "/v1/mesh/publish": "mesh.publish"}
 
 
 class _EnvelopeHandler(tornado.web.RequestHandler):
@@ -23,16 +28,16 @@ class _EnvelopeHandler(tornado.web.RequestHandler):
     def set_default_headers(self) -> None:
         api = getattr(self, "api", None)   # tornado calls this before initialize() too
         if api is not None and api.node.node_id:
-            node_id = api.node.node_id
-            self.set_header("X-Meshgate-Node", str(node_id))   # which node answered (operations aid)
+            self.set_header("X-Meshgate-Node", str(api.node.node_id))   # which node answered (operations aid)
 
-    def send_envelope(self, status: int, body: str) -> None:
-        self.set_status(status)
+    def reply(self, code, envelope: bytes) -> None:
+        """Writes an executor's outcome: `code` None for success, else an ErrorCode."""
+        self.set_status(200 if code is None else protocol.http_status(code))
         self.set_header("Content-Type", "application/json")
-        self.finish(body)
+        self.finish(envelope)
 
-    def send_error_envelope(self, code: ErrorCode, message: str, status: int = None) -> None:
-        self.send_envelope(status or protocol.http_status(code), protocol.error_body(code, message))
+    def reply_error(self, code: ErrorCode, message: str) -> None:
+        self.reply(code, protocol.error_body(code, message).encode("utf-8"))
 
     def write_error(self, status_code: int, **kwargs) -> None:
         if status_code == 405:
@@ -44,9 +49,9 @@ class _EnvelopeHandler(tornado.web.RequestHandler):
         else:
             message = "internal error"
             self.set_status(protocol.http_status(ErrorCode.MESH_UNAVAILABLE))
+        code = ErrorCode.INVALID_PARAMS if status_code < 500 else ErrorCode.MESH_UNAVAILABLE
         self.set_header("Content-Type", "application/json")
-        self.finish(protocol.error_body(ErrorCode.INVALID_PARAMS if status_code < 500 else ErrorCode.MESH_UNAVAILABLE,
-                                        message))
+        self.finish(protocol.error_body(code, message))
 
     def log_exception(self, typ, value, tb) -> None:
         if isinstance(value, tornado.web.HTTPError):
@@ -55,14 +60,14 @@ class _EnvelopeHandler(tornado.web.RequestHandler):
 
 
 @tornado.web.stream_request_body
-class MeshHandler(_EnvelopeHandler):
-    """POST /v1/mesh/send and /v1/mesh/publish."""
+class CallHandler(_EnvelopeHandler):
+    """POST to one of ROUTES: the body is the method's parameters."""
 
     SUPPORTED_METHODS = ("GET", "HEAD", "POST", "DELETE", "PATCH", "PUT", "OPTIONS")
 
-    def initialize(self, api, max_body: int, action: str):
+    def initialize(self, api, max_body: int, method: str):
         super().initialize(api, max_body)
-        self.action = action
+        self.method = method
         self._chunks = []
         self._size = 0
         self._too_large = False
@@ -91,22 +96,20 @@ class MeshHandler(_EnvelopeHandler):
 
     async def post(self):
         if self._wrong_type is not None:
-            self.send_error_envelope(ErrorCode.INVALID_PARAMS,
-                                     f"Content-Type: must be application/json (or absent), not {self._wrong_type!r}")
+            self.reply_error(ErrorCode.INVALID_PARAMS,
+                             f"Content-Type: must be application/json (or absent), not {self._wrong_type!r}")
             return
         if self._too_large:
-            self.send_error_envelope(ErrorCode.PAYLOAD_TOO_LARGE, f"body: larger than {self.max_body} bytes")
+            self.reply_error(ErrorCode.PAYLOAD_TOO_LARGE, f"body: larger than {self.max_body} bytes")
             return
         try:
             params = protocol.parse_http_body(b"".join(self._chunks))
-            if self.action == "send":
-                result = await self.api.mesh_send(params, prefix="")
-            else:
-                result = await self.api.mesh_publish(params, prefix="")
         except ApiError as exc:
-            self.send_error_envelope(exc.code, exc.message)
+            self.reply_error(exc.code, exc.message)
             return
-        self.send_envelope(200, protocol.ok_body(result))
+        running = self.api.execute(self.method, params, HTTP_CALLER, None, self.reply)
+        if running is not None:
+            await running
 
     def _unsupported(self, *args):
         raise tornado.web.HTTPError(405)

@@ -1,18 +1,19 @@
-"""Thin Tornado adapter over node/api.py: the backend WebSocket `/ws/v1`.
+"""Thin Tornado adapter over node/api.py for the backend WebSocket `/ws/v1`: parse, execute, reply.
 
-Requests may be pipelined: the ones that need the mesh run as tasks and their
-replies carry `i` in whatever order they finish. Malformed input gets an
+Requests may be pipelined: the ones that wait for the mesh keep running and
+their replies carry `i` in whatever order they finish, at most
+`node.api.max_in_flight` of them per connection. Malformed input gets an
 error envelope and the connection keeps answering. The connection is also a
 consumer for `queue.pop`; closing it is an implicit `queue.unpop`.
 """
 
-import asyncio
 import logging
 
 import tornado.websocket
 
 from cluster import protocol
 from cluster.protocol import ApiError, CloseCode, ErrorCode
+from node.api import Caller
 from node.clients import write_frame
 
 log = logging.getLogger("meshgate.access")
@@ -25,9 +26,11 @@ class ApiSocket(tornado.websocket.WebSocketHandler):
         self.api = api
         self.node = node
         self.max_body = max_body
+        self.max_in_flight = node.config.node.api.max_in_flight
         self.stream = None
         self.consumer_id = 0
-        self._tasks = set()
+        self.caller = None
+        self._running = set()
 
     # check_origin: Tornado's default. Backends send no Origin (or their own host);
     # a web page of another site cannot open /ws/v1 from a browser.
@@ -53,14 +56,20 @@ class ApiSocket(tornado.websocket.WebSocketHandler):
     def open(self):
         self.stream = self.ws_connection.stream
         self.stream.max_write_buffer_size = self.node.config.node.api.write_buffer_limit
-        self.consumer_id = self.node.consumers.new_id()
+        self.consumer_id = self.node.queues.consumers.new_id()
+        self.caller = Caller("p.", True, consumer=self)
         self.node.api_sockets.add(self)
 
     def describe(self) -> str:
         return f"API connection {self.consumer_id} from {self.request.remote_ip}"
 
-    def reply(self, body: str) -> None:
-        write_frame(self, protocol.encode_ws_frame(body.encode("utf-8")), self.node.counters)
+    def reply(self, code, envelope: bytes) -> None:
+        """Writes an executor's outcome (or any envelope) to this connection, if it is still open."""
+        if self.stream is not None:
+            write_frame(self, protocol.encode_ws_frame(envelope), self.node.counters)
+
+    def reply_error(self, code: ErrorCode, message: str, req_id) -> None:
+        self.reply(code, protocol.error_body(code, message, req_id, ws=True).encode("utf-8"))
 
     def on_message(self, message):
         if message == "ping":
@@ -69,51 +78,24 @@ class ApiSocket(tornado.websocket.WebSocketHandler):
         if len(message) > self.max_body or (
                 len(message) * 4 > self.max_body and isinstance(message, str) and not message.isascii()
                 and len(message.encode("utf-8")) > self.max_body):
-            self.reply(protocol.error_body(ErrorCode.PAYLOAD_TOO_LARGE,
-                                           f"request: larger than {self.max_body} bytes", None, ws=True))
+            self.reply_error(ErrorCode.PAYLOAD_TOO_LARGE, f"request: larger than {self.max_body} bytes", None)
             return
         try:
             method, params, req_id = protocol.parse_ws_request(message)
         except ApiError as exc:
-            self.reply(protocol.error_body(exc.code, exc.message, exc.req_id, ws=True))
+            self.reply_error(exc.code, exc.message, exc.req_id)
             return
-        try:
-            if method == "queue.pop":
-                result = self.api.queue_pop(self, params)
-            elif method == "queue.unpop":
-                result = self.api.queue_unpop(self, params)
-            elif len(self._tasks) >= self.node.config.node.api.max_in_flight:
-                raise ApiError(ErrorCode.MESH_UNAVAILABLE,
-                               f"{method}: {len(self._tasks)} requests of this connection are still in flight; retry later")
-            else:
-                task = asyncio.ensure_future(self._run(method, params, req_id))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-                return
-        except ApiError as exc:
-            self.reply(protocol.error_body(exc.code, exc.message, req_id, ws=True))
+        if len(self._running) >= self.max_in_flight:
+            self.reply_error(ErrorCode.MESH_UNAVAILABLE, f"{method}: {len(self._running)} requests of this "
+                             "connection are still in flight; retry later", req_id)
             return
-        self.reply(protocol.ok_body(result, req_id, ws=True))
-
-    async def _run(self, method: str, params, req_id) -> None:
-        try:
-            if method == "mesh.send":
-                result = await self.api.mesh_send(params)
-            elif method == "mesh.publish":
-                result = await self.api.mesh_publish(params)
-            else:
-                result = await self.api.conn_call(params)
-            body = protocol.ok_body(result, req_id, ws=True)
-        except ApiError as exc:
-            body = protocol.error_body(exc.code, exc.message, req_id, ws=True)
-        except Exception:
-            log.exception("%s failed on %s", method, self.describe())
-            body = protocol.error_body(ErrorCode.MESH_UNAVAILABLE, "internal error", req_id, ws=True)
-        if self.stream is not None and not self.stream.closed():
-            self.reply(body)
+        running = self.api.execute(method, params, self.caller, req_id, self.reply)
+        if running is not None:
+            self._running.add(running)
+            running.add_done_callback(self._running.discard)
 
     def on_close(self):
-        self.node.stop_consuming(self.consumer_id)
+        self.node.queues.stop_consuming(self.consumer_id)
         self.node.api_sockets.discard(self)
         self.stream = None
 

@@ -20,8 +20,7 @@ from tornado.netutil import bind_sockets
 from cluster import logs
 from cluster.supervisor import SUPERVISED_ENV, watch_parent
 from node import entry as entries
-from node.api import Api
-from node.api_http import MeshHandler, NotFoundHandler
+from node.api_http import ROUTES, CallHandler, NotFoundHandler
 from node.api_ws import ApiSocket
 from node.client_ws import ClientHandler
 from node.demo import DemoHandler
@@ -40,15 +39,13 @@ def _listen(app, bind: str, port: int, **server_options) -> HTTPServer:
     return server
 
 
-def api_app(node, api) -> tornado.web.Application:
+def api_app(node) -> tornado.web.Application:
     max_body = node.config.node.api.max_body
-    common = {"api": api, "max_body": max_body}
-    return tornado.web.Application([
-        (r"/v1/mesh/send", MeshHandler, {**common, "action": "send"}),
-        (r"/v1/mesh/publish", MeshHandler, {**common, "action": "publish"}),
-        (r"/ws/v1", ApiSocket, {**common, "node": node}),
-    ], default_handler_class=NotFoundHandler, default_handler_args=common,
-        websocket_max_message_size=max_body * 2 + 4096)
+    common = {"api": node.api, "max_body": max_body}
+    routes = [(path, CallHandler, {**common, "method": method}) for path, method in ROUTES.items()]
+    routes.append((r"/ws/v1", ApiSocket, {**common, "node": node}))
+    return tornado.web.Application(routes, default_handler_class=NotFoundHandler, default_handler_args=common,
+                                   websocket_max_message_size=max_body * 2 + 4096)
 
 
 def client_app(node, servers: list) -> tornado.web.Application:
@@ -80,8 +77,7 @@ async def _serve(config, worker: int) -> int:
         client_apps = {port: client_app(node, group) for port, group in servers_by_port(config.node.servers).items()}
     except entries.EntryError as exc:
         log.error("cannot start: entry %s", exc)
-        node.link.close()
-        node.mesh.close()
+        node.close()
         context.destroy(linger=0)
         return 2
     node.link.start()
@@ -105,8 +101,7 @@ async def _serve(config, worker: int) -> int:
             pass
     servers = []
     if node.ready.is_set() and not stop.is_set() and not node.link.fatal:
-        api = Api(node)
-        servers.append(_listen(api_app(node, api), config.node.api.bind, config.node.api.port,
+        servers.append(_listen(api_app(node), config.node.api.bind, config.node.api.port,
                                idle_connection_timeout=_API_IDLE_S, body_timeout=_API_BODY_S))
         for port, group in servers_by_port(config.node.servers).items():
             # A connection that has not completed its handshake within read_timeout is dropped.
@@ -118,7 +113,7 @@ async def _serve(config, worker: int) -> int:
         sweeper.start()
         log.info("node %d ready: api %s:%d, clients %s, mesh point %s", node.node_id, config.node.api.bind,
                  config.node.api.port, ", ".join(f"{s.bind}:{s.port}{s.path}" for s in config.node.servers),
-                 node.mesh_point)
+                 node.mesh_address)
         while not stop.is_set() and not node.link.fatal:
             try:
                 await asyncio.wait_for(stop.wait(), 0.5)
@@ -151,12 +146,11 @@ async def _drain(node, servers) -> None:
     deadline = time.monotonic() + _DRAIN_DEADLINE_S
     while time.monotonic() < deadline and (node.hub.conns or node.api_sockets):
         await asyncio.sleep(0.05)
-    node.flush_adverts()
+    node.adverts.flush()
     if node.node_id:
         node.link.leave()
         await asyncio.sleep(0.05)   # let the goodbye leave the socket
-    node.link.close()
-    node.mesh.close()
+    node.close()
     log.info("node %d stopped", node.node_id)
 
 

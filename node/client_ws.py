@@ -226,7 +226,7 @@ class ClientHandler(tornado.websocket.WebSocketHandler):
 
     def subscribe(self, *channels) -> asyncio.Future:
         """Subscribes now; the returned future completes when every node knows (await it or not)."""
-        return self.node.subscribe_now(self, self._channel_list(channels))
+        return self.node.subscribe(self, self._channel_list(channels))
 
     def unsubscribe(self, *channels) -> None:
         self.node.unsubscribe(self, self._channel_list(channels))

@@ -58,7 +58,7 @@ def write_frame(conn, frame: bytes, counters: Counters) -> bool:
 
 
 def close_slow(conn) -> None:
-    """Closes a connection whose write buffer is full (PROTOCOL.md: close 1008)."""
+    """Closes a connection whose write buffer is full (docs/protocol.md, Client WebSocket server: close 1008)."""
     stream = conn.stream
     conn.stream = None
     log.info("closing %s: write buffer over its limit", conn.describe())

@@ -3,7 +3,7 @@
 An entry is a Python file (a path relative to the configuration file) or a
 dotted module path with any of `on_handshake(conn, request)`, `on_open(conn)`,
 `on_message(conn, frame)` and `on_close(conn, code, reason)`, each plain or
-async (DESIGN.md, Entry hooks; docs/entries.md). Without an entry, or without
+async (docs/entries.md). Without an entry, or without
 `on_message`, each client message is pushed as `{"frame": frame}` to the
 server's topic (the default entry).
 
@@ -94,7 +94,7 @@ class Mesh:
 
         async def deliver():
             try:
-                await node.send(int(client_id), protocol.encode_ws_frame(payload, binary))
+                await node.forward.send(int(client_id), protocol.encode_ws_frame(payload, binary))
             except ApiError:
                 return False
             return True
@@ -106,7 +106,7 @@ class Mesh:
         for name in channels:
             check_name(name, "channel")
         payload, binary = encode_data(data, type)
-        return _background(self._node.publish(channels, protocol.encode_ws_frame(payload, binary)))
+        return _background(self._node.forward.publish(channels, protocol.encode_ws_frame(payload, binary)))
 
 
 class Queue:
@@ -128,7 +128,7 @@ class Queue:
             if conn is None:
                 raise ValueError("queue.push outside a hook needs client_id")
             client_id = conn.client_id
-        self._node.queue_push(topic, int(client_id), data)
+        self._node.queues.push(topic, int(client_id), data)
 
 
 mesh = Mesh()
@@ -415,7 +415,7 @@ class Entry:
     def push_default(self, conn, frame: dict) -> None:
         """The default behaviour: push `{"frame": frame}` to the server's topic; a full buffer drops and counts it."""
         try:
-            self.node.queue_push(self.topic, conn.client_id, {"frame": frame})
+            self.node.queues.push(self.topic, conn.client_id, {"frame": frame})
         except QueueFull as exc:
             log.debug("client %d: message dropped: %s", conn.client_id, exc)
 

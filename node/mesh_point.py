@@ -1,9 +1,10 @@
 """This node's mesh point (ROUTER) and its links to peers (one DEALER each).
 
 Request/reply correlation and per-request deadlines live here: every
-forwarded request ends within its timeout, as a reply, `PeerTimeout` or
-`PeerUnavailable`. Deadlines sit in a heap checked by one periodic sweep, not a timer per
-request. Owned by the node's IOLoop.
+forwarded request ends within its timeout, as a reply, `PeerTimeout`,
+`PeerUnavailable` or `BadReply`. Deadlines sit in a heap checked by one
+periodic sweep, not a timer per request. Every frame in or out goes through
+cluster/mesh.py. Owned by the node's IOLoop.
 """
 
 import asyncio
@@ -15,6 +16,7 @@ import zmq
 from tornado.ioloop import PeriodicCallback
 
 from cluster import mesh
+from cluster.protocol import ErrorCode
 from cluster.zloop import ZSocket
 
 log = logging.getLogger("meshgate.mesh")
@@ -22,31 +24,41 @@ log = logging.getLogger("meshgate.mesh")
 _HWM = 100000
 
 
-class PeerUnavailable(Exception):
-    """The peer is not in the routing table (dead, or never known)."""
+class PeerError(Exception):
+    """A request to a peer did not get a usable reply."""
 
 
-class PeerTimeout(Exception):
+class PeerUnavailable(PeerError):
+    """The peer is not in the routing table (dead, or never known), its link is full, or it has too much unanswered."""
+
+
+class PeerTimeout(PeerError):
     """The peer did not answer within the forward timeout."""
+
+
+class BadReply(PeerError):
+    """The peer answered something that does not follow cluster/mesh.py."""
 
 
 class MeshPoint:
     """Args:
         context: the process's zmq.Context.
         bind: address for the ROUTER, e.g. `tcp://127.0.0.1:0`.
-        handle_request: `(peer_routing_id, MeshRequest) -> result | awaitable | None`;
-            the result is sent back when the request asked for a reply.
         timeout: default seconds a request may take.
         max_pending_bytes: bytes of requests one peer has not answered yet; past it, requests
             to that peer fail at once (a frozen peer must not grow this node's memory for a
             whole forward timeout).
+
+    `handle_request(peer_routing_id, mesh.Request)` serves what peers ask (set
+    it before the loop runs): it returns the result bytes, an awaitable of
+    them, or None for a request that wants no reply.
     """
 
-    def __init__(self, context: zmq.Context, bind: str, handle_request, timeout: float, max_pending_bytes: int):
+    def __init__(self, context: zmq.Context, bind: str, timeout: float, max_pending_bytes: int):
         self.context = context
-        self.max_pending_bytes = max_pending_bytes
         self.timeout = timeout
-        self.handle_request = handle_request
+        self.max_pending_bytes = max_pending_bytes
+        self.handle_request = None
         socket = context.socket(zmq.ROUTER)
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.SNDHWM, _HWM)
@@ -58,9 +70,8 @@ class MeshPoint:
             socket.bind(bind)
             self.address = bind
         self.router = ZSocket(socket, self.on_request)
-        self.routing_id = b""
         self._peers = {}        # node_id -> ZSocket (DEALER)
-        self._pending = {}      # request id -> (future, deadline, node_id, size)
+        self._pending = {}      # request id -> (future, deadline, node_id, size, kind)
         self._deadlines = []    # heap of (deadline, request id); answered ids are skipped when they come up
         self._peer_bytes = {}   # node_id -> bytes of its pending requests
         self._counter = 0
@@ -92,7 +103,7 @@ class MeshPoint:
         stream = self._peers.pop(node_id, None)
         if stream is not None:
             stream.close()
-        for request_id, (future, _, owner, _) in list(self._pending.items()):
+        for request_id, (future, _, owner, _, _) in list(self._pending.items()):
             if owner == node_id:   # their heap entries are skipped when they come up
                 del self._pending[request_id]
                 if not future.done():
@@ -104,28 +115,29 @@ class MeshPoint:
 
     # --- outbound ----------------------------------------------------------
 
-    def notify(self, node_id: int, kind: bytes, header, body: bytes = b"") -> None:
+    def notify(self, node_id: int, message: mesh.Outbound) -> None:
         """Sends a request that wants no reply; silently dropped when the peer is unknown or its queue is full."""
         stream = self._peers.get(node_id)
         if stream is None:
             return
         try:
-            stream.send(mesh.request(kind, 0, header, body))
+            stream.send(mesh.frame_request(message, 0))
         except zmq.Again:
-            log.warning("mesh link to node %d is full; dropped a %s", node_id, kind.decode())
+            log.warning("mesh link to node %d is full; dropped a %s", node_id, mesh.kind_name(message.kind))
 
-    def request(self, node_id: int, kind: bytes, header, body: bytes = b"", timeout: float = None) -> asyncio.Future:
-        """Sends a request and returns a future of the peer's reply.
+    def request(self, node_id: int, message: mesh.Outbound, timeout: float = None) -> asyncio.Future:
+        """Sends a request and returns a future of the peer's result (cluster/mesh.py, read_result).
 
-        The future fails with PeerUnavailable (unknown peer, link full, peer
-        dropped) or PeerTimeout (no reply within `timeout`).
+        The future fails with a PeerError: PeerUnavailable (unknown peer, link
+        full, too much unanswered, peer dropped), PeerTimeout (no reply within
+        `timeout`) or BadReply.
         """
         future = asyncio.get_running_loop().create_future()
         stream = self._peers.get(node_id)
         if stream is None:
             future.set_exception(PeerUnavailable(f"node {node_id} is not in the mesh"))
             return future
-        size = len(body)
+        size = len(message.body)
         waiting = self._peer_bytes.get(node_id, 0)
         if waiting + size > self.max_pending_bytes:
             future.set_exception(PeerUnavailable(f"node {node_id} has {waiting} bytes of requests unanswered"))
@@ -133,12 +145,12 @@ class MeshPoint:
         self._counter += 1
         request_id = self._counter
         try:
-            stream.send(mesh.request(kind, request_id, header, body))
+            stream.send(mesh.frame_request(message, request_id))
         except zmq.Again:
             future.set_exception(PeerUnavailable(f"mesh link to node {node_id} is full"))
             return future
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        self._pending[request_id] = (future, deadline, node_id, size)
+        self._pending[request_id] = (future, deadline, node_id, size, message.kind)
         heapq.heappush(self._deadlines, (deadline, request_id))
         self._peer_bytes[node_id] = waiting + size
         return future
@@ -152,16 +164,22 @@ class MeshPoint:
 
     def on_reply(self, frames: list) -> None:
         try:
-            request_id, result = mesh.read_reply(frames)
+            request_id, raw = mesh.read_reply(frames)
         except mesh.FrameError as exc:
             log.warning("bad mesh reply: %s", exc)
             return
         entry = self._pending.pop(request_id, None)
         if entry is None:
             return
-        self._settled(entry[2], entry[3])
-        if not entry[0].done():
-            entry[0].set_result(result)
+        future, _, node_id, size, kind = entry
+        self._settled(node_id, size)
+        if future.done():
+            return
+        try:
+            future.set_result(mesh.read_result(kind, raw))
+        except mesh.FrameError as exc:
+            log.warning("bad %s reply from node %d: %s", mesh.kind_name(kind), node_id, exc)
+            future.set_exception(BadReply(f"node {node_id} sent a reply that could not be read"))
 
     def sweep(self) -> None:
         now = time.monotonic()
@@ -171,7 +189,7 @@ class MeshPoint:
             entry = self._pending.pop(request_id, None)
             if entry is None:   # answered (or its peer dropped) already
                 continue
-            future, _, node_id, size = entry
+            future, _, node_id, size, _ = entry
             self._settled(node_id, size)
             self.timeouts += 1
             if not future.done():
@@ -182,41 +200,36 @@ class MeshPoint:
     def on_request(self, frames: list) -> None:
         peer = bytes(frames[0])
         try:
-            message = mesh.read_request(frames[1:])
+            request = mesh.read_request(frames[1:])
         except mesh.FrameError as exc:
-            log.warning("bad mesh request from %r: %s", peer, exc)
+            log.warning("bad mesh request from %r: %s", peer[:64], exc)
             return
         try:
-            result = self.handle_request(peer, message)
+            result = self.handle_request(peer, request)
         except Exception:
-            log.exception("mesh request %s from %r failed", message.kind.decode(), peer)
-            result = {"e": 501, "m": "internal error on the peer"}
-        if not message.request_id:
-            if asyncio.isfuture(result) or asyncio.iscoroutine(result):
-                asyncio.ensure_future(result)
-            return
+            log.exception("mesh request %s from %r failed", type(request.message).__name__, peer[:64])
+            result = _INTERNAL_ERROR
         if asyncio.iscoroutine(result) or asyncio.isfuture(result):
-            asyncio.ensure_future(self._reply_later(peer, message, result))
-        else:
-            self.send_reply(peer, message.request_id, result)
+            asyncio.ensure_future(self._reply_later(peer, request, result))
+        elif request.request_id:
+            self.send_reply(peer, request.request_id, result)
 
-    async def _reply_later(self, peer: bytes, message, awaitable) -> None:
+    async def _reply_later(self, peer: bytes, request: mesh.Request, awaitable) -> None:
         try:
             result = await awaitable
         except Exception:
-            log.exception("mesh request %s from %r failed", message.kind.decode(), peer)
-            result = {"e": 501, "m": "internal error on the peer"}
-        self.send_reply(peer, message.request_id, result)
+            log.exception("mesh request %s from %r failed", type(request.message).__name__, peer[:64])
+            result = _INTERNAL_ERROR
+        if request.request_id:
+            self.send_reply(peer, request.request_id, result)
 
-    def send_reply(self, peer: bytes, request_id: int, result) -> None:
+    def send_reply(self, peer: bytes, request_id: int, result: bytes) -> None:
         try:
-            frames = mesh.reply(request_id, result)
-        except (TypeError, OverflowError, ValueError) as exc:   # never leave a peer waiting for nothing
-            log.error("mesh reply could not be encoded: %s", exc)
-            frames = mesh.reply(request_id, {"e": 501, "m": "the reply could not be encoded"})
-        try:
-            self.router.send([peer, *frames])
+            self.router.send([peer, *mesh.frame_reply(request_id, result)])
         except zmq.Again:
             log.warning("mesh reply dropped: peer link full")
         except zmq.ZMQError as exc:
             log.warning("mesh reply dropped: %s", exc)
+
+
+_INTERNAL_ERROR = mesh.failure(ErrorCode.MESH_UNAVAILABLE, "internal error on the peer")

@@ -3,8 +3,8 @@
 PURE: deques and dictionaries; no I/O. Owned by the node's IOLoop.
 
 Messages pushed on this node wait here, as `(seq, ...)` tuples in arrival
-order, while their topic has no consumer
-anywhere in the mesh (PROTOCOL.md, queue.pop delivery semantics): at most
+order, while their topic has no consumer anywhere in the mesh
+(docs/protocol.md, queue.pop delivery semantics): at most
 `topic_size` per topic and `max_topics` topics; over either bound the push is
 refused and counted, and what already waits is kept. All buffers of a node
 together hold at most `max_bytes`.
@@ -15,6 +15,14 @@ from collections import deque
 
 class QueueFull(Exception):
     """The topic's buffer (or the node's topic count or byte budget) is at its bound."""
+
+
+class AlreadyConsuming(Exception):
+    """The consumer already consumes one of the topics it asked for."""
+
+
+class TooManyTopics(Exception):
+    """The consumer would consume more topics than its limit."""
 
 
 class Buffers:
@@ -99,7 +107,7 @@ class Buffers:
 
 
 class Consumers:
-    """API connections of this node that consume topics (PROTOCOL.md, queue.pop)."""
+    """API connections of this node that consume topics (docs/protocol.md, queue.pop)."""
 
     def __init__(self, max_topics_per_consumer: int = 1000):
         self.max_topics_per_consumer = max_topics_per_consumer
@@ -115,14 +123,14 @@ class Consumers:
         """Adds topics to a consumer; returns them. Nothing changes on error.
 
         Raises:
-            ValueError("repeated"): it already consumes one of them.
-            ValueError("limit"): it would consume more than `max_topics_per_consumer`.
+            AlreadyConsuming: it already consumes one of them.
+            TooManyTopics: it would consume more than `max_topics_per_consumer`.
         """
         current = self.topics.get(consumer_id, set())
         if current.intersection(topics):
-            raise ValueError("repeated")
+            raise AlreadyConsuming(f"consumer {consumer_id} already consumes one of {topics}")
         if len(current) + len(topics) > self.max_topics_per_consumer:
-            raise ValueError("limit")
+            raise TooManyTopics(f"a consumer may consume at most {self.max_topics_per_consumer} topics")
         self.by_id[consumer_id] = connection
         self.topics[consumer_id] = current | set(topics)
         return topics

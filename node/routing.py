@@ -1,20 +1,43 @@
 """This node's cached copy of the coordinator's tables: live nodes, interest, consumers.
 
-PURE: applies updates and snapshots (dicts) and answers lookups; no I/O.
-Owned by the node's IOLoop. Changes that arrive directly from peers go through
-the same sequence-number rule as the coordinator's (cluster/state.py).
+PURE: applies updates and snapshots (cluster/mesh.py messages) and answers
+lookups; no I/O. Owned by the node's IOLoop. Changes that arrive directly from
+peers go through the same sequence-number rule as the coordinator's
+(cluster/interest_table.py).
 """
 
-from cluster.state import MeshState
+from typing import NamedTuple
+
+from cluster.interest_table import InterestTable
 
 _SPREAD = 0x9E3779B97F4A7C15
 
 
+class Changes(NamedTuple):
+    """What a routing change means for the node: peers to link to, peers to drop, topics to drain."""
+    added: set
+    removed: set
+    topics: set
+
+
+NO_CHANGES = Changes(frozenset(), frozenset(), frozenset())
+
+
 class Routing:
-    def __init__(self, node_id: int):
+    """Which nodes are alive, which have subscribers of a channel, which consume a topic.
+
+    The coordinator's versioned updates and snapshots keep it in step; a peer's
+    own adverts reach it directly too (newest sequence number wins). Every
+    method that changes it returns `Changes`, never acts on them itself.
+
+    Args:
+        node_id: this node's id (0 until the coordinator gave one; set it then).
+    """
+
+    def __init__(self, node_id: int = 0):
         self.node_id = node_id
-        self.state = MeshState()
-        self.nodes = {}          # node_id -> public node info (peers and self)
+        self.state = InterestTable()
+        self.nodes = {}          # node_id -> mesh.NodeEntry (peers and self)
         self.version = 0
         self._sorted_consumers = {}
         # After a coordinator restart: peers not yet seen again, kept until this time.
@@ -23,36 +46,35 @@ class Routing:
 
     # --- updates -----------------------------------------------------------
 
-    def load_snapshot(self, snapshot: dict) -> tuple:
-        """Replaces everything with a coordinator snapshot.
-
-        Returns:
-            `(added_nodes, removed_nodes, topics)`: peers to connect, peers to
-            drop, topics whose consumers may have changed.
-        """
+    def load_snapshot(self, snapshot) -> Changes:
+        """Replaces everything with a coordinator snapshot (`mesh.Snapshot`)."""
         before_topics = set(self.state.consumers)
         before_nodes = set(self.nodes)
-        self.state = MeshState()
-        self.state.apply(snapshot.get("interest", ()), snapshot.get("consumers", ()))
-        self.nodes = {info["node_id"]: info for info in snapshot.get("nodes", ())}
-        self.version = snapshot.get("v", 0)
+        self.state = InterestTable()
+        self.state.apply(snapshot.interest, snapshot.consumers)
+        self.nodes = {info.node_id: info for info in snapshot.nodes}
+        self.version = snapshot.v
         self._sorted_consumers.clear()
         self._unconfirmed = set()
-        return (set(self.nodes) - before_nodes, before_nodes - set(self.nodes),
-                before_topics | set(self.state.consumers))
+        return Changes(set(self.nodes) - before_nodes, before_nodes - set(self.nodes),
+                       before_topics | set(self.state.consumers))
 
-    def merge_snapshot(self, snapshot: dict, keep_until: float) -> tuple:
+    def _moved(self, fresh: dict) -> set:
+        """Nodes of `fresh` that are new or have a new mesh point (links to open again)."""
+        return {node_id for node_id, info in fresh.items()
+                if node_id not in self.nodes or self.nodes[node_id].mesh_point != info.mesh_point}
+
+    def merge_snapshot(self, snapshot, keep_until: float) -> Changes:
         """Takes a snapshot from a coordinator that just restarted, without forgetting anyone yet.
 
         The restarted coordinator knows only the nodes that have registered
         again so far. Their state replaces what was cached for them; peers
         it does not list yet keep their cached state until `keep_until`
         (monotonic seconds; `expire_unconfirmed` drops them after that)
-        unless they reappear first. Returns `(added, removed, topics)`.
+        unless they reappear first.
         """
-        fresh = {info["node_id"]: info for info in snapshot.get("nodes", ())}
-        added = {node_id for node_id, info in fresh.items()
-                 if self.nodes.get(node_id, {}).get("mesh_point") != info.get("mesh_point")}
+        fresh = {info.node_id: info for info in snapshot.nodes}
+        added = self._moved(fresh)
         topics = set()
         for origin in fresh:
             if origin != self.node_id:
@@ -60,45 +82,44 @@ class Routing:
         self._unconfirmed = (set(self.nodes) | self._unconfirmed) - set(fresh) - {self.node_id}
         self._merge_until = keep_until
         self.nodes.update(fresh)
-        self.version = snapshot.get("v", 0)
-        interest = [item for item in snapshot.get("interest", ()) if item[0] in fresh]
-        consumers = [item for item in snapshot.get("consumers", ()) if item[0] in fresh]
+        self.version = snapshot.v
+        interest = [item for item in snapshot.interest if item[0] in fresh]
+        consumers = [item for item in snapshot.consumers if item[0] in fresh]
         topics |= self.apply_changes(interest, consumers)
         self._sorted_consumers.clear()
-        return added, set(), topics
+        return Changes(added, set(), topics)
 
-    def expire_unconfirmed(self, now: float) -> tuple:
-        """Drops the peers a restarted coordinator never listed again; returns `(added, removed, topics)`."""
+    def expire_unconfirmed(self, now: float) -> Changes:
+        """Drops the peers a restarted coordinator never listed again."""
         if not self._unconfirmed or now < self._merge_until:
-            return set(), set(), set()
+            return NO_CHANGES
         removed, self._unconfirmed = self._unconfirmed, set()
         topics = set()
         for node_id in removed:
             topics |= self.drop_node(node_id)
-        return set(), removed, topics
+        return Changes(set(), removed, topics)
 
-    def apply_update(self, update: dict):
-        """Applies one versioned coordinator update.
+    def apply_update(self, update):
+        """Applies one versioned coordinator update (`mesh.Update`).
 
         Returns:
             None when a version was skipped (the caller asks for a snapshot);
-            otherwise `(added_nodes, removed_nodes, topics)` as `load_snapshot`.
+            otherwise `Changes`.
         """
-        version = update.get("v", 0)
+        version = update.v
         if version <= self.version:
-            return set(), set(), set()
+            return NO_CHANGES
         if version != self.version + 1:
             return None
         self.version = version
         added, removed, topics = set(), set(), set()
-        for dead in update.get("dead", ()):
+        for dead in update.dead:
             if dead in self.nodes:
                 removed.add(dead)
             topics |= self.drop_node(dead)
-        if "nodes" in update:
-            fresh = {info["node_id"]: info for info in update["nodes"]}
-            added = {node_id for node_id, info in fresh.items()
-                     if self.nodes.get(node_id, {}).get("mesh_point") != info.get("mesh_point")}
+        if update.nodes is not None:
+            fresh = {info.node_id: info for info in update.nodes}
+            added = self._moved(fresh)
             if self._unconfirmed:   # a restarted coordinator's list is partial: only add
                 self._unconfirmed -= set(fresh)
                 self.nodes.update(fresh)
@@ -107,8 +128,8 @@ class Routing:
                 for gone in removed:
                     topics |= self.drop_node(gone)
                 self.nodes = fresh
-        topics |= self.apply_changes(update.get("interest", ()), update.get("consumers", ()))
-        return added, removed, topics
+        topics |= self.apply_changes(update.interest, update.consumers)
+        return Changes(added, removed, topics)
 
     def apply_changes(self, interest=(), consumers=()) -> set:
         """Applies wire-form changes (from the coordinator or a peer); returns topics whose consumers changed."""
@@ -159,7 +180,7 @@ class Routing:
         """The consumer `(node_id, consumer_id)` for one client's messages on `topic`, or None.
 
         While the set of consumers does not change, one client always maps to
-        the same consumer (PROTOCOL.md, queue.pop: per-client order).
+        the same consumer (docs/protocol.md, queue.pop: per-client order).
         """
         ordered = self._sorted_consumers.get(topic)
         if ordered is None:

@@ -1,4 +1,4 @@
-"""Coordinator HTTP (PROTOCOL.md): /version, /v1/nodes, /v1/status, /metrics, and its errors."""
+"""Coordinator HTTP (docs/protocol.md): /version, /v1/nodes, /v1/status, /metrics, and its errors."""
 
 import json
 import urllib.error

@@ -7,8 +7,10 @@ import urllib.request
 import pytest
 import zmq
 
-from cluster import mesh
+from cluster import mesh, protocol
 from conftest import WAIT
+
+FRAME = protocol.encode_ws_frame(b"x")
 
 
 @pytest.fixture
@@ -26,30 +28,33 @@ def peer(cluster):
     context.term()
 
 
-def _ask(socket, kind, header, body=b"", request_id=7):
-    socket.send_multipart(mesh.request(kind, request_id, header, body))
-    got_id, result = mesh.read_reply(socket.recv_multipart())
+def _ask(socket, message: mesh.Outbound, request_id=7):
+    socket.send_multipart(mesh.frame_request(message, request_id))
+    got_id, raw = mesh.read_reply(socket.recv_multipart())
     assert got_id == request_id
-    return result
+    return mesh.read_result(message.kind, raw)
 
 
 def test_node_answers_requests_for_what_it_does_not_have(peer):
     """SEND/CALL/QEV for unknown clients or consumers are answered, not dropped or crashed on."""
     node, socket = peer
     unknown = (node["node_id"] << 12) | 1
-    assert _ask(socket, mesh.SEND, {"c": unknown}, b"\x81\x01x") == {"s": None}
-    assert _ask(socket, mesh.PUBLISH, {"ch": ["nobody-listens"]}, b"\x81\x01x") == {"s": 0, "f": 0}
-    assert _ask(socket, mesh.CALL, {"c": unknown, "f": "get_context", "a": []})["e"] == 301
-    assert _ask(socket, mesh.QUEUE_EVENT, {"t": "default", "k": 999999}, b"{}") == {"ok": False}
+    assert _ask(socket, mesh.send_request(unknown, FRAME)) is None
+    assert _ask(socket, mesh.publish_request(["nobody-listens"], FRAME)) == mesh.Delivered(0, 0)
+    assert _ask(socket, mesh.call_request(unknown, "get_context", [])).code == protocol.ErrorCode.CALL_FAILED
+    event = protocol.queue_event(node["node_id"], unknown, "default", {"frame": {}})
+    assert _ask(socket, mesh.queue_event_request("default", 999999, event)) is False
 
 
 def test_bad_frames_are_ignored_and_the_node_keeps_answering(peer, cluster):
-    """Wrong frame counts, unknown kinds and bad JSON get no reply; the next good request is answered."""
+    """Wrong frame counts, unknown kinds, bad JSON and bad fields get no reply; the next good request is answered."""
     node, socket = peer
     socket.send_multipart([b"SEND", b"x"])
     socket.send_multipart([b"\x63" + bytes(12)])
     socket.send_multipart([struct.pack("!BQI", 1, 2, 9) + b"{not json"])
     socket.send_multipart([struct.pack("!BQI", 1, 3, 3) + b"[1]"])
     socket.send_multipart([struct.pack("!BQI", 1, 4, 500) + b"{}"])
-    assert _ask(socket, mesh.PUBLISH, {"ch": ["still-alive"]}, b"\x81\x01x") == {"s": 0, "f": 0}
+    socket.send_multipart(mesh.frame_request(mesh.Outbound(mesh.Send, b'{"c": "1"}', FRAME), 5))
+    socket.send_multipart(mesh.frame_request(mesh.Outbound(mesh.Send, b'{"c": 1}', b"raw bytes"), 6))
+    assert _ask(socket, mesh.publish_request(["still-alive"], FRAME)) == mesh.Delivered(0, 0)
     assert len(cluster.status()["nodes"]) == cluster.workers

@@ -1,4 +1,4 @@
-"""Table-driven tests of cluster/protocol.py, the backend API wire contract (PROTOCOL.md)."""
+"""Table-driven tests of cluster/protocol.py, the backend API wire contract (docs/protocol.md)."""
 
 import base64
 import json
@@ -34,7 +34,7 @@ def assert_invalid(call, *args, field, **kwargs) -> ApiError:
     ("CALL_FAILED", 301), ("SEND_FAILED", 401), ("MESH_UNAVAILABLE", 501),
 ])
 def test_error_code_values(member, value):
-    """Every error code has the number PROTOCOL.md gives it."""
+    """Every error code has the number docs/protocol.md gives it."""
     assert ErrorCode[member] == value
 
 
@@ -46,7 +46,7 @@ def test_error_code_values(member, value):
     (ErrorCode.CALL_FAILED, 200),
 ])
 def test_http_status(code, status):
-    """Each error code maps to the HTTP status PROTOCOL.md decides."""
+    """Each error code maps to the HTTP status docs/protocol.md decides."""
     assert protocol.http_status(code) == status
 
 
@@ -606,7 +606,7 @@ def test_parse_ws_request_every_method(method):
 
 
 def test_methods_match_protocol():
-    """The method list is exactly the one PROTOCOL.md documents."""
+    """The method list is exactly the one docs/protocol.md documents."""
     assert set(protocol.METHODS) == {"queue.pop", "queue.unpop", "conn.call", "mesh.send", "mesh.publish"}
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from node.queues import Buffers, Consumers, QueueFull
+from node.queues import AlreadyConsuming, Buffers, Consumers, QueueFull, TooManyTopics
 
 
 # --- Buffers -------------------------------------------------------------------------------
@@ -178,7 +178,7 @@ def test_consumers_repeated_refused(first, second):
     consumers = Consumers()
     conn = object()
     consumers.add(1, conn, first)
-    with pytest.raises(ValueError, match="repeated"):
+    with pytest.raises(AlreadyConsuming):
         consumers.add(1, conn, second)
     assert consumers.topics[1] == set(first)
     for topic in set(second) - set(first):
@@ -210,7 +210,7 @@ def test_consumers_limit(limit, first, second, refused):
     if first:
         consumers.add(1, conn, first)
     if refused:
-        with pytest.raises(ValueError, match="limit"):
+        with pytest.raises(TooManyTopics):
             consumers.add(1, conn, second)
         assert consumers.topics.get(1, set()) == set(first)
         assert consumers.count() == (1 if first else 0)

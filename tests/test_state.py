@@ -1,22 +1,28 @@
-"""Tests of the routing state: cluster/state.py, coordinator/tables.py, coordinator/registry.py, node/routing.py."""
+"""Tests of the routing state: cluster/interest_table.py, coordinator/tables.py, coordinator/registry.py, node/routing.py."""
 
 import itertools
 from collections import Counter
 
 import pytest
 
+from cluster import mesh
 from cluster.ids import MAX_NODE_ID, IdGenerator
-from cluster.state import MeshState
+from cluster.interest_table import GRAVE_S, InterestTable
 from coordinator.registry import NodeInfo, Registry, RegistryError
 from coordinator.tables import Tables
 from node.routing import Routing
 
 
-# --- MeshState: interest ---------------------------------------------------------------
+def nodes(*ids) -> list:
+    """NodeEntry of each id, mesh point tcp://h:(7000 + id)."""
+    return [mesh.NodeEntry(node_id, "h", 1, "h:6789", f"tcp://h:{7000 + node_id}", 0, 0.0) for node_id in ids]
+
+
+# --- InterestTable: interest ---------------------------------------------------------------
 
 def test_interest_added_and_removed():
     """A count > 0 adds the origin to the channel; count 0 removes it and the empty channel."""
-    state = MeshState()
+    state = InterestTable()
     assert state.apply_interest(1, "ch", 2, 1)
     assert state.interested_nodes("ch") == {1: 2}
     assert state.apply_interest(2, "ch", 1, 1)
@@ -37,7 +43,7 @@ def test_interest_added_and_removed():
 ])
 def test_interest_sequence_rule(first, second, expected):
     """Only a change with a higher sequence number than the one held for its key is applied."""
-    state = MeshState()
+    state = InterestTable()
     state.apply_interest(1, "ch", *first)
     accepted = state.apply_interest(1, "ch", *second)
     assert accepted == (second[1] > first[1])
@@ -46,7 +52,7 @@ def test_interest_sequence_rule(first, second, expected):
 
 def test_interest_sequence_is_per_key():
     """Sequence numbers of one (origin, channel) do not hide changes of another."""
-    state = MeshState()
+    state = InterestTable()
     assert state.apply_interest(1, "a", 1, 10)
     assert state.apply_interest(1, "b", 1, 3)
     assert state.apply_interest(2, "a", 1, 1)
@@ -63,17 +69,17 @@ INTEREST_CHANGES = [
 @pytest.mark.parametrize("order", list(itertools.permutations(range(4))))
 def test_interest_out_of_order_converges(order):
     """Whatever order the changes of one key arrive in (and repeated), the state is the latest one."""
-    state = MeshState()
+    state = InterestTable()
     changes = [INTEREST_CHANGES[i] for i in order]
     state.apply(changes + changes[::-1] + INTEREST_CHANGES[4:])
     assert state.interest == {"ch": {1: 5}, "other": {1: 3}}
 
 
-# --- MeshState: consumers ----------------------------------------------------------------
+# --- InterestTable: consumers ----------------------------------------------------------------
 
 def test_consumers_added_and_removed():
     """Consumers appear with present=1 and go with present=0; an empty topic disappears."""
-    state = MeshState()
+    state = InterestTable()
     assert state.apply_consumer(1, "t", 10, True, 1)
     assert state.apply_consumer(2, "t", 10, True, 1)
     assert state.apply_consumer(1, "t", 11, True, 2)
@@ -88,7 +94,7 @@ def test_consumers_added_and_removed():
 
 def test_consumer_removal_of_unknown_is_harmless():
     """Removing a consumer never seen is accepted and changes nothing."""
-    state = MeshState()
+    state = InterestTable()
     assert state.apply_consumer(1, "t", 10, False, 1)
     assert state.consumers == {}
 
@@ -102,7 +108,7 @@ def test_consumer_removal_of_unknown_is_harmless():
 ])
 def test_consumer_sequence_rule(first, second, present):
     """Duplicate or older consumer changes are ignored; newer ones applied."""
-    state = MeshState()
+    state = InterestTable()
     state.apply_consumer(1, "t", 10, *first)
     state.apply_consumer(1, "t", 10, *second)
     assert ((1, 10) in state.consumers_of("t")) == present
@@ -114,7 +120,7 @@ CONSUMER_CHANGES = [[1, "t", 10, 1, 1], [1, "t", 10, 0, 2], [1, "t", 10, 1, 3], 
 @pytest.mark.parametrize("order", list(itertools.permutations(range(5))))
 def test_consumers_out_of_order_converge(order):
     """Consumer changes arriving in any order, some twice, converge on the origin's latest state."""
-    state = MeshState()
+    state = InterestTable()
     changes = [CONSUMER_CHANGES[i] for i in order]
     state.apply((), changes + changes[:2])
     assert state.consumers_of("t") == [(1, 10)]
@@ -122,7 +128,7 @@ def test_consumers_out_of_order_converge(order):
 
 def test_apply_returns_accepted_in_wire_form():
     """apply returns exactly the changes that were newer, in their wire form."""
-    state = MeshState()
+    state = InterestTable()
     state.apply([[1, "a", 1, 5]], [[1, "t", 3, 1, 5]])
     interest, consumers = state.apply(
         [[1, "a", 2, 4], [1, "a", 2, 6], [2, "a", 1, 1]],
@@ -132,10 +138,10 @@ def test_apply_returns_accepted_in_wire_form():
     assert consumers == [[1, "t", 3, 0, 7]]
 
 
-# --- MeshState: dropping an origin and snapshots ---------------------------------------------
+# --- InterestTable: dropping an origin and snapshots ---------------------------------------------
 
-def build_state() -> MeshState:
-    state = MeshState()
+def build_state() -> InterestTable:
+    state = InterestTable()
     state.apply(
         [[1, "a", 2, 1], [2, "a", 1, 1], [1, "b", 1, 2], [3, "c", 4, 1]],
         [[1, "t", 10, 1, 3], [2, "t", 20, 1, 2], [1, "u", 11, 1, 4], [3, "v", 30, 1, 2]],
@@ -177,7 +183,7 @@ def test_dump_round_trip():
     state = build_state()
     state.apply([[1, "b", 0, 9]], [[2, "t", 20, 0, 9]])
     interest, consumers = state.dump()
-    copy = MeshState()
+    copy = InterestTable()
     copy.apply(interest, consumers)
     assert copy.interest == state.interest
     assert copy.consumers == state.consumers
@@ -193,10 +199,8 @@ def test_dump_round_trip():
 def test_tables_advert():
     """An advert updates ownership and returns the accepted changes with the origin prefixed."""
     tables = Tables()
-    interest, consumers = tables.apply_advert(3, {
-        "opened": [100, 101, 102], "closed": [101],
-        "interest": [["ch", 2, 1]], "consumers": [["t", 7, 1, 2]],
-    })
+    interest, consumers = tables.apply_advert(3, mesh.Advert(
+        opened=[100, 101, 102], closed=[101], interest=[["ch", 2, 1]], consumers=[["t", 7, 1, 2]]))
     assert tables.ownership == {3: {100, 102}}
     assert interest == [[3, "ch", 2, 1]]
     assert consumers == [[3, "t", 7, 1, 2]]
@@ -206,39 +210,28 @@ def test_tables_advert():
 def test_tables_repeated_advert_not_accepted_twice():
     """The same advert applied twice yields no changes the second time."""
     tables = Tables()
-    advert = {"interest": [["ch", 1, 1]], "consumers": [["t", 7, 1, 1]]}
+    advert = mesh.Advert(interest=[["ch", 1, 1]], consumers=[["t", 7, 1, 1]])
     tables.apply_advert(3, advert)
     assert tables.apply_advert(3, advert) == ([], [])
-
-
-def test_tables_advert_ignores_malformed_items():
-    """Interest or consumer items of the wrong length are skipped."""
-    tables = Tables()
-    interest, consumers = tables.apply_advert(2, {
-        "interest": [["ch", 1], ["ok", 1, 1], ["x", 1, 1, 1]],
-        "consumers": [["t", 1, 1], ["t", 1, 1, 1]],
-    })
-    assert interest == [[2, "ok", 1, 1]]
-    assert consumers == [[2, "t", 1, 1, 1]]
 
 
 def test_tables_next_update_versions():
     """Each update has the next version and leaves out empty parts."""
     tables = Tables()
-    first = tables.next_update(interest=[[1, "a", 1, 1]], consumers=[])
-    second = tables.next_update(nodes=[{"node_id": 1}], dead=[2])
+    first = tables.next_update(interest=[[1, "a", 1, 1]])
+    second = tables.next_update(nodes=nodes(1), dead=[2])
     third = tables.next_update()
-    assert first == {"v": 1, "interest": [[1, "a", 1, 1]]}
-    assert second == {"v": 2, "nodes": [{"node_id": 1}], "dead": [2]}
-    assert third == {"v": 3}
+    assert first == mesh.Update(1, interest=[[1, "a", 1, 1]])
+    assert second == mesh.Update(2, nodes=nodes(1), dead=[2])
+    assert third == mesh.Update(3)
     assert tables.version == 3
 
 
 def test_tables_drop_node():
     """Dropping a node removes its ownership, interest and consumers only."""
     tables = Tables()
-    tables.apply_advert(1, {"opened": [1], "interest": [["a", 1, 1]], "consumers": [["t", 1, 1, 2]]})
-    tables.apply_advert(2, {"opened": [2], "interest": [["a", 1, 1]], "consumers": [["t", 1, 1, 2]]})
+    tables.apply_advert(1, mesh.Advert(opened=[1], interest=[["a", 1, 1]], consumers=[["t", 1, 1, 2]]))
+    tables.apply_advert(2, mesh.Advert(opened=[2], interest=[["a", 1, 1]], consumers=[["t", 1, 1, 2]]))
     tables.drop_node(1)
     assert tables.ownership == {2: {2}}
     assert tables.state.interested_nodes("a") == {2: 1}
@@ -249,10 +242,10 @@ def test_tables_drop_node():
 def test_tables_replace_node_state():
     """A re-registration replaces what the node said before, even with lower sequence numbers."""
     tables = Tables()
-    tables.apply_advert(4, {"opened": [1, 2], "interest": [["old", 1, 50], ["kept", 1, 51]],
-                            "consumers": [["t", 1, 1, 52]]})
-    interest, consumers = tables.replace_node_state(4, {"clients": [3], "interest": [["kept", 2, 1]],
-                                                        "consumers": [["u", 2, 1, 2]]})
+    tables.apply_advert(4, mesh.Advert(opened=[1, 2], interest=[["old", 1, 50], ["kept", 1, 51]],
+                                       consumers=[["t", 1, 1, 52]]))
+    interest, consumers = tables.replace_node_state(4, mesh.NodeState(clients=[3], interest=[["kept", 2, 1]],
+                                                                      consumers=[["u", 2, 1, 2]]))
     assert tables.ownership[4] == {3}
     assert tables.state.interest == {"kept": {4: 2}}
     assert tables.state.consumers_of("t") == []
@@ -264,13 +257,13 @@ def test_tables_replace_node_state():
 def test_tables_snapshot_loads_into_routing():
     """A coordinator snapshot loaded by a node gives the node the same tables and version."""
     tables = Tables()
-    tables.apply_advert(1, {"interest": [["a", 2, 1]], "consumers": [["t", 5, 1, 2]]})
-    tables.apply_advert(2, {"interest": [["a", 1, 1], ["b", 3, 2]]})
+    tables.apply_advert(1, mesh.Advert(interest=[["a", 2, 1]], consumers=[["t", 5, 1, 2]]))
+    tables.apply_advert(2, mesh.Advert(interest=[["a", 1, 1], ["b", 3, 2]]))
     tables.next_update()
     tables.next_update()
-    nodes = [{"node_id": 1, "mesh_point": "tcp://h:1"}, {"node_id": 2, "mesh_point": "tcp://h:2"}]
-    snapshot = tables.snapshot(nodes)
-    assert snapshot["v"] == 2 and snapshot["nodes"] == nodes
+    listed = nodes(1, 2)
+    snapshot = tables.snapshot(listed)
+    assert snapshot.v == 2 and snapshot.nodes == listed
     routing = Routing(2)
     added, removed, topics = routing.load_snapshot(snapshot)
     assert (added, removed, topics) == ({1, 2}, set(), {"t"})
@@ -281,11 +274,11 @@ def test_tables_snapshot_loads_into_routing():
 
 # --- coordinator registry ----------------------------------------------------------------------
 
-INFO = {"host": "h1", "pid": 100, "api_server": "h1:6789", "mesh_point": "tcp://h1:7000", "started_at": 1.5}
+INFO = mesh.Register(0, "h1", 100, "h1:6789", "tcp://h1:7000", 1.5, mesh.NodeState())
 
 
-def info(**extra) -> dict:
-    return {**INFO, **extra}
+def info(**extra) -> mesh.Register:
+    return INFO._replace(**extra)
 
 
 def test_registry_allocates_ids():
@@ -420,15 +413,15 @@ def test_node_info_public_has_no_routing_id():
 
 # --- node routing ------------------------------------------------------------------------------
 
-def nodes(*ids) -> list:
-    return [{"node_id": node_id, "mesh_point": f"tcp://h:{7000 + node_id}"} for node_id in ids]
+def snapshot(v: int, listed: list, interest=(), consumers=()) -> mesh.Snapshot:
+    return mesh.Snapshot(v, listed, list(interest), list(consumers))
 
 
 def test_routing_updates_in_order():
     """Updates apply in version order and report node and topic changes."""
     routing = Routing(1)
-    assert routing.apply_update({"v": 1, "nodes": nodes(1, 2)}) == ({1, 2}, set(), set())
-    assert routing.apply_update({"v": 2, "interest": [[2, "a", 1, 1]], "consumers": [[2, "t", 5, 1, 1]]}) \
+    assert routing.apply_update(mesh.Update(1, nodes=nodes(1, 2))) == ({1, 2}, set(), set())
+    assert routing.apply_update(mesh.Update(2, interest=[[2, "a", 1, 1]], consumers=[[2, "t", 5, 1, 1]])) \
         == (set(), set(), {"t"})
     assert routing.version == 2
     assert routing.peer_ids() == [2]
@@ -440,8 +433,8 @@ def test_routing_updates_in_order():
 def test_routing_old_update_ignored(version):
     """An update at or below the held version changes nothing."""
     routing = Routing(1)
-    routing.load_snapshot({"v": 3, "nodes": nodes(1, 2), "interest": [[2, "a", 1, 1]]})
-    assert routing.apply_update({"v": version, "dead": [2], "nodes": nodes(1)}) == (set(), set(), set())
+    routing.load_snapshot(snapshot(3, nodes(1, 2), interest=[[2, "a", 1, 1]]))
+    assert routing.apply_update(mesh.Update(version, nodes=nodes(1), dead=[2])) == (set(), set(), set())
     assert routing.version == 3
     assert set(routing.nodes) == {1, 2}
     assert routing.interested_peers(["a"]) == {2: ["a"]}
@@ -451,8 +444,8 @@ def test_routing_old_update_ignored(version):
 def test_routing_gap_detected(version):
     """apply_update returns None on a gap and applies nothing."""
     routing = Routing(1)
-    routing.load_snapshot({"v": 3, "nodes": nodes(1, 2)})
-    assert routing.apply_update({"v": version, "interest": [[2, "a", 1, 1]], "dead": [2]}) is None
+    routing.load_snapshot(snapshot(3, nodes(1, 2)))
+    assert routing.apply_update(mesh.Update(version, dead=[2], interest=[[2, "a", 1, 1]])) is None
     assert routing.version == 3
     assert routing.interested_peers(["a"]) == {}
     assert set(routing.nodes) == {1, 2}
@@ -461,10 +454,9 @@ def test_routing_gap_detected(version):
 def test_routing_dead_node():
     """A dead node's interest and consumers are forgotten and its topics reported."""
     routing = Routing(1)
-    routing.load_snapshot({"v": 1, "nodes": nodes(1, 2, 3),
-                           "interest": [[2, "a", 1, 1], [3, "a", 1, 1]],
-                           "consumers": [[2, "t", 1, 1, 1], [3, "u", 1, 1, 1]]})
-    added, removed, topics = routing.apply_update({"v": 2, "dead": [2], "nodes": nodes(1, 3)})
+    routing.load_snapshot(snapshot(1, nodes(1, 2, 3), interest=[[2, "a", 1, 1], [3, "a", 1, 1]],
+                                   consumers=[[2, "t", 1, 1, 1], [3, "u", 1, 1, 1]]))
+    added, removed, topics = routing.apply_update(mesh.Update(2, nodes=nodes(1, 3), dead=[2]))
     assert (added, removed) == (set(), {2})
     assert topics == {"t"}
     assert routing.interested_peers(["a"]) == {3: ["a"]}
@@ -475,8 +467,8 @@ def test_routing_dead_node():
 def test_routing_node_list_change_drops_removed():
     """A node missing from a new node list is dropped like a dead one."""
     routing = Routing(1)
-    routing.load_snapshot({"v": 1, "nodes": nodes(1, 2), "consumers": [[2, "t", 1, 1, 1]]})
-    added, removed, topics = routing.apply_update({"v": 2, "nodes": nodes(1, 4)})
+    routing.load_snapshot(snapshot(1, nodes(1, 2), consumers=[[2, "t", 1, 1, 1]]))
+    added, removed, topics = routing.apply_update(mesh.Update(2, nodes=nodes(1, 4)))
     assert (added, removed, topics) == ({4}, {2}, {"t"})
     assert routing.has_consumers("t") is False
 
@@ -484,26 +476,25 @@ def test_routing_node_list_change_drops_removed():
 def test_routing_snapshot_replaces_everything():
     """A snapshot replaces nodes, tables and version, and reports what changed."""
     routing = Routing(1)
-    routing.load_snapshot({"v": 4, "nodes": nodes(1, 2, 3), "interest": [[2, "a", 1, 1]],
-                           "consumers": [[2, "t", 1, 1, 1]]})
-    added, removed, topics = routing.load_snapshot({"v": 9, "nodes": nodes(1, 3, 5),
-                                                    "consumers": [[5, "u", 1, 1, 1]]})
+    routing.load_snapshot(snapshot(4, nodes(1, 2, 3), interest=[[2, "a", 1, 1]],
+                                   consumers=[[2, "t", 1, 1, 1]]))
+    added, removed, topics = routing.load_snapshot(snapshot(9, nodes(1, 3, 5), consumers=[[5, "u", 1, 1, 1]]))
     assert (added, removed, topics) == ({5}, {2}, {"t", "u"})
     assert routing.version == 9
     assert routing.interested_peers(["a"]) == {}
     assert routing.pick_consumer("t", 1) is None
     assert routing.pick_consumer("u", 1) == (5, 1)
-    assert routing.apply_update({"v": 10}) == (set(), set(), set())
-    assert routing.apply_update({"v": 12}) is None
+    assert routing.apply_update(mesh.Update(10)) == (set(), set(), set())
+    assert routing.apply_update(mesh.Update(12)) is None
 
 
 def test_routing_peer_changes_use_sequence_rule():
     """Changes from a peer and the same changes relayed later are applied once, newest wins."""
     routing = Routing(1)
-    routing.load_snapshot({"v": 1, "nodes": nodes(1, 2)})
+    routing.load_snapshot(snapshot(1, nodes(1, 2)))
     assert routing.apply_changes(consumers=[[2, "t", 1, 1, 1]]) == {"t"}
     assert routing.apply_changes(consumers=[[2, "t", 1, 0, 2]]) == {"t"}
-    changed = routing.apply_update({"v": 2, "consumers": [[2, "t", 1, 1, 1]]})
+    changed = routing.apply_update(mesh.Update(2, consumers=[[2, "t", 1, 1, 1]]))
     assert changed == (set(), set(), set())
     assert routing.has_consumers("t") is False
 
@@ -511,8 +502,8 @@ def test_routing_peer_changes_use_sequence_rule():
 def test_routing_interest_lookups():
     """interested_peers never names this node; interest_count is the largest count over the channels."""
     routing = Routing(1)
-    routing.load_snapshot({"v": 1, "nodes": nodes(1, 2, 3),
-                           "interest": [[1, "a", 4, 1], [2, "a", 1, 1], [2, "b", 6, 2], [3, "b", 2, 1]]})
+    routing.load_snapshot(snapshot(1, nodes(1, 2, 3),
+                                   interest=[[1, "a", 4, 1], [2, "a", 1, 1], [2, "b", 6, 2], [3, "b", 2, 1]]))
     assert routing.interested_peers(["a", "b", "none"]) == {2: ["a", "b"], 3: ["b"]}
     assert routing.interested_peers(["none"]) == {}
     assert routing.interest_count(2, ["a", "b"]) == 6
@@ -523,8 +514,8 @@ def test_routing_interest_lookups():
 
 def consumer_routing(members) -> Routing:
     routing = Routing(1)
-    routing.load_snapshot({"v": 1, "nodes": nodes(1, 2, 3),
-                           "consumers": [[origin, "t", cid, 1, 1] for origin, cid in members]})
+    routing.load_snapshot(snapshot(1, nodes(1, 2, 3),
+                                   consumers=[[origin, "t", cid, 1, 1] for origin, cid in members]))
     return routing
 
 
@@ -611,9 +602,8 @@ class _Clock:
 
 def test_tombstones_refuse_stale_changes_then_are_forgotten():
     """A removed key refuses an older change for GRAVE_S seconds; after that it no longer takes memory."""
-    from cluster.state import GRAVE_S
     clock = _Clock()
-    state = MeshState(clock=clock)
+    state = InterestTable(clock=clock)
     for index in range(100):
         state.apply_interest(1, f"room-{index}", 1, 2 * index + 1)
         state.apply_interest(1, f"room-{index}", 0, 2 * index + 2)
@@ -629,9 +619,8 @@ def test_tombstones_refuse_stale_changes_then_are_forgotten():
 
 def test_tombstone_of_a_key_changed_again_is_kept():
     """A key removed, then re-added (and removed again later) keeps the newer sequence number."""
-    from cluster.state import GRAVE_S
     clock = _Clock()
-    state = MeshState(clock=clock)
+    state = InterestTable(clock=clock)
     state.apply_interest(1, "room", 1, 1)
     state.apply_interest(1, "room", 0, 2)
     clock.now += GRAVE_S / 2
@@ -651,50 +640,48 @@ def test_tombstone_of_a_key_changed_again_is_kept():
 def test_routing_merge_after_coordinator_restart_keeps_unlisted_peers_until_expiry():
     """A restarted coordinator's partial snapshot adds and refreshes nodes; the others stay until expired."""
     routing = Routing(1)
-    routing.load_snapshot({"v": 5, "nodes": nodes(1, 2, 3),
-                           "interest": [[2, "a", 1, 10], [3, "b", 1, 10], [2, "gone", 1, 11]],
-                           "consumers": [[3, "t", 7, 1, 12]]})
+    routing.load_snapshot(snapshot(5, nodes(1, 2, 3), interest=[[2, "a", 1, 10], [3, "b", 1, 10], [2, "gone", 1, 11]],
+                                   consumers=[[3, "t", 7, 1, 12]]))
     # Node 2 is back with fresh state (it left "gone"); node 3 has not re-registered yet.
-    added, removed, _ = routing.merge_snapshot(
-        {"v": 1, "nodes": nodes(1, 2), "interest": [[2, "a", 2, 50]], "consumers": []}, keep_until=100.0)
+    added, removed, _ = routing.merge_snapshot(snapshot(1, nodes(1, 2), interest=[[2, "a", 2, 50]]), keep_until=100.0)
     assert added == set() and removed == set()
     assert set(routing.nodes) == {1, 2, 3}
     assert routing.interested_peers(["a", "b", "gone"]) == {2: ["a"], 3: ["b"]}
     assert routing.pick_consumer("t", 99) == (3, 7)
     assert routing.version == 1
     # A partial node list in an update only adds.
-    assert routing.apply_update({"v": 2, "nodes": nodes(1, 2, 4)})[0] == {4}
+    assert routing.apply_update(mesh.Update(2, nodes=nodes(1, 2, 4)))[0] == {4}
     assert set(routing.nodes) == {1, 2, 3, 4}
     assert routing.expire_unconfirmed(now=50.0) == (set(), set(), set())
     added, removed, topics = routing.expire_unconfirmed(now=100.0)
     assert removed == {3} and topics == {"t"}
     assert set(routing.nodes) == {1, 2, 4} and routing.pick_consumer("t", 99) is None
     # Back to normal: a full list removes what it does not name.
-    assert routing.apply_update({"v": 3, "nodes": nodes(1, 2)})[1] == {4}
+    assert routing.apply_update(mesh.Update(3, nodes=nodes(1, 2)))[1] == {4}
 
 
 def test_routing_node_back_with_a_new_mesh_point_is_reconnected():
     """A known node id listed with another mesh point counts as added (the link is opened again)."""
     routing = Routing(1)
-    routing.load_snapshot({"v": 1, "nodes": nodes(1, 2)})
-    moved = [dict(info, mesh_point="tcp://h:9999") if info["node_id"] == 2 else info for info in nodes(1, 2)]
-    assert routing.apply_update({"v": 2, "nodes": moved})[0] == {2}
+    routing.load_snapshot(snapshot(1, nodes(1, 2)))
+    moved = [info._replace(mesh_point="tcp://h:9999") if info.node_id == 2 else info for info in nodes(1, 2)]
+    assert routing.apply_update(mesh.Update(2, nodes=moved))[0] == {2}
 
 
 def test_registry_refuses_a_bad_mesh_point():
     """A mesh point that is not tcp://HOST:PORT is refused for good (a misconfigured node.advertise)."""
     registry = Registry()
-    for bad in ("tcp://http://h:1", "h:1", "tcp://host name:1", "", None):
+    for bad in ("tcp://http://h:1", "h:1", "tcp://host name:1", ""):
         with pytest.raises(RegistryError) as refused:
-            registry.register(b"r", dict(INFO, mesh_point=bad), now=0, wall_ms=0)
+            registry.register(b"r", info(mesh_point=bad), now=0, wall_ms=0)
         assert not refused.value.retry
 
 
-def test_registry_keeps_numeric_figures_only():
-    """Heartbeat figures that are not numbers are dropped, so status totals always add up."""
+def test_registry_lists_a_node_as_its_mesh_entry():
+    """What nodes learn of a node (NodeEntry) is what /v1/nodes lists, with the client count of its last heartbeat."""
     registry = Registry()
     node_id, _ = registry.register(b"r", INFO, now=0, wall_ms=0)
-    registry.heartbeat(b"r", node_id, {"clients": 3, "cpu": 1.5, "rss": "lots", "flag": True, "x": [1]}, now=1)
-    assert registry.nodes[node_id].stats == {"clients": 3, "cpu": 1.5}
-    registry.heartbeat(b"r", node_id, ["not", "a", "dict"], now=2)
-    assert registry.nodes[node_id].stats == {}
+    registry.heartbeat(b"r", node_id, {"clients": 3, "cpu": 1.5}, now=1)
+    [entry] = registry.entries()
+    assert entry == mesh.NodeEntry(node_id, "h1", 100, "h1:6789", "tcp://h1:7000", 3, 1.5)
+    assert registry.public_list() == [entry._asdict()]

@@ -1,4 +1,4 @@
-"""Mesh routing state: channel interest and topic consumers, keyed by origin node.
+"""The interest table: which nodes have subscribers of which channels, and consumers of which topics.
 
 PURE: plain dictionaries; no I/O. The coordinator keeps the authoritative copy
 (coordinator/tables.py) and every node caches one (node/routing.py).
@@ -27,8 +27,8 @@ from collections import deque
 GRAVE_S = 60.0
 
 
-class MeshState:
-    """Interest and consumers of every node.
+class InterestTable:
+    """Interest (channel -> nodes with subscribers) and consumers (topic -> consumers) of every node.
 
     Owned by one IOLoop (the coordinator's or a node's): not thread-safe.
 

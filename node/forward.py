@@ -1,0 +1,138 @@
+"""send / publish / conn.call to a client anywhere in the mesh, and what peers ask of this node.
+
+Local first or remote: the owner of a client is read from its id
+(cluster/ids.py); a channel's subscribers are wherever `Routing` says. A
+request a peer forwards here is served locally only, never sent on
+(one hop). Every forwarded request ends within the forward timeout
+(node/mesh_point.py) and becomes the protocol's error when it fails
+(docs/protocol.md, mesh.send, mesh.publish, conn.call). Owned by the node's
+IOLoop.
+"""
+
+import asyncio
+
+from cluster import mesh
+from cluster.ids import node_id_of
+from cluster.protocol import ApiError, ErrorCode
+from node.mesh_point import BadReply, PeerTimeout, PeerUnavailable
+
+
+class Forwarder:
+    """Args:
+        routing: the node's Routing.
+        hub: the local Hub (clients and subscriptions).
+        mesh_point: the MeshPoint to reach peers.
+        call_local: `async (client_id, function, args) -> result` runs a conn.call function
+            on a local client (node/api.py).
+        adverts: the node's Adverts (peers' adverts are applied there).
+        queues: the node's QueueDispatch (queue events from peers).
+    """
+
+    def __init__(self, routing, hub, mesh_point, call_local, adverts, queues):
+        self.routing = routing
+        self.hub = hub
+        self.mesh_point = mesh_point
+        self.call_local = call_local
+        self.adverts = adverts
+        self.queues = queues
+        self._handlers = {
+            mesh.Send: self.handle_send, mesh.Publish: self.handle_publish, mesh.Call: self.handle_call,
+            mesh.QueueEvent: self.handle_queue_event, mesh.PeerAdvert: self.handle_peer_advert,
+        }
+
+    # --- outbound ----------------------------------------------------------------------
+
+    async def send(self, client_id: int, frame: bytes) -> None:
+        """Delivers one encoded frame to a client anywhere in the mesh.
+
+        Raises:
+            ApiError(401): not connected anywhere, owner dead or silent, or the write failed.
+        """
+        owner = node_id_of(client_id)
+        if owner == self.routing.node_id:
+            written = self.hub.send(client_id, frame)
+        elif owner not in self.routing.nodes:
+            written = None
+        else:
+            try:
+                written = await self.mesh_point.request(owner, mesh.send_request(client_id, frame))
+            except PeerUnavailable:
+                written = None
+            except PeerTimeout:
+                raise ApiError(ErrorCode.SEND_FAILED,
+                               f"client {client_id}: its node {owner} did not answer within the forward timeout")
+            except BadReply as exc:
+                raise ApiError(ErrorCode.SEND_FAILED, f"client {client_id}: {exc}") from None
+            if isinstance(written, mesh.Failure):
+                raise ApiError(ErrorCode.SEND_FAILED, f"client {client_id}: its node {owner} failed: {written.message}")
+        if written is None:
+            raise ApiError(ErrorCode.SEND_FAILED, f"client {client_id} is not connected")
+        if not written:
+            raise ApiError(ErrorCode.SEND_FAILED, f"client {client_id}: write failed")
+
+    async def publish(self, channels: list, frame: bytes) -> tuple:
+        """Delivers one encoded frame to every subscriber of `channels` in the mesh, once each; returns `(s, f)`."""
+        written, failed = self.hub.publish(channels, frame)
+        peers = self.routing.interested_peers(channels)
+        if not peers:
+            return written, failed
+        results = await asyncio.gather(*[self.mesh_point.request(peer, mesh.publish_request(peer_channels, frame))
+                                          for peer, peer_channels in peers.items()], return_exceptions=True)
+        for (peer, peer_channels), result in zip(peers.items(), results):
+            if isinstance(result, mesh.Delivered):
+                written += result.written
+                failed += result.failed
+            else:   # no answer, or no usable one: its subscribers as last advertised
+                failed += self.routing.interest_count(peer, peer_channels)
+        return written, failed
+
+    async def call(self, client_id: int, function: str, args: list) -> dict:
+        """Runs a conn.call function on a client anywhere in the mesh; returns the result `r`.
+
+        Raises:
+            ApiError(301): client not connected anywhere, or the function failed.
+            ApiError(501): the owner did not answer in time.
+        """
+        owner = node_id_of(client_id)
+        if owner == self.routing.node_id:
+            return await self.call_local(client_id, function, args)
+        if owner not in self.routing.nodes:
+            raise ApiError(ErrorCode.CALL_FAILED, f"client {client_id} is not connected")
+        try:
+            result = await self.mesh_point.request(owner, mesh.call_request(client_id, function, args))
+        except PeerUnavailable:
+            raise ApiError(ErrorCode.CALL_FAILED, f"client {client_id} is not connected") from None
+        except PeerTimeout:
+            raise ApiError(ErrorCode.MESH_UNAVAILABLE,
+                           f"client {client_id}: its node {owner} did not answer within the forward timeout") from None
+        except BadReply as exc:
+            raise ApiError(ErrorCode.MESH_UNAVAILABLE, f"client {client_id}: {exc}") from None
+        if isinstance(result, mesh.Failure):
+            raise ApiError(result.code, result.message)
+        return result
+
+    # --- inbound -----------------------------------------------------------------------
+
+    def handle(self, peer: bytes, request: mesh.Request):
+        """Serves one request of a peer (MeshPoint.handle_request): result bytes or an awaitable of them."""
+        return self._handlers[type(request.message)](request.message)
+
+    def handle_send(self, send: mesh.Send) -> bytes:
+        return mesh.send_result(self.hub.send(send.client_id, send.frame))
+
+    def handle_publish(self, publish: mesh.Publish) -> bytes:
+        return mesh.publish_result(*self.hub.publish(publish.channels, publish.frame))
+
+    async def handle_call(self, call: mesh.Call) -> bytes:
+        try:
+            result = await self.call_local(call.client_id, call.function, call.args)
+        except ApiError as exc:
+            return mesh.failure(exc.code, exc.message)
+        return mesh.call_result(result)
+
+    def handle_queue_event(self, event: mesh.QueueEvent) -> bytes:
+        return self.queues.handle_queue_event(event)
+
+    def handle_peer_advert(self, advert: mesh.PeerAdvert) -> bytes:
+        self.queues.drain_all(self.adverts.handle_peer_advert(advert))
+        return mesh.advert_result()

@@ -1,0 +1,137 @@
+"""Which consumer gets which queue event, wherever it is in the mesh (docs/protocol.md, queue.pop).
+
+Uses the pure parts next to it: node/queues.py (per-topic buffers, this
+node's consumers) and node/routing.py (every consumer in the mesh, the pick
+that keeps one client's messages on one consumer). An event goes straight to
+its consumer when its topic has nothing waiting; otherwise it waits in arrival
+order and is drained oldest first. At most once: an event written (or handed
+to a peer that then did not answer) is not delivered again. Owned by the
+node's IOLoop.
+"""
+
+import asyncio
+
+from cluster import mesh, protocol
+from node.clients import write_frame
+from node.mesh_point import PeerTimeout
+from node.queues import Buffers, Consumers
+
+_DRAIN_BATCH = 10000
+_RETRY_S = 0.05     # pause before handing out events again after a peer could not be reached
+_PICK_TRIES = 64    # consumers tried for one event before it waits again
+
+
+class QueueDispatch:
+    """Args:
+        queue: the node's QueueConfig (buffer bounds).
+        routing: the node's Routing.
+        mesh_point: the MeshPoint for consumers on other nodes.
+        adverts: the node's Adverts (consumer changes are advertised).
+        counters: the node's Counters.
+    """
+
+    def __init__(self, queue, routing, mesh_point, adverts, counters):
+        self.routing = routing
+        self.mesh_point = mesh_point
+        self.adverts = adverts
+        self.counters = counters
+        self.buffers = Buffers(queue.topic_size, queue.max_topics, queue.max_bytes, size_of=lambda item: len(item[2]))
+        self.consumers = Consumers()
+        self.lost = 0          # events handed to a peer that did not answer in time
+        self._arrivals = 0     # arrival sequence of pushes (keeps per-client order on retries)
+
+    # --- pushes ------------------------------------------------------------------------
+
+    def push(self, topic: str, client_id: int, data) -> None:
+        """Pushes what a client sent (`data`, any JSON value) to a topic.
+
+        Raises:
+            QueueFull: no consumer can take it now and the topic's buffer is full.
+        """
+        event = protocol.queue_event(self.routing.node_id, client_id, topic, data)
+        self._arrivals += 1
+        if self.buffers.waiting(topic) or not self.routing.has_consumers(topic):
+            self.buffers.push(topic, (self._arrivals, client_id, event))
+            if self.routing.has_consumers(topic):
+                self.drain(topic)
+            return
+        self.dispatch(topic, self._arrivals, client_id, event)
+
+    def dispatch(self, topic: str, seq: int, client_id: int, event: bytes) -> bool:
+        """Hands one event to the consumer its client maps to; puts it back in order when none can take it."""
+        for _ in range(_PICK_TRIES):
+            target = self.routing.pick_consumer(topic, client_id)
+            if target is None:
+                break
+            origin, consumer_id = target
+            if origin != self.routing.node_id:
+                future = self.mesh_point.request(origin, mesh.queue_event_request(topic, consumer_id, event))
+                future.add_done_callback(
+                    lambda f: self._on_event_reply(f, topic, (seq, client_id, event), origin, consumer_id))
+                return True
+            if self.write_local(consumer_id, topic, event):
+                return True
+            self.routing.forget_consumer(origin, topic, consumer_id)
+        self.buffers.put_back(topic, (seq, client_id, event))
+        return False
+
+    def write_local(self, consumer_id: int, topic: str, event: bytes) -> bool:
+        conn = self.consumers.connection(consumer_id, topic)
+        return conn is not None and write_frame(conn, protocol.encode_ws_frame(event), self.counters)
+
+    def _on_event_reply(self, future, topic: str, item: tuple, origin: int, consumer_id: int) -> None:
+        error = future.exception()
+        if isinstance(error, PeerTimeout):
+            self.lost += 1   # at most once: it may have been written
+            return
+        if error is None and future.result() is True:
+            return
+        # Not there any more (or no link to its node): stop choosing it; its
+        # node's advert or the coordinator will say the rest.
+        self.routing.forget_consumer(origin, topic, consumer_id)
+        self.buffers.put_back(topic, item)
+        loop = asyncio.get_running_loop()
+        if error is None:
+            loop.call_soon(self.drain, topic)
+        else:
+            loop.call_later(_RETRY_S, self.drain, topic)
+
+    def drain(self, topic: str) -> None:
+        """Delivers what waits for `topic`, oldest first, while it has consumers."""
+        for _ in range(_DRAIN_BATCH):
+            if not self.routing.has_consumers(topic):
+                return
+            item = self.buffers.pop(topic)
+            if item is None:
+                return
+            if not self.dispatch(topic, *item):
+                return
+        asyncio.get_running_loop().call_soon(self.drain, topic)
+
+    def drain_all(self, topics) -> None:
+        for topic in topics:
+            self.drain(topic)
+
+    # --- consumers ---------------------------------------------------------------------
+
+    def consume(self, consumer_id: int, conn, topics: list) -> None:
+        """Registers a consumer's topics; what waits for them follows after the caller's reply.
+
+        Raises:
+            AlreadyConsuming, TooManyTopics (node/queues.py): nothing changed.
+        """
+        self.consumers.add(consumer_id, conn, topics)
+        self.adverts.consumers_changed(consumer_id, topics, True)
+        loop = asyncio.get_running_loop()   # docs/protocol.md, queue.pop: the reply, then the events
+        for topic in topics:
+            loop.call_soon(self.drain, topic)
+
+    def stop_consuming(self, consumer_id: int, topics=None) -> None:
+        """Stops `topics` of a consumer (all when None); idempotent."""
+        gone = self.consumers.remove(consumer_id, topics)
+        if gone:
+            self.adverts.consumers_changed(consumer_id, gone, False)
+
+    def handle_queue_event(self, event: mesh.QueueEvent) -> bytes:
+        """A peer hands an event to a consumer of this node."""
+        return mesh.queue_event_result(self.write_local(event.consumer_id, event.topic, event.event))
