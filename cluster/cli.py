@@ -94,7 +94,7 @@ def _check_startable(config, workers: int) -> None:
 
 def _check_entries(config) -> None:
     """Entry files must compile (and modules exist) before anything starts."""
-    from node.entry import EntryError, check_spec
+    from cluster.entry_spec import EntryError, check_spec
     for index, server in enumerate(config.node.servers):
         if server.entry:
             try:

@@ -110,14 +110,8 @@ _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 def _text(max_bytes: int):
     """Printable text (no control characters) of at most `max_bytes` UTF-8 bytes."""
     def check(value, field):
-        if not isinstance(value, str) or _CONTROL_CHARS.search(value):
-            raise FrameError(f"{field}: expected text without control characters")
-        try:
-            size = len(value.encode("utf-8"))
-        except UnicodeEncodeError:
-            raise FrameError(f"{field}: not valid Unicode text") from None
-        if size > max_bytes:
-            raise FrameError(f"{field}: longer than {max_bytes} bytes")
+        if not isinstance(value, str) or _CONTROL_CHARS.search(value) or protocol.utf8_size(value) > max_bytes:
+            raise FrameError(f"{field}: expected Unicode text of at most {max_bytes} bytes, no control characters")
         return value
     return check
 

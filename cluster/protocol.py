@@ -261,7 +261,7 @@ class CallParams(NamedTuple):
     args: list
 
 
-def _utf8_size(text: str) -> int:
+def utf8_size(text: str) -> int:
     """Bytes of `text` in UTF-8; a lone surrogate counts as too long."""
     try:
         return len(text.encode("utf-8"))
@@ -296,7 +296,7 @@ def parse_call_args(function: str, args: list, prefix: str = "p.") -> list:
             raise _invalid(f"{field}: close takes [], [code] or [code, reason]")
         if args and not _valid_close_code(args[0]):
             raise _invalid(f"{field}[0]: close code must be 1000-1003, 1007-1011 or 3000-4999")
-        if len(args) == 2 and (not isinstance(args[1], str) or _utf8_size(args[1]) > _MAX_REASON_BYTES):
+        if len(args) == 2 and (not isinstance(args[1], str) or utf8_size(args[1]) > _MAX_REASON_BYTES):
             raise _invalid(f"{field}[1]: close reason must be a text string of at most {_MAX_REASON_BYTES} bytes")
         return args
     if function == "get_context":

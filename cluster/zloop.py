@@ -1,4 +1,4 @@
-"""A ZeroMQ socket read on the running asyncio loop, in batches.
+"""ZeroMQ sockets of the cluster: made alike (`new_socket`), read on the running asyncio loop in batches.
 
 ZeroMQ signals readiness through an edge-triggered file descriptor, and any
 operation on the socket (a send included) may consume the edge. So after every
@@ -14,6 +14,23 @@ import zmq
 log = logging.getLogger("meshgate.mesh")
 
 _BATCH = 512
+
+
+def new_socket(context: zmq.Context, kind: int, hwm: int, routing_id: bytes = None) -> zmq.Socket:
+    """A socket with what every socket of the cluster has: no linger, bounded queues both ways.
+
+    Args:
+        kind: zmq.ROUTER or zmq.DEALER.
+        hwm: messages that may wait in each direction (ZeroMQ's high-water marks).
+        routing_id: a DEALER's fixed identity, if it needs one.
+    """
+    socket = context.socket(kind)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.SNDHWM, hwm)
+    socket.setsockopt(zmq.RCVHWM, hwm)
+    if routing_id is not None:
+        socket.setsockopt(zmq.ROUTING_ID, routing_id)
+    return socket
 
 
 class ZSocket:

@@ -14,7 +14,7 @@ from tornado.ioloop import PeriodicCallback
 
 from cluster import mesh
 from cluster.ids import now_ms
-from cluster.zloop import ZSocket
+from cluster.zloop import ZSocket, new_socket
 from coordinator.registry import Registry, RegistryError
 from coordinator.tables import Tables
 
@@ -39,10 +39,7 @@ class Control:
         self.registry = Registry(grace_until=time.monotonic() + grace)
         self.tables = Tables()
         self.started_at = time.time()
-        socket = context.socket(zmq.ROUTER)
-        socket.setsockopt(zmq.LINGER, 0)
-        socket.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        socket.setsockopt(zmq.SNDHWM, 100000)
+        socket = new_socket(context, zmq.ROUTER, 100000)
         listen = config.coordinator.registry
         socket.bind(f"tcp://{listen.bind}:{listen.port}")
         self.stream = ZSocket(socket, self.on_message)

@@ -5,7 +5,8 @@ import time
 import tornado.web
 import ujson
 
-from cluster import __version__
+from cluster import __version__, protocol
+from cluster.protocol import ErrorCode
 
 # Per-node figures a node reports in its heartbeat and /v1/status shows (append only).
 NODE_FIGURES = (
@@ -50,7 +51,11 @@ class _JsonHandler(tornado.web.RequestHandler):
     def write_error(self, status_code: int, **kwargs) -> None:
         message = (f"{self.request.method} is not allowed on {self.request.path}; use GET" if status_code == 405
                    else f"{self.request.path}: no such endpoint" if status_code == 404 else "internal error")
-        self.send_json({"E": {"c": 101 if status_code < 500 else 501, "m": message}})
+        self.send_error_envelope(ErrorCode.INVALID_PARAMS if status_code < 500 else ErrorCode.MESH_UNAVAILABLE, message)
+
+    def send_error_envelope(self, code: ErrorCode, message: str) -> None:
+        self.set_header("Content-Type", "application/json")
+        self.finish(protocol.error_body(code, message))
 
 
 class VersionHandler(_JsonHandler):
@@ -87,7 +92,7 @@ class MetricsHandler(_JsonHandler):
 class NotFoundHandler(_JsonHandler):
     def prepare(self):
         self.set_status(404)
-        self.send_json({"E": {"c": 101, "m": f"{self.request.path}: no such endpoint"}})
+        self.send_error_envelope(ErrorCode.INVALID_PARAMS, f"{self.request.path}: no such endpoint")
 
 
 def make_app(control) -> tornado.web.Application:

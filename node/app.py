@@ -19,7 +19,7 @@ from tornado.netutil import bind_sockets
 
 from cluster import logs
 from cluster.supervisor import SUPERVISED_ENV, watch_parent
-from node import entry as entries
+from node import entry as entries, hooks
 from node.api_http import ROUTES, CallHandler, NotFoundHandler
 from node.api_ws import ApiSocket
 from node.client_ws import ClientHandler
@@ -52,7 +52,7 @@ def client_app(node, servers: list) -> tornado.web.Application:
     """One application for the configured servers that share a port, one route per path."""
     routes = []
     for server in servers:
-        entry = entries.load(node, server)
+        entry = hooks.load(node, server)
         path = server.path.rstrip("/") or "/"
         pattern = "/" if path == "/" else path + "/?"
         routes.append((pattern, ClientHandler, {"node": node, "server": server, "entry": entry}))

@@ -46,7 +46,7 @@ class ClientHandler(tornado.websocket.WebSocketHandler):
     remote_addr = ""
     path = query = ""
     headers = None
-    hook_busy = False            # an async hook of this connection is running (node/entry.py)
+    hook_busy = False            # an async hook of this connection is running (node/hooks.py)
     hook_pending = None          # events waiting for it
     hook_pending_bytes = 0       # client data in those events
     _waiters = None              # context key -> futures of wait_context_value

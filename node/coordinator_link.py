@@ -18,13 +18,14 @@ import zmq
 from tornado.ioloop import PeriodicCallback
 
 from cluster import mesh
-from cluster.zloop import ZSocket
+from cluster.zloop import ZSocket, new_socket
 
 log = logging.getLogger("meshgate.node")
 
 _REGISTER_RETRY_S = 0.25       # first retry of an unanswered registration; doubles up to the next
 _REGISTER_RETRY_MAX_S = 2.0
 _SYNC_RETRY_S = 1.0            # one snapshot request at a time
+_HWM = 10000
 
 
 class Identity(NamedTuple):
@@ -56,19 +57,14 @@ class CoordinatorLink:
         self.config = config
         self.routing = routing
         self.identity = identity
-        self._state = state
-        self._stats = stats
-        self._on_changes = on_changes
+        self._state, self._stats, self._on_changes = state, stats, on_changes   # the node's side, all it sees
         self.node_id = 0
         self.not_before_ms = 0
         self.joined = False
         self.registered = False
         self.fatal = None
         self.leaving = False
-        sock = context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, 10000)
-        sock.setsockopt(zmq.ROUTING_ID, f"{socket.gethostname()}-{os.getpid()}-{time.time_ns()}".encode())
+        sock = new_socket(context, zmq.DEALER, _HWM, f"{socket.gethostname()}-{os.getpid()}-{time.time_ns()}".encode())
         sock.connect(f"tcp://{config.node.coordinator}")
         self.socket = ZSocket(sock, self.on_message)
         self._registering_since = None

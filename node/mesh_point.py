@@ -17,7 +17,7 @@ from tornado.ioloop import PeriodicCallback
 
 from cluster import mesh
 from cluster.protocol import ErrorCode
-from cluster.zloop import ZSocket
+from cluster.zloop import ZSocket, new_socket
 
 log = logging.getLogger("meshgate.mesh")
 
@@ -59,10 +59,7 @@ class MeshPoint:
         self.timeout = timeout
         self.max_pending_bytes = max_pending_bytes
         self.handle_request = None
-        socket = context.socket(zmq.ROUTER)
-        socket.setsockopt(zmq.LINGER, 0)
-        socket.setsockopt(zmq.SNDHWM, _HWM)
-        socket.setsockopt(zmq.RCVHWM, _HWM)
+        socket = new_socket(context, zmq.ROUTER, _HWM)
         if bind.endswith(":0"):
             port = socket.bind_to_random_port(bind[:-2])
             self.address = f"{bind[:-2]}:{port}"
@@ -90,11 +87,7 @@ class MeshPoint:
     def connect(self, node_id: int, address: str, own_id: int) -> None:
         """Opens (or re-opens) the DEALER link to a peer's mesh point."""
         self.disconnect(node_id)
-        socket = self.context.socket(zmq.DEALER)
-        socket.setsockopt(zmq.LINGER, 0)
-        socket.setsockopt(zmq.SNDHWM, _HWM)
-        socket.setsockopt(zmq.RCVHWM, _HWM)
-        socket.setsockopt(zmq.ROUTING_ID, b"n%d-%d" % (own_id, time.monotonic_ns()))
+        socket = new_socket(self.context, zmq.DEALER, _HWM, b"n%d-%d" % (own_id, time.monotonic_ns()))
         socket.connect(address)
         self._peers[node_id] = ZSocket(socket, self.on_reply)
 
