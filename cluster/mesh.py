@@ -201,7 +201,7 @@ def _object(cls, fields):
 
 
 def _dumps(value: Any) -> bytes:
-    return ujson.dumps(value, ensure_ascii=False, escape_forward_slashes=False).encode("utf-8")
+    return ujson.dumps(value, ensure_ascii=False, escape_forward_slashes=False, allow_nan=False).encode("utf-8")
 
 
 def _loads(raw, field: str) -> Any:

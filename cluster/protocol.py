@@ -149,7 +149,7 @@ _BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}\Z")
 
 
 def _dumps(value: Any) -> str:
-    return ujson.dumps(value, ensure_ascii=False, escape_forward_slashes=False)
+    return ujson.dumps(value, ensure_ascii=False, escape_forward_slashes=False, allow_nan=False)
 
 
 class Payload(NamedTuple):
@@ -177,6 +177,8 @@ def parse_payload(params: dict, prefix: str = "p.") -> Payload:
                 return Payload(_dumps(data).encode("utf-8"), False)
         except UnicodeEncodeError:
             raise _invalid(f"{prefix}d: data is not valid Unicode text") from None
+        except OverflowError:   # NaN or Infinity, which JSON has no way to write
+            raise _invalid(f"{prefix}d: data holds a number JSON cannot carry (NaN or Infinity)") from None
         raise _invalid(f"{prefix}d: data must be a string, object or array for type text")
     if msg_type == "binary":
         if not isinstance(data, str):
