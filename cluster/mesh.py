@@ -26,8 +26,8 @@ the JSON keys are the field names of the classes below:
 | `SYNC` | Sync | node | node_id (a version was skipped: send a snapshot) |
 | `BYE` | Bye | node | node_id (leaving for good) |
 | `WELCOME` | Welcome | coordinator | node_id, not_before_ms, snapshot |
-| `UPD` | Update | coordinator | v, nodes (absent: unchanged), dead, interest, consumers |
-| `SNAP` | Snapshot | coordinator | v, nodes, interest, consumers |
+| `UPD` | Update | coordinator | v (1 and up), nodes (absent: unchanged), dead, interest, consumers |
+| `SNAP` | Snapshot | coordinator | v (0 before the first update), nodes, interest, consumers |
 | `REREG` | Reregister | coordinator | (none: register again) |
 | `REFUSED` | Refused | coordinator | reason, retry |
 
@@ -107,11 +107,13 @@ def _flag(value, field):
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
-def _text(max_bytes: int):
-    """Printable text (no control characters) of at most `max_bytes` UTF-8 bytes."""
+def _text(max_bytes: int, min_bytes: int = 0):
+    """Printable text (no control characters) of `min_bytes` to `max_bytes` UTF-8 bytes."""
     def check(value, field):
-        if not isinstance(value, str) or _CONTROL_CHARS.search(value) or protocol.utf8_size(value) > max_bytes:
-            raise FrameError(f"{field}: expected Unicode text of at most {max_bytes} bytes, no control characters")
+        if (not isinstance(value, str) or _CONTROL_CHARS.search(value)
+                or not min_bytes <= protocol.utf8_size(value) <= max_bytes):
+            raise FrameError(f"{field}: expected Unicode text of {min_bytes} to {max_bytes} bytes, "
+                             "no control characters")
         return value
     return check
 
@@ -128,11 +130,17 @@ def _name(kind: str):
 _channel = _name("channel")
 _topic = _name("topic")
 
-MESH_POINT = re.compile(r"tcp://[A-Za-z0-9.\-]+:\d{1,5}\Z|tcp://\[[0-9A-Fa-f:.]+\]:\d{1,5}\Z")
+_MESH_POINT = re.compile(r"tcp://(?:[A-Za-z0-9.\-]+|\[[0-9A-Fa-f:.]+\]):([0-9]{1,5})\Z")
+
+
+def is_mesh_point(value) -> bool:
+    """True for `tcp://HOST:PORT` (HOST a name, an IPv4 address or a bracketed IPv6 one; PORT 1..65535)."""
+    match = _MESH_POINT.match(value) if isinstance(value, str) else None
+    return match is not None and 1 <= int(match.group(1)) <= 65535
 
 
 def _mesh_point(value, field):
-    if not isinstance(value, str) or not MESH_POINT.match(value):
+    if not is_mesh_point(value):
         raise FrameError(f"{field}: expected tcp://HOST:PORT")
     return value
 
@@ -192,7 +200,7 @@ def _object(cls, fields):
             if item is _MISSING:
                 if default is _MISSING:
                     raise FrameError(f"{field}.{key}: is required")
-                item = default
+                item = dict(default) if isinstance(default, dict) else default   # never a shared dict
             elif item is not None or default is not None:
                 item = check(item, f"{field}.{key}")
             values.append(item)
@@ -206,9 +214,18 @@ def _dumps(value: Any) -> bytes:
 
 def _loads(raw, field: str) -> Any:
     try:
-        return ujson.loads(raw)
+        return ujson.loads(bytes(raw))
     except (ValueError, TypeError, OverflowError) as exc:
         raise FrameError(f"{field}: bad JSON: {exc}") from None
+
+
+def _json_value(value, field: str):
+    """Any JSON value that can be written again as UTF-8 JSON (no lone surrogate, NaN or Infinity)."""
+    try:
+        _dumps(value)
+    except (UnicodeEncodeError, OverflowError, TypeError):
+        raise FrameError(f"{field}: holds a lone UTF-16 surrogate, NaN or Infinity") from None
+    return value
 
 
 # --- control messages (node <-> coordinator) ----------------------------------------------
@@ -293,11 +310,18 @@ class Refused(NamedTuple):
 
 
 _node_entry = _object(NodeEntry, (
-    ("node_id", _node_id, _MISSING), ("host", _text(255), _MISSING), ("pid", _count, _MISSING),
-    ("api_server", _text(300), _MISSING), ("mesh_point", _mesh_point, _MISSING),
+    ("node_id", _node_id, _MISSING), ("host", _text(255, 1), _MISSING), ("pid", _count, _MISSING),
+    ("api_server", _text(300, 1), _MISSING), ("mesh_point", _mesh_point, _MISSING),
     ("clients", _count, 0), ("started_at", _number, 0),
 ))
-_node_entries = _list_of(_node_entry, MAX_NODE_ID)
+_node_list = _list_of(_node_entry, MAX_NODE_ID)
+
+
+def _node_entries(value, field):
+    entries = _node_list(value, field)
+    if len({entry.node_id for entry in entries}) != len(entries):
+        raise FrameError(f"{field}: a node id is listed twice")
+    return entries
 _snapshot = _object(Snapshot, (
     ("v", _count, _MISSING), ("nodes", _node_entries, _MISSING),
     ("interest", _origin_interest, ()), ("consumers", _origin_consumers, ()),
@@ -306,8 +330,8 @@ _snapshot = _object(Snapshot, (
 # kind bytes -> (class, reader); which side may send it
 _CONTROL = {
     b"REG": (Register, _object(Register, (
-        ("node_id", _node_id_or_zero, 0), ("host", _text(255), _MISSING), ("pid", _count, _MISSING),
-        ("api_server", _text(300), _MISSING), ("mesh_point", _text(300), _MISSING),
+        ("node_id", _node_id_or_zero, 0), ("host", _text(255, 1), _MISSING), ("pid", _count, _MISSING),
+        ("api_server", _text(300, 1), _MISSING), ("mesh_point", _text(300, 1), _MISSING),
         ("started_at", _number, 0),
         ("state", _object(NodeState, (("interest", _interest, ()), ("consumers", _consumers, ()),
                                       ("clients", _client_ids, ()))), NodeState()),
@@ -332,19 +356,23 @@ FROM_NODE = frozenset((Register, Heartbeat, Advert, Sync, Bye))
 FROM_COORDINATOR = frozenset((Welcome, Update, Snapshot, Reregister, Refused))
 
 
+def _fields(message) -> dict:
+    """A message's fields as a JSON object; None (an absent optional field) is left out."""
+    return {key: _wire(item) for key, item in zip(message._fields, message) if item is not None}
+
+
 def _wire(value):
-    """A control message's fields as JSON values (nested messages become objects)."""
+    """A field as a JSON value (nested messages become objects)."""
     if isinstance(value, (Snapshot, NodeState, NodeEntry)):
-        return {key: _wire(item) for key, item in zip(value._fields, value)}
+        return _fields(value)
     if isinstance(value, list) and value and isinstance(value[0], NodeEntry):
-        return [_wire(item) for item in value]
+        return [_fields(item) for item in value]
     return value
 
 
 def encode_control(message) -> list:
     """The frames `[kind, JSON]` of a control message (one of the classes above)."""
-    body = {key: _wire(item) for key, item in zip(message._fields, message) if item is not None}
-    return [_CONTROL_KIND[type(message)], _dumps(body)]
+    return [_CONTROL_KIND[type(message)], _dumps(_fields(message))]
 
 
 def control_kind(message) -> str:
@@ -439,20 +467,30 @@ def _ws_frame(value: bytes, field: str) -> bytes:
     return value
 
 
+def _no_body(value: bytes, field: str) -> None:
+    if value:
+        raise FrameError(f"{field}: this kind has no body")
+
+
 def _queue_event(value: bytes, field: str) -> bytes:
-    event = _loads(value, field)
+    try:
+        str(value, "utf-8")   # it goes to a consumer as a text frame
+    except UnicodeDecodeError:
+        raise FrameError(f"{field}: not UTF-8") from None
+    event = _json_value(_loads(value, field), field)
     if not isinstance(event, dict) or event.get("e") != "queue.pop" or not isinstance(event.get("p"), dict):
         raise FrameError(f"{field}: not a queue.pop event")
     return value
 
 
-def _call_args(function: str, args, field: str) -> list:
+def _call_args(function: str, args, where: str) -> list:
     if not isinstance(args, list):
-        raise FrameError(f"{field}: expected a list")
+        raise FrameError(f"{where}.a: expected a list")
     try:
-        return protocol.parse_call_args(function, args)
+        args = protocol.parse_call_args(function, args, f"{where}.")
     except ApiError as exc:
-        raise FrameError(f"{field}: {exc.message}") from None
+        raise FrameError(exc.message) from None
+    return _json_value(args, f"{where}.a")
 
 
 def _read_send(header: dict, body: bytes, where: str) -> Send:
@@ -468,9 +506,10 @@ def _read_publish(header: dict, body: bytes, where: str) -> Publish:
 
 def _read_call(header: dict, body: bytes, where: str) -> Call:
     function = header.get("f")
-    if function not in protocol.CALL_FUNCTIONS:
+    if not isinstance(function, str) or function not in protocol.CALL_FUNCTIONS:
         raise FrameError(f"{where}.f: unknown conn.call function")
-    return Call(_client_id(header.get("c"), f"{where}.c"), function, _call_args(function, header.get("a"), f"{where}.a"))
+    _no_body(body, f"{where} body")
+    return Call(_client_id(header.get("c"), f"{where}.c"), function, _call_args(function, header.get("a"), where))
 
 
 def _read_queue_event(header: dict, body: bytes, where: str) -> QueueEvent:
@@ -483,6 +522,7 @@ _peer_advert = _object(PeerAdvert, (("o", _node_id, _MISSING), ("interest", _int
 
 
 def _read_peer_advert(header: dict, body: bytes, where: str) -> PeerAdvert:
+    _no_body(body, f"{where} body")
     return _peer_advert(header, where)
 
 
@@ -617,6 +657,14 @@ def read_reply(frames: list) -> tuple:
     return _REPLY_HEAD.unpack_from(frame)[1], frame[_REPLY_HEAD.size:]
 
 
+_any_text = _text(1 << 29)
+
+
+def _failure_message(value, field: str) -> str:
+    """Text without control characters; kept up to 1000 characters."""
+    return _any_text(value, field)[:1000]
+
+
 def _read_send_result(result: dict):
     written = result.get("s", _MISSING)
     if written is not None and not isinstance(written, bool):
@@ -649,7 +697,8 @@ def read_result(kind: type, raw: bytes):
 
     Returns:
         Send: True, False or None; Publish: Delivered; Call: the `r` object;
-        QueueEvent: written (bool); PeerAdvert: True. Or Failure for any kind.
+        QueueEvent: written (bool); PeerAdvert: the peer's `ok` (bool). Or
+        Failure for any kind.
 
     Raises:
         FrameError: not a result of that kind.
@@ -658,8 +707,8 @@ def read_result(kind: type, raw: bytes):
     if not isinstance(result, dict):
         raise FrameError("mesh result must be a JSON object")
     if "e" in result:
-        code, message = result["e"], result.get("m")
-        if isinstance(code, bool) or code not in ErrorCode._value2member_map_ or not isinstance(message, str):
-            raise FrameError("mesh failure: expected an error code and a message")
-        return Failure(ErrorCode(code), message[:1000])
+        code = result["e"]
+        if isinstance(code, bool) or not isinstance(code, int) or code not in ErrorCode._value2member_map_:
+            raise FrameError("mesh failure.e: expected an error code")
+        return Failure(ErrorCode(code), _failure_message(result.get("m"), "mesh failure.m"))
     return _RESULTS[kind](result)

@@ -65,7 +65,7 @@ class Registry:
         Raises:
             RegistryError: the id is held by another live node, or no id is free.
         """
-        if not mesh.MESH_POINT.match(info.mesh_point):
+        if not mesh.is_mesh_point(info.mesh_point):
             raise RegistryError(f"mesh point {info.mesh_point!r} is not tcp://HOST:PORT (check node.advertise)",
                                 retry=False)
         wanted = info.node_id or self._by_routing.get(routing_id, 0)
