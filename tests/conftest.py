@@ -52,6 +52,31 @@ def names_field(message: str, field: str) -> bool:
     return re.search(rf"(?<![\w.]){re.escape(field)}[:\[]", message) is not None
 
 
+def assert_error(reply, code: int, field: str = None, req_id=None, http_status: int = 400, mentions: str = None) -> str:
+    """Checks an error envelope and returns its message.
+
+    `reply` is a WebSocket API reply (`{"E": ..., "i": ...}`, whose `i` must be
+    `req_id`) or an HTTP `(status, body)` pair (whose status must be
+    `http_status`). `E.c` must be `code`; the message must name `field` the way
+    PROTOCOL.md shows it (`names_field`) and contain `mentions`, when given.
+    """
+    if isinstance(reply, tuple):
+        status, body = reply
+        assert status == http_status, reply
+        assert isinstance(body, dict) and set(body) == {"E"}, reply
+    else:
+        body = reply
+        assert isinstance(body, dict) and set(body) == {"E", "i"}, reply
+        assert body["i"] == req_id, reply
+    assert body["E"]["c"] == code, reply
+    message = body["E"]["m"]
+    if field is not None:
+        assert names_field(message, field), reply
+    if mentions is not None:
+        assert mentions in message, reply
+    return message
+
+
 def compact(value) -> str:
     """JSON as the server writes it: no spaces, UTF-8."""
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
@@ -69,6 +94,7 @@ class Client:
         self.ws = ws
         self.client_id = client_id
         self.node = node
+        self.close_reason = None   # the reason of the server's close frame, once `close_code` read it
 
     def recv(self, timeout: float = WAIT):
         self.ws.settimeout(timeout)
@@ -81,14 +107,20 @@ class Client:
         return opcode, data
 
     def close_code(self, timeout: float = WAIT):
-        """Reads until the server's close frame; returns its code (None if the connection just dropped)."""
+        """Reads until the server's close frame; returns its code (None if the connection just dropped).
+
+        Data frames before it are skipped; the frame's reason is kept in `close_reason`.
+        """
         self.ws.settimeout(timeout)
         try:
             while True:
                 opcode, frame = self.ws.recv_data_frame(True)
                 if opcode == websocket.ABNF.OPCODE_CLOSE:
                     data = frame.data
-                    return int.from_bytes(data[:2], "big") if len(data) >= 2 else None
+                    if len(data) < 2:
+                        return None
+                    self.close_reason = data[2:].decode("utf-8")
+                    return int.from_bytes(data[:2], "big")
         except (websocket.WebSocketConnectionClosedException, ConnectionError):
             return None
 

@@ -9,7 +9,7 @@ import time
 import pytest
 import websocket
 
-from conftest import MESHGATE, WAIT, Cluster, wait_until
+from conftest import MESHGATE, WAIT, Cluster, assert_error, wait_until
 
 ENTRY = textwrap.dedent('''
     import asyncio
@@ -354,8 +354,8 @@ def test_context_that_is_not_json_is_a_clear_301(entry_cluster):
     api = entry_cluster.api()
     for client in clients:
         started = time.monotonic()
-        reply = api.request("conn.call", {"c": client.client_id, "f": "get_context"})
-        assert reply["E"]["c"] == 301 and "not JSON" in reply["E"]["m"]
+        reply = api.request("conn.call", {"c": client.client_id, "f": "get_context"}, req_id="ctx")
+        assert_error(reply, 301, req_id="ctx", mentions="not JSON")
         assert time.monotonic() - started < 1.0
 
 

@@ -300,19 +300,6 @@ def frame_of(client):
     return opcode, data.encode() if isinstance(data, str) else data
 
 
-def close_frame(client):
-    """`(code, reason)` of the server's close frame, or None when the socket just dropped."""
-    client.ws.settimeout(WAIT)
-    try:
-        while True:
-            opcode, frame = client.ws.recv_data_frame(True)
-            if opcode == websocket.ABNF.OPCODE_CLOSE:
-                data = frame.data
-                return int.from_bytes(data[:2], "big"), data[2:].decode()
-    except (websocket.WebSocketConnectionClosedException, ConnectionError):
-        return None
-
-
 def consumer_of(cluster, topic):
     consumer = cluster.api()
     assert consumer.request("queue.pop", [topic])["E"] is None
@@ -510,7 +497,7 @@ def test_conn_close_from_on_open_with_code_and_reason(spec):
     report = topic_name("closes")
     consumer = consumer_of(spec, report)
     client = spec.client(f"/?open=close&report={report}")
-    assert close_frame(client) == (4100, "not today")
+    assert (client.close_code(), client.close_reason) == (4100, "not today")
     event = consumer.event()
     assert event["p"]["d"] == {"code": 4100, "reason": "not today", "send_returned": False}
     consumer.ws.close()
@@ -522,7 +509,7 @@ def test_conn_close_defaults_to_1000(spec):
     consumer = consumer_of(spec, report)
     client, _ = connect(spec, f"report={report}")
     client.ws.send(json.dumps({"op": "close"}))
-    assert close_frame(client) == (1000, "")
+    assert (client.close_code(), client.close_reason) == (1000, "")
     assert consumer.event()["p"]["d"] == {"code": 1000, "reason": "", "send_returned": False}
     consumer.ws.close()
 
