@@ -6,6 +6,7 @@ processes' log is attached to a failing test. Clients are plain WebSocket and
 HTTP clients. `MESHGATE_TEST_SCALE` multiplies every wait (slow machines).
 """
 
+import contextlib
 import http.client
 import json
 import os
@@ -331,31 +332,73 @@ class Cluster:
         self._open.append(ws)
         return Client(ws)
 
-    def clients(self, count: int, topic: str = "default") -> list:
-        """Connects `count` clients and learns each one's client_id and node from a queue event."""
+    def clients(self, count: int, topic: str = "default", nodes: int = 1) -> list:
+        """Connects `count` clients and learns each one's client_id and node from a queue event.
+
+        With `nodes` > 1 it connects more (bounded) until the clients are held
+        by at least that many node processes: the kernel (SO_REUSEPORT), not
+        meshgate, picks the process of each connection.
+        """
+        deadline = time.monotonic() + WAIT
+        with self._node_learner(topic) as learn:
+            clients = learn(self.client() for _ in range(count))
+            for _ in range(20 * nodes):
+                if len({client.node for client in clients}) >= nodes or time.monotonic() > deadline:
+                    break
+                clients += learn([self.client()])
+            held = {client.node for client in clients}
+            assert len(held) >= nodes, f"{len(clients)} clients landed on nodes {sorted(held)} only"
+        return clients
+
+    def client_on(self, node_ids, attempts: int = 100, topic: str = "default") -> Client:
+        """A client held by one of the node processes `node_ids`.
+
+        Connects one client at a time (closing those held elsewhere) until one
+        lands there; bounded in count and time.
+        """
+        wanted = set(node_ids)
+        deadline = time.monotonic() + WAIT
+        with self._node_learner(topic) as learn:
+            for attempt in range(1, attempts + 1):
+                [client] = learn([self.client()])
+                if client.node in wanted:
+                    return client
+                client.ws.close()
+                if time.monotonic() > deadline:
+                    break
+        raise AssertionError(f"none of {attempt} clients landed on node(s) {sorted(wanted)}")
+
+    @contextlib.contextmanager
+    def _node_learner(self, topic: str):
+        """Yields `learn(clients)`: each client sends a marker, and its queue event gives its client_id and node.
+
+        The helper's consumer is gone from the tables when the block ends, so it
+        leaves no trace for the test.
+        """
         consumers_before = self.status()["coordinator"]["topics_with_consumers"]
         consumer = self.api()
         assert consumer.request("queue.pop", {"t": [topic]})["E"] is None
-        found = {}
-        clients = []
-        for index in range(count):
-            client = self.client()
-            marker = f"hello-{index}-{uuid.uuid4().hex[:8]}"
-            client.ws.send(marker)
-            clients.append((marker, client))
-        markers = {marker for marker, _ in clients}
-        while len(found) < count:
-            event = consumer.event()
-            data = event["p"]["d"]["frame"]["data"]
-            if data in markers:   # anything else was buffered before this consumer came
-                found[data] = event["p"]
-        for marker, client in clients:
-            client.client_id, client.node = found[marker]["c"], found[marker]["n"]
-        consumer.ws.close()
-        # Leave no trace: the helper's consumer is gone from the tables before the test goes on.
+
+        def learn(clients) -> list:
+            waiting = {}
+            for client in clients:
+                marker = f"hello-{uuid.uuid4().hex[:12]}"
+                client.ws.send(marker)
+                waiting[marker] = client
+            learned = list(waiting.values())
+            while waiting:
+                event = consumer.event()
+                client = waiting.pop(event["p"]["d"]["frame"]["data"], None)
+                if client is not None:   # anything else was buffered before this consumer came
+                    client.client_id, client.node = event["p"]["c"], event["p"]["n"]
+            return learned
+
+        try:
+            yield learn
+        finally:
+            consumer.ws.close()
         wait_until(lambda: self.status()["coordinator"]["topics_with_consumers"] <= consumers_before,
                    what="the helper's consumer to leave the tables")
-        return [client for _, client in clients]
 
 
 @pytest.fixture(scope="module")
