@@ -112,8 +112,17 @@ def connect(cluster, query="token=ok"):
 
 
 def spread_clients(cluster, count=8):
-    clients = [connect(cluster)[0] for _ in range(count)]
-    assert len({c.node for c in clients}) == cluster.workers
+    """At least `count` clients, more until every node process holds one (the kernel picks each one's process)."""
+    clients = []
+    deadline = time.monotonic() + WAIT
+    for _ in range(count + 40):
+        clients.append(connect(cluster)[0])
+        if len(clients) >= count and len({c.node for c in clients}) == cluster.workers:
+            break
+        if time.monotonic() > deadline:
+            break
+    held = {c.node for c in clients}
+    assert len(held) == cluster.workers, f"{len(clients)} clients landed on nodes {sorted(held)} only"
     return clients
 
 

@@ -25,7 +25,7 @@ def frozen(tmp_path):
 def test_frozen_owner_gives_401_501_and_counted_failures(frozen):
     """send -> 401, conn.call -> 501, publish -> counted in f, each after about forward_timeout, never a hang."""
     cluster, stopped = frozen
-    clients = cluster.clients(18)
+    clients = cluster.clients(18, nodes=2)   # clients on the frozen node and on live ones
     victim = clients[0].node
     on_victim = [c for c in clients if c.node == victim]
     others = [c for c in clients if c.node != victim]
