@@ -7,7 +7,25 @@ import uuid
 
 import pytest
 
-from conftest import Cluster
+from conftest import WAIT, Cluster
+
+
+def live_api(cluster, attempts: int = 30):
+    """An API connection to a live node process.
+
+    The kernel may hand a new connection to the frozen process, whose handshake
+    is never answered (several times in a row, now and then): such an attempt
+    gives up after 0.25 s (later ones wait longer, up to 1 s, in case a live
+    process is just slow) and another is made, bounded in count and time.
+    """
+    deadline = time.monotonic() + 2 * WAIT
+    for attempt in range(attempts):
+        conn = cluster.api_with_timeout(min(1.0, 0.25 * (1 + attempt // 5)))
+        if conn is not None:
+            return conn
+        if time.monotonic() > deadline:
+            break
+    raise AssertionError("no live node process accepted an API connection")
 
 
 @pytest.fixture
@@ -38,15 +56,7 @@ def test_frozen_owner_gives_401_501_and_counted_failures(frozen):
     os.kill(pid, signal.SIGSTOP)
     stopped.append(pid)
 
-    # Requests must land on a live node: a fresh connection to a frozen process would just wait.
-    # Retry until the API connection is accepted by a live process.
-    def live_api():
-        for _ in range(20):
-            conn = cluster.api_with_timeout(1.0)
-            if conn is not None:
-                return conn
-        raise AssertionError("no live node accepted an API connection")
-    api = live_api()
+    api = live_api(cluster)   # requests must land on a live node
 
     started = time.monotonic()
     reply = api.request("mesh.send", {"c": on_victim[0].client_id, "d": "x"})
@@ -81,9 +91,7 @@ def test_unanswered_bytes_to_a_frozen_peer_are_bounded(tmp_path):
         api.ws.close()
         pid = next(n["pid"] for n in cluster.status()["nodes"] if n["node_id"] == victim)
         os.kill(pid, signal.SIGSTOP)
-        publisher = None
-        while publisher is None:
-            publisher = cluster.api_with_timeout(1.0)
+        publisher = live_api(cluster)
         chunk = "b" * 1_000_000
         started = time.monotonic()
         for index in range(80):
@@ -108,9 +116,7 @@ def test_requests_in_flight_per_api_connection_are_bounded(tmp_path):
         victim = clients[0]
         pid = next(n["pid"] for n in cluster.status()["nodes"] if n["node_id"] == victim.node)
         os.kill(pid, signal.SIGSTOP)
-        api = None
-        while api is None:
-            api = cluster.api_with_timeout(1.0)
+        api = live_api(cluster)
         request = '{"m": "conn.call", "i": %d, "p": {"c": "' + victim.client_id + '", "f": "get_context"}}'
         for index in range(10000):
             api.send_raw(request % index)
