@@ -198,7 +198,14 @@ class ApiConnection:
 
 
 class Cluster:
-    """A meshgate cluster of this machine, started through `meshgate start`."""
+    """A meshgate cluster of this machine, started through `meshgate start`.
+
+    Keyword overrides: `node_timeout`, `forward_timeout`, `queue`; `mesh` and
+    `api` (keys of node.mesh and node.api, e.g. `max_pending_bytes`,
+    `max_in_flight`; the API keeps its generated bind and port); `server` (keys of
+    the first node.servers entry) and `extra_servers` (more entries, on the
+    client port unless they name one).
+    """
 
     def __init__(self, tmp: Path, workers: int = 3, **overrides):
         self.tmp = tmp
@@ -214,11 +221,13 @@ class Cluster:
                             "node_timeout": overrides.pop("node_timeout", 3)},
             "node": {"coordinator": f"127.0.0.1:{self.registry_port}", "workers": workers,
                      "forward_timeout": overrides.pop("forward_timeout", 2),
-                     "api": {"bind": "127.0.0.1", "port": self.api_port},
+                     "api": {**overrides.pop("api", {}), "bind": "127.0.0.1", "port": self.api_port},
                      "queue": overrides.pop("queue", {"topic_size": 2000, "max_topics": 100}),
                      "servers": [{"port": self.client_port, "bind": "127.0.0.1", **server}
                                  for server in [overrides.pop("server", {}), *overrides.pop("extra_servers", [])]]},
         }
+        if "mesh" in overrides:
+            config["node"]["mesh"] = overrides.pop("mesh")
         if overrides:
             raise TypeError(f"unknown overrides {overrides}")
         self.config_path = tmp / f"meshgate-{uuid.uuid4().hex[:6]}.yaml"

@@ -11,6 +11,8 @@ import websocket
 
 from conftest import MESHGATE, WAIT, Cluster, assert_error, wait_until
 
+SMALL_BACKLOG = 65536   # node.servers[].max_pending_bytes of the server at /small-backlog
+
 ENTRY = textwrap.dedent('''
     import asyncio
     import json
@@ -96,15 +98,17 @@ def entry_cluster(tmp_path_factory):
     entry = folder / "hooks.py"
     entry.write_text(ENTRY)
     instance = Cluster(folder, workers=2, queue={"topic_size": 3, "max_topics": 10},
-                       server={"entry": "hooks.py", "reload": True})
+                       server={"entry": "hooks.py", "reload": True},
+                       extra_servers=[{"path": "/small-backlog", "entry": "hooks.py",
+                                       "max_pending_bytes": SMALL_BACKLOG}])
     instance.entry_path = entry
     instance.start()
     yield instance
     instance.stop()
 
 
-def connect(cluster, query="token=ok"):
-    client = cluster.client(f"/?{query}", header={"User-Agent": "entry-test/1"})
+def connect(cluster, query="token=ok", path="/"):
+    client = cluster.client(f"{path}?{query}", header={"User-Agent": "entry-test/1"})
     hello = json.loads(client.recv())
     client.client_id = hello["hello"]
     client.node = hello["node"]
@@ -369,10 +373,10 @@ def test_context_that_is_not_json_is_a_clear_301(entry_cluster):
 
 
 def test_waiting_client_data_is_bounded_in_bytes(entry_cluster):
-    """A client that floods while its hook waits is closed 1008 past 8 MiB of waiting data."""
-    client, _ = connect(entry_cluster)
+    """A client that floods while its hook waits is closed 1008 past max_pending_bytes (64 KiB here) of waiting data."""
+    client, _ = connect(entry_cluster, path="/small-backlog")
     client.ws.send("login 5")
-    chunk = "z" * 1_000_000
+    chunk = "z" * (SMALL_BACKLOG // 8)
     try:
         for _ in range(12):
             client.ws.send(chunk)

@@ -23,6 +23,7 @@ from cluster.ids import node_id_of
 from conftest import WAIT, Cluster, free_port, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FEW_WAITING = 20   # node.servers[].max_pending of a second server of the main entry, at /few-waiting
 
 # The main entry: `mesh` and `queue` are used as the module globals the node provides (no import).
 SPEC_ENTRY = textwrap.dedent('''
@@ -257,6 +258,8 @@ def spec(tmp_path_factory):
                            {"port": slow_port, "path": "/", "entry": "slow_handshake.py", "read_timeout": 1},
                            {"port": no_demo_port, "path": "/chat"},
                            {"port": null_demo_port, "path": "/chat", "demo": None},
+                           {"path": "/few-waiting", "entry": "spec_hooks.py", "topic": "spec-topic",
+                            "max_pending": FEW_WAITING},
                        ])
     instance.reload_path = absolute
     instance.slow_port = slow_port
@@ -269,9 +272,9 @@ def spec(tmp_path_factory):
 
 # --- helpers -------------------------------------------------------------------
 
-def connect(cluster, query="", headers=None):
+def connect(cluster, query="", headers=None, path="/"):
     """A client of the main entry and its hello (sent by on_open)."""
-    client = cluster.client("/?" + query if query else "/", header=headers or {})
+    client = cluster.client(f"{path}?{query}" if query else path, header=headers or {})
     hello = json.loads(client.recv())
     client.client_id = hello["hello"]
     client.node = hello["node"]
@@ -632,22 +635,22 @@ def test_on_close_runs_after_the_running_hook_finished(spec):
     consumer.ws.close()
 
 
-def test_a_thousand_waiting_messages_are_kept_one_more_closes_1008(spec):
-    """1000 messages may wait behind a hook (all run, in order); the 1001st closes the connection with 1008."""
+def test_max_pending_waiting_messages_are_kept_one_more_closes_1008(spec):
+    """max_pending messages (20 here) may wait behind a hook (all run, in order); one more closes with 1008."""
     report = topic_name("flood")
     consumer = consumer_of(spec, report)
-    client, _ = connect(spec, f"report={report}")
+    client, _ = connect(spec, f"report={report}", path="/few-waiting")
     client.ws.send(json.dumps({"op": "wait", "key": "go", "timeout": 30, "report": report}))
-    for n in range(1000):
+    for n in range(FEW_WAITING):
         client.ws.send(json.dumps({"op": "n", "n": n}))
     assert client.nothing_for(0.5)
     api = spec.api()
     assert api.request("conn.call", {"c": client.client_id, "f": "set_context_value", "a": ["go", 1]})["E"] is None
     assert json.loads(client.recv())["value"] == 1
-    assert [json.loads(client.recv())["n"] for _ in range(1000)] == list(range(1000))
+    assert [json.loads(client.recv())["n"] for _ in range(FEW_WAITING)] == list(range(FEW_WAITING))
     client.ws.send(json.dumps({"op": "wait", "key": "go-again", "timeout": 30, "report": report}))
     try:
-        for n in range(1001):
+        for n in range(FEW_WAITING + 1):
             client.ws.send(json.dumps({"op": "n", "n": n}))
     except (websocket.WebSocketConnectionClosedException, ConnectionError):
         pass
