@@ -107,7 +107,14 @@ def test_two_consumers_split_a_topic_with_per_client_order(cluster, spread):
     first, second = cluster.api(), cluster.api()
     assert first.request("queue.pop", {"t": ["default"]})["E"] is None
     assert second.request("queue.pop", ["default"])["E"] is None
-    time.sleep(0.2 * 1)  # consumer adverts reach every node (asynchronous by contract)
+    # Consumer adverts reach the other nodes asynchronously. A node sends them to each peer on the same link
+    # as, later, the advert of a channel's first local subscriber, which every peer acknowledges before
+    # conn.call subscribe replies: once a client of every node process has joined a fresh channel, every
+    # node knows both consumers.
+    api, probe = cluster.api(), f"adverts-{uuid.uuid4().hex[:6]}"
+    one_per_node = list({client.node: client for client in spread}.values())
+    for client in one_per_node:
+        assert api.request("conn.call", {"c": client.client_id, "f": "subscribe", "a": [probe]})["E"] is None
     per_client = 15
     for index in range(per_client):
         for client in spread:
@@ -133,6 +140,8 @@ def test_two_consumers_split_a_topic_with_per_client_order(cluster, spread):
         for client_id, indexes in order.items():
             assert indexes == list(range(per_client)), f"client {client_id} out of order"
     assert all(received.values()), "one consumer got nothing"
+    for client in one_per_node:
+        assert api.request("conn.call", {"c": client.client_id, "f": "unsubscribe", "a": [probe]})["E"] is None
     first.ws.close()
     second.ws.close()
 
