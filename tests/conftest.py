@@ -395,8 +395,9 @@ class Cluster:
                 client.ws.send(marker)
                 waiting[marker] = client
             learned = list(waiting.values())
+            deadline = time.monotonic() + WAIT
             while waiting:
-                event = consumer.event()
+                event = consumer.event(max(deadline - time.monotonic(), 0.001))
                 client = waiting.pop(event["p"]["d"]["frame"]["data"], None)
                 if client is not None:   # anything else was buffered before this consumer came
                     client.client_id, client.node = event["p"]["c"], event["p"]["n"]

@@ -7,6 +7,7 @@ consumers before it ends, since consumers of one topic compete.
 
 import base64
 import json
+import time
 import uuid
 
 import pytest
@@ -25,9 +26,10 @@ def assert_ok(reply: dict, result=None) -> None:
 
 
 def event_from(consumer, client_id: str = None, data=None) -> dict:
-    """The next queue event of `client_id` (or carrying frame data `data`); other events are dropped."""
+    """The next queue event of `client_id` (or carrying frame data `data`) within WAIT; other events are dropped."""
+    deadline = time.monotonic() + WAIT
     while True:
-        event = consumer.event()
+        event = consumer.event(max(deadline - time.monotonic(), 0.001))
         payload = event["p"]
         if client_id is not None and payload["c"] == client_id:
             return event
