@@ -5,6 +5,7 @@ import time
 import uuid
 
 import pytest
+import websocket
 
 from conftest import WAIT, wait_until
 
@@ -63,9 +64,12 @@ def test_conn_call_and_publish_mesh_wide(cluster, spread):
     other = cluster.api()
     reply = other.request("mesh.publish", {"c": [channel, "unrelated"], "d": "again"})
     assert reply["r"] == {"s": len(spread), "f": 0}
+    # Once each: that publish has been written everywhere when it replies, so a second copy would come
+    # before the next one.
+    assert other.request("mesh.publish", {"c": channel, "d": "next"})["r"] == {"s": len(spread), "f": 0}
     for client in spread:
         assert client.recv() == "again"
-        assert client.nothing_for(0.05)
+        assert client.recv() == "next"
     for client in spread:
         api.request("conn.call", {"c": client.client_id, "f": "unsubscribe", "a": [channel]})
     status, body = cluster.http("/v1/mesh/publish", {"c": channel, "d": "gone"})
@@ -123,12 +127,13 @@ def test_two_consumers_split_a_topic_with_per_client_order(cluster, spread):
     total = per_client * len(spread)
     deadline = time.monotonic() + WAIT
     while sum(len(v) for v in received.values()) < total and time.monotonic() < deadline:
-        for consumer in (first, second):
-            try:
-                event = consumer.event(0.05)
-            except Exception:
-                continue
-            received[id(consumer)].append(event["p"]["d"]["frame"]["data"])
+        for consumer in (first, second):   # all that one consumer has, then the other's
+            for _ in range(total):
+                try:
+                    event = consumer.event(0.05)
+                except (AssertionError, websocket.WebSocketTimeoutException):
+                    break
+                received[id(consumer)].append(event["p"]["d"]["frame"]["data"])
     assert sum(len(v) for v in received.values()) == total
     owner = {}
     for consumer_key, messages in received.items():
