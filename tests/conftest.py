@@ -10,6 +10,7 @@ import contextlib
 import http.client
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -30,10 +31,38 @@ WAIT = 10.0 * SCALE          # the one timeout unit of the suite (seconds)
 MESHGATE = str(Path(sys.executable).with_name("meshgate"))
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_EPHEMERAL_LOW = _ephemeral_low()
+_GIVEN_PORTS = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port nothing listens on, below the kernel's ephemeral range, not handed out before in this run.
+
+    Asking the kernel for port 0 could give the same port twice in a row (a
+    cluster's registry and API ports were once equal), and a node's mesh
+    point, bound to port 0, could take a port chosen for a server that has not
+    bound it yet; neither can happen outside the ephemeral range.
+    """
+    low = min(15000, _EPHEMERAL_LOW - 1000)
+    for _ in range(200):
+        port = random.randrange(low, _EPHEMERAL_LOW)
+        if port in _GIVEN_PORTS:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _GIVEN_PORTS.add(port)
+        return port
+    raise AssertionError(f"no free port found in {low}..{_EPHEMERAL_LOW - 1}")
 
 
 def wait_until(predicate, timeout: float = WAIT, interval: float = 0.02, what: str = "condition"):
