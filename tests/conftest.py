@@ -29,6 +29,7 @@ import yaml
 SCALE = float(os.environ.get("MESHGATE_TEST_SCALE", "1"))
 WAIT = 10.0 * SCALE          # the one timeout unit of the suite (seconds)
 MESHGATE = str(Path(sys.executable).with_name("meshgate"))
+_STARTED = []                # every Cluster started in this run, in order (their logs go with failures)
 
 
 def _ephemeral_low() -> int:
@@ -274,7 +275,12 @@ class Cluster:
         self.process = subprocess.Popen([MESHGATE, "start", "-c", str(self.config_path)],
                                         stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                         **self.start_options)
-        self.wait_ready()
+        _STARTED.append(self)
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()   # a cluster that never became ready must not outlive the test
+            raise
         return self
 
     def wait_ready(self, count: int = None) -> dict:
@@ -470,12 +476,24 @@ def clients(cluster):
 
 
 @pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    item.meshgate_started_from = len(_STARTED)
+    yield
+
+
+@pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
-    """Attaches the cluster's log to a failing test."""
+    """Attaches the log of each cluster a failing test used: its fixtures' and those it (or its set-up) started."""
     outcome = yield
     report = outcome.get_result()
-    if report.failed and call.when == "call":
-        for name in ("cluster", "crash_cluster", "small_cluster"):
-            instance = item.funcargs.get(name) if hasattr(item, "funcargs") else None
-            if isinstance(instance, Cluster):
-                report.sections.append((f"meshgate log ({name})", instance.logs()[-8000:]))
+    if not report.failed or call.when not in ("setup", "call"):
+        return
+    used = {}
+    for name, value in getattr(item, "funcargs", {}).items():
+        for candidate in (value if isinstance(value, tuple) else (value,)):
+            if isinstance(candidate, Cluster):
+                used.setdefault(id(candidate), (name, candidate))
+    for instance in _STARTED[getattr(item, "meshgate_started_from", len(_STARTED)):]:
+        used.setdefault(id(instance), ("started by the test", instance))
+    for name, instance in used.values():
+        report.sections.append((f"meshgate log ({name}: {instance.log_path.name})", instance.logs()[-8000:]))
