@@ -6,9 +6,11 @@ processes' log is attached to a failing test. Clients are plain WebSocket and
 HTTP clients. `MESHGATE_TEST_SCALE` multiplies every wait (slow machines).
 """
 
+import contextlib
 import http.client
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -27,12 +29,41 @@ import yaml
 SCALE = float(os.environ.get("MESHGATE_TEST_SCALE", "1"))
 WAIT = 10.0 * SCALE          # the one timeout unit of the suite (seconds)
 MESHGATE = str(Path(sys.executable).with_name("meshgate"))
+_STARTED = []                # every Cluster started in this run, in order (their logs go with failures)
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_EPHEMERAL_LOW = _ephemeral_low()
+_GIVEN_PORTS = set()
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port nothing listens on, below the kernel's ephemeral range, not handed out before in this run.
+
+    Asking the kernel for port 0 could give the same port twice in a row (a
+    cluster's registry and API ports were once equal), and a node's mesh
+    point, bound to port 0, could take a port chosen for a server that has not
+    bound it yet; neither can happen outside the ephemeral range.
+    """
+    low = min(15000, _EPHEMERAL_LOW - 1000)
+    for _ in range(200):
+        port = random.randrange(low, _EPHEMERAL_LOW)
+        if port in _GIVEN_PORTS:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _GIVEN_PORTS.add(port)
+        return port
+    raise AssertionError(f"no free port found in {low}..{_EPHEMERAL_LOW - 1}")
 
 
 def wait_until(predicate, timeout: float = WAIT, interval: float = 0.02, what: str = "condition"):
@@ -52,6 +83,31 @@ def names_field(message: str, field: str) -> bool:
     return re.search(rf"(?<![\w.]){re.escape(field)}[:\[]", message) is not None
 
 
+def assert_error(reply, code: int, field: str = None, req_id=None, http_status: int = 400, mentions: str = None) -> str:
+    """Checks an error envelope and returns its message.
+
+    `reply` is a WebSocket API reply (`{"E": ..., "i": ...}`, whose `i` must be
+    `req_id`) or an HTTP `(status, body)` pair (whose status must be
+    `http_status`). `E.c` must be `code`; the message must name `field` the way
+    PROTOCOL.md shows it (`names_field`) and contain `mentions`, when given.
+    """
+    if isinstance(reply, tuple):
+        status, body = reply
+        assert status == http_status, reply
+        assert isinstance(body, dict) and set(body) == {"E"}, reply
+    else:
+        body = reply
+        assert isinstance(body, dict) and set(body) == {"E", "i"}, reply
+        assert body["i"] == req_id, reply
+    assert body["E"]["c"] == code, reply
+    message = body["E"]["m"]
+    if field is not None:
+        assert names_field(message, field), reply
+    if mentions is not None:
+        assert mentions in message, reply
+    return message
+
+
 def compact(value) -> str:
     """JSON as the server writes it: no spaces, UTF-8."""
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
@@ -69,6 +125,7 @@ class Client:
         self.ws = ws
         self.client_id = client_id
         self.node = node
+        self.close_reason = None   # the reason of the server's close frame, once `close_code` read it
 
     def recv(self, timeout: float = WAIT):
         self.ws.settimeout(timeout)
@@ -81,14 +138,20 @@ class Client:
         return opcode, data
 
     def close_code(self, timeout: float = WAIT):
-        """Reads until the server's close frame; returns its code (None if the connection just dropped)."""
+        """Reads until the server's close frame; returns its code (None if the connection just dropped).
+
+        Data frames before it are skipped; the frame's reason is kept in `close_reason`.
+        """
         self.ws.settimeout(timeout)
         try:
             while True:
                 opcode, frame = self.ws.recv_data_frame(True)
                 if opcode == websocket.ABNF.OPCODE_CLOSE:
                     data = frame.data
-                    return int.from_bytes(data[:2], "big") if len(data) >= 2 else None
+                    if len(data) < 2:
+                        return None
+                    self.close_reason = data[2:].decode("utf-8")
+                    return int.from_bytes(data[:2], "big")
         except (websocket.WebSocketConnectionClosedException, ConnectionError):
             return None
 
@@ -165,7 +228,14 @@ class ApiConnection:
 
 
 class Cluster:
-    """A meshgate cluster of this machine, started through `meshgate start`."""
+    """A meshgate cluster of this machine, started through `meshgate start`.
+
+    Keyword overrides: `node_timeout`, `forward_timeout`, `queue`; `mesh` and
+    `api` (keys of node.mesh and node.api, e.g. `max_pending_bytes`,
+    `max_in_flight`; the API keeps its generated bind and port); `server` (keys of
+    the first node.servers entry) and `extra_servers` (more entries, on the
+    client port unless they name one).
+    """
 
     def __init__(self, tmp: Path, workers: int = 3, **overrides):
         self.tmp = tmp
@@ -181,11 +251,13 @@ class Cluster:
                             "node_timeout": overrides.pop("node_timeout", 3)},
             "node": {"coordinator": f"127.0.0.1:{self.registry_port}", "workers": workers,
                      "forward_timeout": overrides.pop("forward_timeout", 2),
-                     "api": {"bind": "127.0.0.1", "port": self.api_port},
+                     "api": {**overrides.pop("api", {}), "bind": "127.0.0.1", "port": self.api_port},
                      "queue": overrides.pop("queue", {"topic_size": 2000, "max_topics": 100}),
                      "servers": [{"port": self.client_port, "bind": "127.0.0.1", **server}
                                  for server in [overrides.pop("server", {}), *overrides.pop("extra_servers", [])]]},
         }
+        if "mesh" in overrides:
+            config["node"]["mesh"] = overrides.pop("mesh")
         if overrides:
             raise TypeError(f"unknown overrides {overrides}")
         self.config_path = tmp / f"meshgate-{uuid.uuid4().hex[:6]}.yaml"
@@ -203,7 +275,12 @@ class Cluster:
         self.process = subprocess.Popen([MESHGATE, "start", "-c", str(self.config_path)],
                                         stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                         **self.start_options)
-        self.wait_ready()
+        _STARTED.append(self)
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()   # a cluster that never became ready must not outlive the test
+            raise
         return self
 
     def wait_ready(self, count: int = None) -> dict:
@@ -299,31 +376,74 @@ class Cluster:
         self._open.append(ws)
         return Client(ws)
 
-    def clients(self, count: int, topic: str = "default") -> list:
-        """Connects `count` clients and learns each one's client_id and node from a queue event."""
+    def clients(self, count: int, topic: str = "default", nodes: int = 1) -> list:
+        """Connects `count` clients and learns each one's client_id and node from a queue event.
+
+        With `nodes` > 1 it connects more (bounded) until the clients are held
+        by at least that many node processes: the kernel (SO_REUSEPORT), not
+        meshgate, picks the process of each connection.
+        """
+        deadline = time.monotonic() + WAIT
+        with self._node_learner(topic) as learn:
+            clients = learn(self.client() for _ in range(count))
+            for _ in range(20 * nodes):
+                if len({client.node for client in clients}) >= nodes or time.monotonic() > deadline:
+                    break
+                clients += learn([self.client()])
+            held = {client.node for client in clients}
+            assert len(held) >= nodes, f"{len(clients)} clients landed on nodes {sorted(held)} only"
+        return clients
+
+    def client_on(self, node_ids, attempts: int = 100, topic: str = "default") -> Client:
+        """A client held by one of the node processes `node_ids`.
+
+        Connects one client at a time (closing those held elsewhere) until one
+        lands there; bounded in count and time.
+        """
+        wanted = set(node_ids)
+        deadline = time.monotonic() + WAIT
+        with self._node_learner(topic) as learn:
+            for attempt in range(1, attempts + 1):
+                [client] = learn([self.client()])
+                if client.node in wanted:
+                    return client
+                client.ws.close()
+                if time.monotonic() > deadline:
+                    break
+        raise AssertionError(f"none of {attempt} clients landed on node(s) {sorted(wanted)}")
+
+    @contextlib.contextmanager
+    def _node_learner(self, topic: str):
+        """Yields `learn(clients)`: each client sends a marker, and its queue event gives its client_id and node.
+
+        The helper's consumer is gone from the tables when the block ends, so it
+        leaves no trace for the test.
+        """
         consumers_before = self.status()["coordinator"]["topics_with_consumers"]
         consumer = self.api()
         assert consumer.request("queue.pop", {"t": [topic]})["E"] is None
-        found = {}
-        clients = []
-        for index in range(count):
-            client = self.client()
-            marker = f"hello-{index}-{uuid.uuid4().hex[:8]}"
-            client.ws.send(marker)
-            clients.append((marker, client))
-        markers = {marker for marker, _ in clients}
-        while len(found) < count:
-            event = consumer.event()
-            data = event["p"]["d"]["frame"]["data"]
-            if data in markers:   # anything else was buffered before this consumer came
-                found[data] = event["p"]
-        for marker, client in clients:
-            client.client_id, client.node = found[marker]["c"], found[marker]["n"]
-        consumer.ws.close()
-        # Leave no trace: the helper's consumer is gone from the tables before the test goes on.
+
+        def learn(clients) -> list:
+            waiting = {}
+            for client in clients:
+                marker = f"hello-{uuid.uuid4().hex[:12]}"
+                client.ws.send(marker)
+                waiting[marker] = client
+            learned = list(waiting.values())
+            deadline = time.monotonic() + WAIT
+            while waiting:
+                event = consumer.event(max(deadline - time.monotonic(), 0.001))
+                client = waiting.pop(event["p"]["d"]["frame"]["data"], None)
+                if client is not None:   # anything else was buffered before this consumer came
+                    client.client_id, client.node = event["p"]["c"], event["p"]["n"]
+            return learned
+
+        try:
+            yield learn
+        finally:
+            consumer.ws.close()
         wait_until(lambda: self.status()["coordinator"]["topics_with_consumers"] <= consumers_before,
                    what="the helper's consumer to leave the tables")
-        return [client for _, client in clients]
 
 
 @pytest.fixture(scope="module")
@@ -356,12 +476,24 @@ def clients(cluster):
 
 
 @pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    item.meshgate_started_from = len(_STARTED)
+    yield
+
+
+@pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
-    """Attaches the cluster's log to a failing test."""
+    """Attaches the log of each cluster a failing test used: its fixtures' and those it (or its set-up) started."""
     outcome = yield
     report = outcome.get_result()
-    if report.failed and call.when == "call":
-        for name in ("cluster", "crash_cluster", "small_cluster"):
-            instance = item.funcargs.get(name) if hasattr(item, "funcargs") else None
-            if isinstance(instance, Cluster):
-                report.sections.append((f"meshgate log ({name})", instance.logs()[-8000:]))
+    if not report.failed or call.when not in ("setup", "call"):
+        return
+    used = {}
+    for name, value in getattr(item, "funcargs", {}).items():
+        for candidate in (value if isinstance(value, tuple) else (value,)):
+            if isinstance(candidate, Cluster):
+                used.setdefault(id(candidate), (name, candidate))
+    for instance in _STARTED[getattr(item, "meshgate_started_from", len(_STARTED)):]:
+        used.setdefault(id(instance), ("started by the test", instance))
+    for name, instance in used.values():
+        report.sections.append((f"meshgate log ({name}: {instance.log_path.name})", instance.logs()[-8000:]))

@@ -4,7 +4,7 @@ import json
 import urllib.error
 import urllib.request
 
-from conftest import WAIT, wait_until
+from conftest import WAIT, assert_error, wait_until
 
 
 def _get(cluster, path, method="GET"):
@@ -63,10 +63,10 @@ def test_metrics_prometheus_text(cluster):
 def test_unknown_path_and_wrong_method_are_envelopes(cluster):
     """404 and 405 on the coordinator carry a JSON error envelope, not HTML."""
     status, content_type, body = _get(cluster, "/nope")
-    assert status == 404 and json.loads(body)["E"]["c"] == 101 and "/nope" in json.loads(body)["E"]["m"]
+    assert_error((status, json.loads(body)), 101, http_status=404, mentions="/nope")
     status, content_type, body = _get(cluster, "/v1/status", method="POST")
-    assert status == 405 and content_type.startswith("application/json")
-    assert json.loads(body)["E"]["c"] == 101
+    assert content_type.startswith("application/json")
+    assert_error((status, json.loads(body)), 101, http_status=405)
 
 
 def test_ws_endpoint_without_upgrade_is_an_envelope(cluster):
@@ -76,5 +76,4 @@ def test_ws_endpoint_without_upgrade_is_an_envelope(cluster):
         urllib.request.urlopen(request, timeout=WAIT)
         raise AssertionError("a plain GET of /ws/v1 succeeded")
     except urllib.error.HTTPError as error:
-        body = json.loads(error.read())
-        assert error.code == 400 and body["E"]["c"] == 101 and "upgrade" in body["E"]["m"].lower()
+        assert "upgrade" in assert_error((error.code, json.loads(error.read())), 101).lower()

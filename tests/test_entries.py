@@ -9,7 +9,9 @@ import time
 import pytest
 import websocket
 
-from conftest import MESHGATE, WAIT, Cluster, wait_until
+from conftest import MESHGATE, WAIT, Cluster, assert_error, wait_until
+
+SMALL_BACKLOG = 65536   # node.servers[].max_pending_bytes of the server at /small-backlog
 
 ENTRY = textwrap.dedent('''
     import asyncio
@@ -96,15 +98,17 @@ def entry_cluster(tmp_path_factory):
     entry = folder / "hooks.py"
     entry.write_text(ENTRY)
     instance = Cluster(folder, workers=2, queue={"topic_size": 3, "max_topics": 10},
-                       server={"entry": "hooks.py", "reload": True})
+                       server={"entry": "hooks.py", "reload": True},
+                       extra_servers=[{"path": "/small-backlog", "entry": "hooks.py",
+                                       "max_pending_bytes": SMALL_BACKLOG}])
     instance.entry_path = entry
     instance.start()
     yield instance
     instance.stop()
 
 
-def connect(cluster, query="token=ok"):
-    client = cluster.client(f"/?{query}", header={"User-Agent": "entry-test/1"})
+def connect(cluster, query="token=ok", path="/"):
+    client = cluster.client(f"{path}?{query}", header={"User-Agent": "entry-test/1"})
     hello = json.loads(client.recv())
     client.client_id = hello["hello"]
     client.node = hello["node"]
@@ -112,8 +116,17 @@ def connect(cluster, query="token=ok"):
 
 
 def spread_clients(cluster, count=8):
-    clients = [connect(cluster)[0] for _ in range(count)]
-    assert len({c.node for c in clients}) == cluster.workers
+    """At least `count` clients, more until every node process holds one (the kernel picks each one's process)."""
+    clients = []
+    deadline = time.monotonic() + WAIT
+    for _ in range(count + 40):
+        clients.append(connect(cluster)[0])
+        if len(clients) >= count and len({c.node for c in clients}) == cluster.workers:
+            break
+        if time.monotonic() > deadline:
+            break
+    held = {c.node for c in clients}
+    assert len(held) == cluster.workers, f"{len(clients)} clients landed on nodes {sorted(held)} only"
     return clients
 
 
@@ -354,16 +367,16 @@ def test_context_that_is_not_json_is_a_clear_301(entry_cluster):
     api = entry_cluster.api()
     for client in clients:
         started = time.monotonic()
-        reply = api.request("conn.call", {"c": client.client_id, "f": "get_context"})
-        assert reply["E"]["c"] == 301 and "not JSON" in reply["E"]["m"]
+        reply = api.request("conn.call", {"c": client.client_id, "f": "get_context"}, req_id="ctx")
+        assert_error(reply, 301, req_id="ctx", mentions="not JSON")
         assert time.monotonic() - started < 1.0
 
 
 def test_waiting_client_data_is_bounded_in_bytes(entry_cluster):
-    """A client that floods while its hook waits is closed 1008 past 8 MiB of waiting data."""
-    client, _ = connect(entry_cluster)
+    """A client that floods while its hook waits is closed 1008 past max_pending_bytes (64 KiB here) of waiting data."""
+    client, _ = connect(entry_cluster, path="/small-backlog")
     client.ws.send("login 5")
-    chunk = "z" * 1_000_000
+    chunk = "z" * (SMALL_BACKLOG // 8)
     try:
         for _ in range(12):
             client.ws.send(chunk)

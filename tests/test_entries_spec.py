@@ -23,6 +23,7 @@ from cluster.ids import node_id_of
 from conftest import WAIT, Cluster, free_port, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FEW_WAITING = 20   # node.servers[].max_pending of a second server of the main entry, at /few-waiting
 
 # The main entry: `mesh` and `queue` are used as the module globals the node provides (no import).
 SPEC_ENTRY = textwrap.dedent('''
@@ -171,6 +172,7 @@ SPEC_ENTRY = textwrap.dedent('''
             ok = await mesh.send(msg["target"], bytes.fromhex(msg["hex"]), type="binary")
             conn.send({"sent": ok})
         elif op == "sleep":
+            conn.send({"sleeping": msg["seconds"]})
             await asyncio.sleep(msg["seconds"])
             queue.push(msg["report"], {"slept": msg["seconds"]})
         elif op == "later":
@@ -257,6 +259,8 @@ def spec(tmp_path_factory):
                            {"port": slow_port, "path": "/", "entry": "slow_handshake.py", "read_timeout": 1},
                            {"port": no_demo_port, "path": "/chat"},
                            {"port": null_demo_port, "path": "/chat", "demo": None},
+                           {"path": "/few-waiting", "entry": "spec_hooks.py", "topic": "spec-topic",
+                            "max_pending": FEW_WAITING},
                        ])
     instance.reload_path = absolute
     instance.slow_port = slow_port
@@ -269,9 +273,9 @@ def spec(tmp_path_factory):
 
 # --- helpers -------------------------------------------------------------------
 
-def connect(cluster, query="", headers=None):
+def connect(cluster, query="", headers=None, path="/"):
     """A client of the main entry and its hello (sent by on_open)."""
-    client = cluster.client("/?" + query if query else "/", header=headers or {})
+    client = cluster.client(f"{path}?{query}" if query else path, header=headers or {})
     hello = json.loads(client.recv())
     client.client_id = hello["hello"]
     client.node = hello["node"]
@@ -300,19 +304,6 @@ def frame_of(client):
     return opcode, data.encode() if isinstance(data, str) else data
 
 
-def close_frame(client):
-    """`(code, reason)` of the server's close frame, or None when the socket just dropped."""
-    client.ws.settimeout(WAIT)
-    try:
-        while True:
-            opcode, frame = client.ws.recv_data_frame(True)
-            if opcode == websocket.ABNF.OPCODE_CLOSE:
-                data = frame.data
-                return int.from_bytes(data[:2], "big"), data[2:].decode()
-    except (websocket.WebSocketConnectionClosedException, ConnectionError):
-        return None
-
-
 def consumer_of(cluster, topic):
     consumer = cluster.api()
     assert consumer.request("queue.pop", [topic])["E"] is None
@@ -329,6 +320,15 @@ def full_log(cluster):
 
 def hook_errors(cluster):
     return cluster.status()["totals"]["hook_errors"]
+
+
+def hook_errors_by_node(cluster):
+    return {node["node_id"]: node["hook_errors"] for node in cluster.status()["nodes"]}
+
+
+def failed_handshakes(cluster, log_start=0):
+    """Client ids of the on_handshake failures logged after `log_start` (characters of the log)."""
+    return [int(found) for found in re.findall(r"on_handshake failed for client (\d+)", full_log(cluster)[log_start:])]
 
 
 def http_get(port, path):
@@ -361,21 +361,35 @@ def test_async_handshake_returning_false_refuses_with_403(spec):
 
 
 def test_refuse_is_quiet_and_other_handshake_errors_are_counted(spec):
-    """Refuse is neither logged nor counted; another exception in on_handshake is logged and counted once."""
-    before = hook_errors(spec)
+    """Refuse is neither logged nor counted; each other exception in on_handshake is logged and counted once."""
+    before = hook_errors_by_node(spec)
+    log_start = len(full_log(spec))
     for _ in range(4):
         with pytest.raises(websocket.WebSocketBadStatusException) as refused:
             websocket.create_connection(f"ws://127.0.0.1:{spec.client_port}/?hs=refuse", timeout=WAIT)
         assert refused.value.status_code == 403
-    with pytest.raises(websocket.WebSocketBadStatusException) as failed:
-        websocket.create_connection(f"ws://127.0.0.1:{spec.client_port}/?hs=fail", timeout=WAIT)
-    assert failed.value.status_code == 403
-    wait_until(lambda: hook_errors(spec) > before, what="the failing handshake to be counted")
-    time.sleep(1.5)   # every node has sent a heartbeat since the refusals
-    assert hook_errors(spec) == before + 1
-    log = full_log(spec)
-    assert log.count("on_handshake failed for client") == 1, "a Refuse was logged as a failure"
-    assert "RuntimeError: handshake failure on purpose" in log
+    # Then failing handshakes until every node process has had one (its log line names the client, whose id
+    # names the node). A node's figures cover all it did before, so once each node reports its failures,
+    # a counted refusal would show.
+    failures, deadline = {}, time.monotonic() + WAIT
+    for _ in range(40):
+        with pytest.raises(websocket.WebSocketBadStatusException) as failed:
+            websocket.create_connection(f"ws://127.0.0.1:{spec.client_port}/?hs=fail", timeout=WAIT)
+        assert failed.value.status_code == 403
+        seen = sum(failures.values())
+        logged = wait_until(lambda: failed_handshakes(spec, log_start)[seen:], what="the failing handshake's log")
+        assert len(logged) == 1, logged
+        node = node_id_of(logged[0])
+        failures[node] = failures.get(node, 0) + 1
+        if failures.keys() == before.keys() or time.monotonic() > deadline:
+            break
+    assert failures.keys() == before.keys(), f"the failing handshakes all landed on node(s) {sorted(failures)}"
+    expected = {node: count + failures.get(node, 0) for node, count in before.items()}
+    wait_until(lambda: all(hook_errors_by_node(spec)[node] >= count for node, count in expected.items()),
+               what="every node to report its failing handshakes")
+    assert hook_errors_by_node(spec) == expected
+    assert len(failed_handshakes(spec, log_start)) == sum(failures.values()), "a Refuse was logged as a failure"
+    assert "RuntimeError: handshake failure on purpose" in full_log(spec)[log_start:]
 
 
 def test_async_handshake_is_refused_after_read_timeout(spec):
@@ -510,7 +524,7 @@ def test_conn_close_from_on_open_with_code_and_reason(spec):
     report = topic_name("closes")
     consumer = consumer_of(spec, report)
     client = spec.client(f"/?open=close&report={report}")
-    assert close_frame(client) == (4100, "not today")
+    assert (client.close_code(), client.close_reason) == (4100, "not today")
     event = consumer.event()
     assert event["p"]["d"] == {"code": 4100, "reason": "not today", "send_returned": False}
     consumer.ws.close()
@@ -522,7 +536,7 @@ def test_conn_close_defaults_to_1000(spec):
     consumer = consumer_of(spec, report)
     client, _ = connect(spec, f"report={report}")
     client.ws.send(json.dumps({"op": "close"}))
-    assert close_frame(client) == (1000, "")
+    assert (client.close_code(), client.close_reason) == (1000, "")
     assert consumer.event()["p"]["d"] == {"code": 1000, "reason": "", "send_returned": False}
     consumer.ws.close()
 
@@ -636,8 +650,7 @@ def test_on_close_runs_after_the_running_hook_finished(spec):
     report = topic_name("order")
     consumer = consumer_of(spec, report)
     client, _ = connect(spec, f"report={report}")
-    client.ws.send(json.dumps({"op": "sleep", "seconds": 0.5, "report": report}))
-    time.sleep(0.05)
+    assert ask(client, op="sleep", seconds=0.5, report=report) == {"sleeping": 0.5}
     client.ws.close()
     first, second = consumer.event(), consumer.event()
     assert first["p"]["d"] == {"slept": 0.5}
@@ -645,22 +658,22 @@ def test_on_close_runs_after_the_running_hook_finished(spec):
     consumer.ws.close()
 
 
-def test_a_thousand_waiting_messages_are_kept_one_more_closes_1008(spec):
-    """1000 messages may wait behind a hook (all run, in order); the 1001st closes the connection with 1008."""
+def test_max_pending_waiting_messages_are_kept_one_more_closes_1008(spec):
+    """max_pending messages (20 here) may wait behind a hook (all run, in order); one more closes with 1008."""
     report = topic_name("flood")
     consumer = consumer_of(spec, report)
-    client, _ = connect(spec, f"report={report}")
+    client, _ = connect(spec, f"report={report}", path="/few-waiting")
     client.ws.send(json.dumps({"op": "wait", "key": "go", "timeout": 30, "report": report}))
-    for n in range(1000):
+    for n in range(FEW_WAITING):
         client.ws.send(json.dumps({"op": "n", "n": n}))
     assert client.nothing_for(0.5)
     api = spec.api()
     assert api.request("conn.call", {"c": client.client_id, "f": "set_context_value", "a": ["go", 1]})["E"] is None
     assert json.loads(client.recv())["value"] == 1
-    assert [json.loads(client.recv())["n"] for _ in range(1000)] == list(range(1000))
+    assert [json.loads(client.recv())["n"] for _ in range(FEW_WAITING)] == list(range(FEW_WAITING))
     client.ws.send(json.dumps({"op": "wait", "key": "go-again", "timeout": 30, "report": report}))
     try:
-        for n in range(1001):
+        for n in range(FEW_WAITING + 1):
             client.ws.send(json.dumps({"op": "n", "n": n}))
     except (websocket.WebSocketConnectionClosedException, ConnectionError):
         pass

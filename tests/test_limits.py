@@ -59,9 +59,10 @@ def test_slow_client_over_its_write_buffer_is_closed_1008(limited):
     consumer = limited.api()
     assert consumer.request("queue.pop", ["default"])["E"] is None
     slow.ws.send("who-am-i")
+    deadline = time.monotonic() + WAIT
     event = consumer.event()
     while event["p"]["d"]["frame"]["data"] != "who-am-i":   # skip what earlier tests left buffered
-        event = consumer.event()
+        event = consumer.event(max(deadline - time.monotonic(), 0.001))
     slow_id = event["p"]["c"]
     api = limited.api()
     for client_id in (slow_id, reader.client_id):

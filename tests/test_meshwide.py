@@ -5,6 +5,7 @@ import time
 import uuid
 
 import pytest
+import websocket
 
 from conftest import WAIT, wait_until
 
@@ -12,10 +13,7 @@ from conftest import WAIT, wait_until
 @pytest.fixture(scope="module")
 def spread(cluster):
     """Clients on every node process (learned from the `n` of their queue events)."""
-    clients = cluster.clients(24)
-    nodes = {client.node for client in clients}
-    assert len(nodes) == cluster.workers, f"clients landed on nodes {nodes} only"
-    return clients
+    return cluster.clients(24, nodes=cluster.workers)
 
 
 def test_clients_spread_over_every_node(cluster, spread):
@@ -66,9 +64,12 @@ def test_conn_call_and_publish_mesh_wide(cluster, spread):
     other = cluster.api()
     reply = other.request("mesh.publish", {"c": [channel, "unrelated"], "d": "again"})
     assert reply["r"] == {"s": len(spread), "f": 0}
+    # Once each: that publish has been written everywhere when it replies, so a second copy would come
+    # before the next one.
+    assert other.request("mesh.publish", {"c": channel, "d": "next"})["r"] == {"s": len(spread), "f": 0}
     for client in spread:
         assert client.recv() == "again"
-        assert client.nothing_for(0.05)
+        assert client.recv() == "next"
     for client in spread:
         api.request("conn.call", {"c": client.client_id, "f": "unsubscribe", "a": [channel]})
     status, body = cluster.http("/v1/mesh/publish", {"c": channel, "d": "gone"})
@@ -110,7 +111,14 @@ def test_two_consumers_split_a_topic_with_per_client_order(cluster, spread):
     first, second = cluster.api(), cluster.api()
     assert first.request("queue.pop", {"t": ["default"]})["E"] is None
     assert second.request("queue.pop", ["default"])["E"] is None
-    time.sleep(0.2 * 1)  # consumer adverts reach every node (asynchronous by contract)
+    # Consumer adverts reach the other nodes asynchronously. A node sends them to each peer on the same link
+    # as, later, the advert of a channel's first local subscriber, which every peer acknowledges before
+    # conn.call subscribe replies: once a client of every node process has joined a fresh channel, every
+    # node knows both consumers.
+    api, probe = cluster.api(), f"adverts-{uuid.uuid4().hex[:6]}"
+    one_per_node = list({client.node: client for client in spread}.values())
+    for client in one_per_node:
+        assert api.request("conn.call", {"c": client.client_id, "f": "subscribe", "a": [probe]})["E"] is None
     per_client = 15
     for index in range(per_client):
         for client in spread:
@@ -119,12 +127,13 @@ def test_two_consumers_split_a_topic_with_per_client_order(cluster, spread):
     total = per_client * len(spread)
     deadline = time.monotonic() + WAIT
     while sum(len(v) for v in received.values()) < total and time.monotonic() < deadline:
-        for consumer in (first, second):
-            try:
-                event = consumer.event(0.05)
-            except Exception:
-                continue
-            received[id(consumer)].append(event["p"]["d"]["frame"]["data"])
+        for consumer in (first, second):   # all that one consumer has, then the other's
+            for _ in range(total):
+                try:
+                    event = consumer.event(0.05)
+                except (AssertionError, websocket.WebSocketTimeoutException):
+                    break
+                received[id(consumer)].append(event["p"]["d"]["frame"]["data"])
     assert sum(len(v) for v in received.values()) == total
     owner = {}
     for consumer_key, messages in received.items():
@@ -136,6 +145,8 @@ def test_two_consumers_split_a_topic_with_per_client_order(cluster, spread):
         for client_id, indexes in order.items():
             assert indexes == list(range(per_client)), f"client {client_id} out of order"
     assert all(received.values()), "one consumer got nothing"
+    for client in one_per_node:
+        assert api.request("conn.call", {"c": client.client_id, "f": "unsubscribe", "a": [probe]})["E"] is None
     first.ws.close()
     second.ws.close()
 

@@ -47,7 +47,7 @@ def split(tmp_path):
 def test_nodes_started_apart_form_one_mesh(split):
     """Clients of every node process are reached through any API request; one consumer hears them all."""
     cluster, processes = split
-    clients = cluster.clients(18)
+    clients = cluster.clients(18, nodes=3)
     assert len({c.node for c in clients}) == 3
     api = cluster.api()
     for client in clients:
@@ -61,7 +61,7 @@ def test_nodes_started_apart_form_one_mesh(split):
 def test_stopping_one_node_group_leaves_the_rest(split):
     """SIGTERM to one `meshgate node` stops its processes (clients closed 1001); the others go on."""
     cluster, processes = split
-    clients = cluster.clients(18)
+    clients = cluster.clients(18, nodes=3)   # clients on the stopped group and on the others
     status = cluster.status()
     single = processes[2]
     import psutil

@@ -4,6 +4,7 @@ import base64
 import json
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -30,8 +31,21 @@ def shipped(tmp_path_factory):
 
 
 def chat_clients(cluster, count):
-    """Chat clients on both node processes, each knowing its client_id (learned from the room messages)."""
+    """At least `count` chat clients, more (bounded) until both node processes hold some (the kernel picks)."""
     clients = [cluster.client("/chat") for _ in range(count)]
+    deadline = time.monotonic() + WAIT
+    for _ in range(40):
+        learn_client_ids(clients)
+        if len({c.node for c in clients}) == 2 or time.monotonic() > deadline:
+            break
+        clients.append(cluster.client("/chat"))
+    held = {c.node for c in clients}
+    assert len(held) == 2, f"{len(clients)} chat clients landed on node {sorted(held)} only"
+    return clients
+
+
+def learn_client_ids(clients):
+    """Each client learns its client_id (and node) from the room messages: every member gets each one once."""
     room = f"probe-{uuid.uuid4().hex[:6]}"
     for client in clients:
         client.ws.send(json.dumps({"op": "join", "room_id": room}))
@@ -49,7 +63,6 @@ def chat_clients(cluster, count):
     for client in clients:
         client.ws.send(json.dumps({"op": "quit"}))
         assert json.loads(client.recv()) == {"status": "success"}
-    return clients
 
 
 def test_chat_rooms_across_processes(shipped):
