@@ -13,7 +13,7 @@ setup(
         "ujson>=5.4,<7",
         "click>=8.0,<9",
         "psutil>=5.9,<8",
-        "PyYAML>=6.0,<7",   # the configuration file is YAML (DESIGN.md, Configuration)
+        "PyYAML>=6.0,<7",   # the configuration file is YAML (docs/configuration.md)
     ],
     extras_require={
         "test": [

@@ -79,7 +79,7 @@ def wait_until(predicate, timeout: float = WAIT, interval: float = 0.02, what: s
 
 
 def names_field(message: str, field: str) -> bool:
-    """True when `message` names `field` the way PROTOCOL.md shows it (`p.c: ...`, `c: ...`, `p.a[0]: ...`)."""
+    """True when `message` names `field` the way docs/protocol.md shows it (`p.c: ...`, `c: ...`, `p.a[0]: ...`)."""
     return re.search(rf"(?<![\w.]){re.escape(field)}[:\[]", message) is not None
 
 
@@ -89,7 +89,7 @@ def assert_error(reply, code: int, field: str = None, req_id=None, http_status: 
     `reply` is a WebSocket API reply (`{"E": ..., "i": ...}`, whose `i` must be
     `req_id`) or an HTTP `(status, body)` pair (whose status must be
     `http_status`). `E.c` must be `code`; the message must name `field` the way
-    PROTOCOL.md shows it (`names_field`) and contain `mentions`, when given.
+    docs/protocol.md shows it (`names_field`) and contain `mentions`, when given.
     """
     if isinstance(reply, tuple):
         status, body = reply

@@ -1,4 +1,4 @@
-"""System tests of the HTTP backend API: POST /v1/mesh/send and /v1/mesh/publish (PROTOCOL.md).
+"""System tests of the HTTP backend API: POST /v1/mesh/send and /v1/mesh/publish (docs/protocol.md).
 
 One real 3-node cluster per module, real client WebSockets; every error case
 checks the code, the HTTP status and that the message names the field.

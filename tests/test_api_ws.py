@@ -1,4 +1,4 @@
-"""System tests of the backend WebSocket API /ws/v1 (PROTOCOL.md, WebSocket API).
+"""System tests of the backend WebSocket API /ws/v1 (docs/protocol.md, WebSocket API).
 
 One real 3-node cluster per module, real client WebSockets. Client messages go
 to the default entry's topic `default`; every test that consumes it closes its
@@ -161,7 +161,7 @@ def test_request_over_max_body_is_103_and_connection_keeps_answering(api):
     text = head.replace('"d": ""', '"d": "' + "x" * MAX_BODY + '"')
     assert len(text) > MAX_BODY
     api.send_raw(text)
-    message = assert_error(api.read(), 103)   # not read, so its id is not echoed (PROTOCOL.md, Sizes)
+    message = assert_error(api.read(), 103)   # not read, so its id is not echoed (docs/protocol.md, Sizes)
     assert "request" in message or "p.d" in message, message
     assert_ok(api.request("mesh.publish", {"c": channel(), "d": "x"}, req_id=2), {"s": 0, "f": 0})
 

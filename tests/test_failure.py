@@ -1,4 +1,4 @@
-"""Failure behaviour (DESIGN.md): a node killed -9, the coordinator killed -9."""
+"""Failure behaviour (docs/operations.md): a node killed -9, the coordinator killed -9."""
 
 import os
 import signal
