@@ -73,12 +73,29 @@ _BIG = 2 ** 63 - 1
 _MISSING = object()
 
 
-# --- field checks: each returns the value to use or raises FrameError naming the field ---------
+# --- field checks --------------------------------------------------------------------------
+# Each check takes a value and returns the value to use, or raises _Bad with the reason.
+# The path to the field is added on the way out (nothing is formatted while all is well),
+# and the reader that was called turns it into FrameError("PUB.ch[0]: <reason>").
+
+class _Bad(Exception):
+    def __init__(self, reason: str, part: str = ""):
+        super().__init__(reason)
+        self.reason = reason
+        self.path = [part] if part else []   # innermost first
+
+    def at(self, part: str) -> "_Bad":
+        self.path.append(part)
+        return self
+
+    def error(self, where: str) -> FrameError:
+        return FrameError(f"{where}{''.join(reversed(self.path))}: {self.reason}")
+
 
 def _int(low: int, high: int):
-    def check(value, field):
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise FrameError(f"{field}: expected an integer in {low}..{high}")
+    def check(value):
+        if type(value) is not int or not low <= value <= high:
+            raise _Bad(f"expected an integer in {low}..{high}")
         return value
     return check
 
@@ -92,15 +109,15 @@ _count = _int(0, _BIG)
 _present = _int(0, 1)
 
 
-def _number(value, field):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise FrameError(f"{field}: expected a finite number >= 0")
+def _number(value):
+    if type(value) not in (int, float) or not math.isfinite(value) or value < 0:
+        raise _Bad("expected a finite number >= 0")
     return value
 
 
-def _flag(value, field):
-    if not isinstance(value, bool):
-        raise FrameError(f"{field}: expected true or false")
+def _flag(value):
+    if type(value) is not bool:
+        raise _Bad("expected true or false")
     return value
 
 
@@ -109,21 +126,20 @@ _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 def _text(max_bytes: int, min_bytes: int = 0):
     """Printable text (no control characters) of `min_bytes` to `max_bytes` UTF-8 bytes."""
-    def check(value, field):
-        if (not isinstance(value, str) or _CONTROL_CHARS.search(value)
+    def check(value):
+        if (type(value) is not str or _CONTROL_CHARS.search(value)
                 or not min_bytes <= protocol.utf8_size(value) <= max_bytes):
-            raise FrameError(f"{field}: expected Unicode text of {min_bytes} to {max_bytes} bytes, "
-                             "no control characters")
+            raise _Bad(f"expected Unicode text of {min_bytes} to {max_bytes} bytes, no control characters")
         return value
     return check
 
 
 def _name(kind: str):
-    def check(value, field):
-        try:
-            return protocol.parse_name(value, field, kind)
-        except ApiError as exc:
-            raise FrameError(exc.message) from None
+    def check(value):
+        problem = protocol.name_problem(value, kind)
+        if problem is not None:
+            raise _Bad(problem)
+        return value
     return check
 
 
@@ -139,28 +155,42 @@ def is_mesh_point(value) -> bool:
     return match is not None and 1 <= int(match.group(1)) <= 65535
 
 
-def _mesh_point(value, field):
+def _mesh_point(value):
     if not is_mesh_point(value):
-        raise FrameError(f"{field}: expected tcp://HOST:PORT")
+        raise _Bad("expected tcp://HOST:PORT")
     return value
 
 
-def _list_of(check, max_items: int = _BIG):
-    def read(value, field):
-        if not isinstance(value, list):
-            raise FrameError(f"{field}: expected a list")
+def _list_of(check, max_items: int = _BIG, nonempty: bool = False):
+    def read(value):
+        if type(value) is not list:
+            raise _Bad("expected a list")
         if len(value) > max_items:
-            raise FrameError(f"{field}: more than {max_items} items")
-        return [check(item, f"{field}[{index}]") for index, item in enumerate(value)]
+            raise _Bad(f"more than {max_items} items")
+        if nonempty and not value:
+            raise _Bad("must not be empty")
+        items = []
+        for index, item in enumerate(value):
+            try:
+                items.append(check(item))
+            except _Bad as bad:
+                raise bad.at(f"[{index}]") from None
+        return items
     return read
 
 
 def _row(*checks):
     """A fixed-length list whose items pass `checks` in order (a change in wire form)."""
-    def read(value, field):
-        if not isinstance(value, list) or len(value) != len(checks):
-            raise FrameError(f"{field}: expected a list of {len(checks)} items")
-        return [check(item, f"{field}[{index}]") for index, (check, item) in enumerate(zip(checks, value))]
+    def read(value):
+        if type(value) is not list or len(value) != len(checks):
+            raise _Bad(f"expected a list of {len(checks)} items")
+        items = []
+        for index, (check, item) in enumerate(zip(checks, value)):
+            try:
+                items.append(check(item))
+            except _Bad as bad:
+                raise bad.at(f"[{index}]") from None
+        return items
     return read
 
 
@@ -170,39 +200,47 @@ _origin_interest = _list_of(_row(_node_id, _channel, _count, _seq))
 _origin_consumers = _list_of(_row(_node_id, _topic, _consumer_id, _present, _seq))
 _client_ids = _list_of(_client_id)
 _node_ids = _list_of(_node_id)
+_channels = _list_of(_channel, nonempty=True)
 
 _FIGURE = re.compile(r"[a-z][a-z0-9_]{0,63}\Z")
 MAX_FIGURES = 64
 
 
-def _stats(value, field):
-    if not isinstance(value, dict) or len(value) > MAX_FIGURES:
-        raise FrameError(f"{field}: expected an object of at most {MAX_FIGURES} figures")
+def _stats(value):
+    if type(value) is not dict or len(value) > MAX_FIGURES:
+        raise _Bad(f"expected an object of at most {MAX_FIGURES} figures")
     for key, figure in value.items():
         if not _FIGURE.match(key):
-            raise FrameError(f"{field}: figure name {key[:70]!r} is not lower_case_with_underscores")
-        _number(figure, f"{field}.{key}")
+            raise _Bad(f"figure name {key[:70]!r} is not lower_case_with_underscores")
+        try:
+            _number(figure)
+        except _Bad as bad:
+            raise bad.at(f".{key}") from None
     return value
 
 
 def _object(cls, fields):
     """Reads a JSON object into `cls` (a NamedTuple) by `fields`: `(key, check, default)` per field, in order.
 
-    A key that is absent takes its default (`_MISSING`: required). Keys this
-    version does not know are ignored, so a newer peer can add some.
+    A key that is absent takes its default (`_MISSING`: required); null is
+    taken only where the default is None. Keys this version does not know are
+    ignored, so a newer peer can add some.
     """
-    def read(value, field):
-        if not isinstance(value, dict):
-            raise FrameError(f"{field}: expected a JSON object")
+    def read(value):
+        if type(value) is not dict:
+            raise _Bad("expected a JSON object")
         values = []
         for key, check, default in fields:
             item = value.get(key, _MISSING)
             if item is _MISSING:
                 if default is _MISSING:
-                    raise FrameError(f"{field}.{key}: is required")
+                    raise _Bad("is required", f".{key}")
                 item = dict(default) if isinstance(default, dict) else default   # never a shared dict
             elif item is not None or default is not None:
-                item = check(item, f"{field}.{key}")
+                try:
+                    item = check(item)
+                except _Bad as bad:
+                    raise bad.at(f".{key}") from None
             values.append(item)
         return cls(*values)
     return read
@@ -219,12 +257,12 @@ def _loads(raw, field: str) -> Any:
         raise FrameError(f"{field}: bad JSON: {exc}") from None
 
 
-def _json_value(value, field: str):
+def _json_value(value):
     """Any JSON value that can be written again as UTF-8 JSON (no lone surrogate, NaN or Infinity)."""
     try:
         _dumps(value)
     except (UnicodeEncodeError, OverflowError, TypeError):
-        raise FrameError(f"{field}: holds a lone UTF-16 surrogate, NaN or Infinity") from None
+        raise _Bad("holds a lone UTF-16 surrogate, NaN or Infinity") from None
     return value
 
 
@@ -317,10 +355,10 @@ _node_entry = _object(NodeEntry, (
 _node_list = _list_of(_node_entry, MAX_NODE_ID)
 
 
-def _node_entries(value, field):
-    entries = _node_list(value, field)
+def _node_entries(value):
+    entries = _node_list(value)
     if len({entry.node_id for entry in entries}) != len(entries):
-        raise FrameError(f"{field}: a node id is listed twice")
+        raise _Bad("a node id is listed twice")
     return entries
 _snapshot = _object(Snapshot, (
     ("v", _count, _MISSING), ("nodes", _node_entries, _MISSING),
@@ -392,8 +430,11 @@ def read_control(frames: list, allowed: frozenset):
     known = _CONTROL.get(kind)
     if known is None or known[0] not in allowed:
         raise FrameError(f"unexpected control kind {kind[:20]!r}")
-    cls, read = known
-    return read(_loads(frames[1], kind.decode()), kind.decode())
+    where = kind.decode()
+    try:
+        return known[1](_loads(frames[1], where))
+    except _Bad as bad:
+        raise bad.error(where) from None
 
 
 # --- mesh requests (node -> node) --------------------------------------------------------
@@ -443,11 +484,11 @@ _OPCODE_TEXT = 0x81
 _OPCODE_BINARY = 0x82
 
 
-def _ws_frame(value: bytes, field: str) -> bytes:
+def _ws_frame(value: bytes) -> bytes:
     """One unmasked, final server-to-client data frame, its length exact; text must be UTF-8."""
     size = len(value)
     if size < 2 or value[0] not in (_OPCODE_TEXT, _OPCODE_BINARY) or value[1] & 0x80:
-        raise FrameError(f"{field}: not a WebSocket data frame")
+        raise _Bad("not a WebSocket data frame", " body")
     length, start = value[1], 2
     if length == 126:
         length, start = (int.from_bytes(value[2:4], "big") if size >= 4 else -1), 4
@@ -458,75 +499,82 @@ def _ws_frame(value: bytes, field: str) -> bytes:
     else:
         ok = True
     if not ok or start + length != size:
-        raise FrameError(f"{field}: WebSocket frame length does not match")
-    if value[0] == _OPCODE_TEXT:
+        raise _Bad("WebSocket frame length does not match", " body")
+    if value[0] == _OPCODE_TEXT and not value.isascii():   # ASCII is UTF-8: the common case costs nothing more
         try:
             str(memoryview(value)[start:], "utf-8")
         except UnicodeDecodeError:
-            raise FrameError(f"{field}: text frame is not UTF-8") from None
+            raise _Bad("text frame is not UTF-8", " body") from None
     return value
 
 
-def _no_body(value: bytes, field: str) -> None:
+def _no_body(value: bytes) -> None:
     if value:
-        raise FrameError(f"{field}: this kind has no body")
+        raise _Bad("this kind has no body", " body")
 
 
-def _queue_event(value: bytes, field: str) -> bytes:
+def _queue_event(value: bytes) -> bytes:
     try:
         str(value, "utf-8")   # it goes to a consumer as a text frame
-    except UnicodeDecodeError:
-        raise FrameError(f"{field}: not UTF-8") from None
-    event = _json_value(_loads(value, field), field)
-    if not isinstance(event, dict) or event.get("e") != "queue.pop" or not isinstance(event.get("p"), dict):
-        raise FrameError(f"{field}: not a queue.pop event")
+        event = _json_value(ujson.loads(value))
+    except _Bad as bad:
+        raise bad.at(" body") from None
+    except (ValueError, TypeError, OverflowError):   # UnicodeDecodeError included
+        raise _Bad("not UTF-8 JSON", " body") from None
+    if type(event) is not dict or event.get("e") != "queue.pop" or type(event.get("p")) is not dict:
+        raise _Bad("not a queue.pop event", " body")
     return value
 
 
-def _call_args(function: str, args, where: str) -> list:
-    if not isinstance(args, list):
-        raise FrameError(f"{where}.a: expected a list")
+def _field(header: dict, key: str, check):
     try:
-        args = protocol.parse_call_args(function, args, f"{where}.")
-    except ApiError as exc:
-        raise FrameError(exc.message) from None
-    return _json_value(args, f"{where}.a")
+        return check(header.get(key))
+    except _Bad as bad:
+        raise bad.at(f".{key}") from None
 
 
-def _read_send(header: dict, body: bytes, where: str) -> Send:
-    return Send(_client_id(header.get("c"), f"{where}.c"), _ws_frame(body, f"{where} body"))
+def _read_send(header: dict, body: bytes) -> Send:
+    return Send(_field(header, "c", _client_id), _ws_frame(body))
 
 
-def _read_publish(header: dict, body: bytes, where: str) -> Publish:
-    channels = _list_of(_channel)(header.get("ch"), f"{where}.ch")
-    if not channels:
-        raise FrameError(f"{where}.ch: must not be empty")
-    return Publish(channels, _ws_frame(body, f"{where} body"))
+def _read_publish(header: dict, body: bytes) -> Publish:
+    return Publish(_field(header, "ch", _channels), _ws_frame(body))
 
 
-def _read_call(header: dict, body: bytes, where: str) -> Call:
+def _read_call(header: dict, body: bytes) -> Call:
     function = header.get("f")
-    if not isinstance(function, str) or function not in protocol.CALL_FUNCTIONS:
-        raise FrameError(f"{where}.f: unknown conn.call function")
-    _no_body(body, f"{where} body")
-    return Call(_client_id(header.get("c"), f"{where}.c"), function, _call_args(function, header.get("a"), where))
+    if type(function) is not str or function not in protocol.CALL_FUNCTIONS:
+        raise _Bad("unknown conn.call function", ".f")
+    _no_body(body)
+    args = header.get("a")
+    if type(args) is not list:
+        raise _Bad("expected a list", ".a")
+    try:
+        args = protocol.parse_call_args(function, args, "")
+    except ApiError as exc:   # its message starts with the field: "a[0]: ..."
+        field, _, reason = exc.message.partition(": ")
+        raise _Bad(reason, "." + field) from None
+    try:
+        _json_value(args)
+    except _Bad as bad:
+        raise bad.at(".a") from None
+    return Call(_field(header, "c", _client_id), function, args)
 
 
-def _read_queue_event(header: dict, body: bytes, where: str) -> QueueEvent:
-    return QueueEvent(_topic(header.get("t"), f"{where}.t"), _consumer_id(header.get("k"), f"{where}.k"),
-                      _queue_event(body, f"{where} body"))
+def _read_queue_event(header: dict, body: bytes) -> QueueEvent:
+    return QueueEvent(_field(header, "t", _topic), _field(header, "k", _consumer_id), _queue_event(body))
 
 
 _peer_advert = _object(PeerAdvert, (("o", _node_id, _MISSING), ("interest", _interest, ()),
                                     ("consumers", _consumers, ())))
 
 
-def _read_peer_advert(header: dict, body: bytes, where: str) -> PeerAdvert:
-    _no_body(body, f"{where} body")
-    return _peer_advert(header, where)
+def _read_peer_advert(header: dict, body: bytes) -> PeerAdvert:
+    _no_body(body)
+    return _peer_advert(header)
 
 
-# class -> (code, kind name, reader of (header, body, where)); the codes are on the wire: append only
+# class -> (code, kind name, reader of (header, body)); the codes are on the wire: append only
 _REQUESTS = {
     Send: (1, "SEND", _read_send),
     Publish: (2, "PUB", _read_publish),
@@ -596,9 +644,12 @@ def read_request(frames: list) -> Request:
         raise FrameError("mesh request header is truncated")
     _, name, read = known
     header = _loads(frame[_REQUEST_HEAD.size:end], name)
-    if not isinstance(header, dict):
+    if type(header) is not dict:
         raise FrameError(f"{name}: header must be a JSON object")
-    return Request(request_id, read(header, frame[end:], name))
+    try:
+        return Request(request_id, read(header, frame[end:]))
+    except _Bad as bad:
+        raise bad.error(name) from None
 
 
 # --- replies ----------------------------------------------------------------------------
@@ -660,35 +711,37 @@ def read_reply(frames: list) -> tuple:
 _any_text = _text(1 << 29)
 
 
-def _failure_message(value, field: str) -> str:
-    """Text without control characters; kept up to 1000 characters."""
-    return _any_text(value, field)[:1000]
-
-
 def _read_send_result(result: dict):
     written = result.get("s", _MISSING)
-    if written is not None and not isinstance(written, bool):
-        raise FrameError("SEND result.s: expected true, false or null")
+    if written is not None and type(written) is not bool:
+        raise _Bad("expected true, false or null", ".s")
     return written
 
 
 def _read_publish_result(result: dict) -> Delivered:
-    return Delivered(_count(result.get("s"), "PUB result.s"), _count(result.get("f"), "PUB result.f"))
+    return Delivered(_field(result, "s", _count), _field(result, "f", _count))
 
 
 def _read_call_result(result: dict) -> dict:
     value = result.get("r")
-    if not isinstance(value, dict) or value.get("s") is not True or not isinstance(value.get("d", {}), dict):
-        raise FrameError("CALL result.r: expected {\"s\": true} (and \"d\": an object)")
+    if type(value) is not dict or value.get("s") is not True or type(value.get("d", {})) is not dict:
+        raise _Bad("expected {\"s\": true} (and \"d\": an object)", ".r")
     return value
+
+
+def _read_failure(result: dict) -> Failure:
+    code = result["e"]
+    if type(code) is not int or code not in ErrorCode._value2member_map_:
+        raise _Bad("expected an error code", ".e")
+    return Failure(ErrorCode(code), _field(result, "m", _any_text)[:1000])   # kept up to 1000 characters
 
 
 _RESULTS = {
     Send: _read_send_result,
     Publish: _read_publish_result,
     Call: _read_call_result,
-    QueueEvent: lambda result: _flag(result.get("ok"), "QEV result.ok"),
-    PeerAdvert: lambda result: _flag(result.get("ok"), "ADV result.ok"),
+    QueueEvent: lambda result: _field(result, "ok", _flag),
+    PeerAdvert: lambda result: _field(result, "ok", _flag),
 }
 
 
@@ -704,11 +757,11 @@ def read_result(kind: type, raw: bytes):
         FrameError: not a result of that kind.
     """
     result = _loads(raw, "mesh result")
-    if not isinstance(result, dict):
+    if type(result) is not dict:
         raise FrameError("mesh result must be a JSON object")
-    if "e" in result:
-        code = result["e"]
-        if isinstance(code, bool) or not isinstance(code, int) or code not in ErrorCode._value2member_map_:
-            raise FrameError("mesh failure.e: expected an error code")
-        return Failure(ErrorCode(code), _failure_message(result.get("m"), "mesh failure.m"))
-    return _RESULTS[kind](result)
+    try:
+        if "e" in result:
+            return _read_failure(result)
+        return _RESULTS[kind](result)
+    except _Bad as bad:
+        raise bad.error("mesh failure" if "e" in result else f"{kind_name(kind)} result") from None

@@ -108,26 +108,46 @@ def parse_client_id(value: Any, field: str = "p.c") -> int:
 
 
 _BAD_NAME_CHAR = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
+_NOT_UTF8 = 1 << 30
+
+
+def utf8_size(text: str) -> int:
+    """Bytes of `text` in UTF-8; a lone surrogate counts as too long (1 << 30)."""
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        return _NOT_UTF8
+
+
+def name_problem(value: Any, kind: str = "channel"):
+    """What is wrong with a channel or topic name (non-empty, <= 255 bytes, no whitespace or control
+    characters), or None when nothing is. Shared by the API and the readers of cluster/mesh.py."""
+    if type(value) is str and value.isascii() and 0 < len(value) <= MAX_NAME_BYTES \
+            and not _BAD_NAME_CHAR.search(value):
+        return None   # the common case, without encoding anything
+    if not isinstance(value, str):
+        return f"{kind} name must be a string"
+    if not value:
+        return f"{kind} name must not be empty"
+    size = utf8_size(value)
+    if size == _NOT_UTF8:
+        return f"{kind} name is not valid Unicode text"
+    if size > MAX_NAME_BYTES:
+        return f"{kind} name is longer than {MAX_NAME_BYTES} bytes"
+    if _BAD_NAME_CHAR.search(value):
+        return f"{kind} name must not contain whitespace or control characters"
+    return None
 
 
 def parse_name(value: Any, field: str, kind: str = "channel") -> str:
-    """Checks a channel or topic name: non-empty, <= 255 bytes, no whitespace or control characters.
+    """Checks a channel or topic name (see `name_problem`).
 
     Raises:
         ApiError(101) naming `field`.
     """
-    if not isinstance(value, str):
-        raise _invalid(f"{field}: {kind} name must be a string")
-    if not value:
-        raise _invalid(f"{field}: {kind} name must not be empty")
-    try:
-        size = len(value.encode("utf-8"))
-    except UnicodeEncodeError:
-        raise _invalid(f"{field}: {kind} name is not valid Unicode text") from None
-    if size > MAX_NAME_BYTES:
-        raise _invalid(f"{field}: {kind} name is longer than {MAX_NAME_BYTES} bytes")
-    if _BAD_NAME_CHAR.search(value):
-        raise _invalid(f"{field}: {kind} name must not contain whitespace or control characters")
+    problem = name_problem(value, kind)
+    if problem is not None:
+        raise _invalid(f"{field}: {problem}")
     return value
 
 
@@ -263,12 +283,6 @@ class CallParams(NamedTuple):
     args: list
 
 
-def utf8_size(text: str) -> int:
-    """Bytes of `text` in UTF-8; a lone surrogate counts as too long."""
-    try:
-        return len(text.encode("utf-8"))
-    except UnicodeEncodeError:
-        return 1 << 30
 
 
 def _valid_close_code(code: Any) -> bool:
