@@ -56,6 +56,7 @@ Kinds, codes and keys are exchanged between processes: append only.
 import math
 import re
 import struct
+from itertools import repeat
 from typing import Any, NamedTuple, Optional
 
 import ujson
@@ -161,6 +162,17 @@ def _mesh_point(value):
     return value
 
 
+def _checked(pairs) -> list:
+    """Each `(check, item)` checked, in order; a failure names the item's index."""
+    items = []
+    for index, (check, item) in enumerate(pairs):
+        try:
+            items.append(check(item))
+        except _Bad as bad:
+            raise bad.at(f"[{index}]") from None
+    return items
+
+
 def _list_of(check, max_items: int = _BIG, nonempty: bool = False):
     def read(value):
         if type(value) is not list:
@@ -169,13 +181,7 @@ def _list_of(check, max_items: int = _BIG, nonempty: bool = False):
             raise _Bad(f"more than {max_items} items")
         if nonempty and not value:
             raise _Bad("must not be empty")
-        items = []
-        for index, item in enumerate(value):
-            try:
-                items.append(check(item))
-            except _Bad as bad:
-                raise bad.at(f"[{index}]") from None
-        return items
+        return _checked(zip(repeat(check), value))
     return read
 
 
@@ -184,13 +190,7 @@ def _row(*checks):
     def read(value):
         if type(value) is not list or len(value) != len(checks):
             raise _Bad(f"expected a list of {len(checks)} items")
-        items = []
-        for index, (check, item) in enumerate(zip(checks, value)):
-            try:
-                items.append(check(item))
-            except _Bad as bad:
-                raise bad.at(f"[{index}]") from None
-        return items
+        return _checked(zip(checks, value))
     return read
 
 
