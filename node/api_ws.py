@@ -64,9 +64,8 @@ class ApiSocket(tornado.websocket.WebSocketHandler):
         return f"API connection {self.consumer_id} from {self.request.remote_ip}"
 
     def reply(self, code, envelope: bytes) -> None:
-        """Writes an executor's outcome (or any envelope) to this connection, if it is still open."""
-        if self.stream is not None:
-            write_frame(self, protocol.encode_ws_frame(envelope), self.node.counters)
+        """Writes an executor's outcome (or any envelope) to this connection; nothing once it closed."""
+        write_frame(self, protocol.encode_ws_frame(envelope), self.node.counters)
 
     def reply_error(self, code: ErrorCode, message: str, req_id) -> None:
         self.reply(code, protocol.error_body(code, message, req_id, ws=True).encode("utf-8"))

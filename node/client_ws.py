@@ -241,7 +241,7 @@ class ClientHandler(tornado.websocket.WebSocketHandler):
         payload, binary = encode_data(data, type)
         return write_frame(self, protocol.encode_ws_frame(payload, binary), self.node.counters)
 
-    def close(self, code: int = 1000, reason: str = "") -> None:
+    def close(self, code: int = int(CloseCode.NORMAL), reason: str = "") -> None:
         if self.ws_connection is not None:
             if self._closed_by_server is None:
                 self._closed_by_server = (code, reason)
