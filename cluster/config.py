@@ -6,6 +6,7 @@ No sockets here; reading the one file is the only I/O.
 """
 
 import dataclasses
+import ipaddress
 import os
 import re
 import typing
@@ -42,6 +43,15 @@ class UserConfig:
 @dataclass(frozen=True)
 class AccessConfig:
     users: list = field(default_factory=list, metadata=_meta(items=UserConfig))
+    # `meshgate keygen -o FILE`; None with `meshgate start` = a fresh key per run (relative to this file)
+    cluster_key_file: Optional[str] = field(default=None, metadata=_meta(nonempty=True))
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """A listener that speaks TLS only (files relative to the configuration file; re-read on SIGHUP)."""
+    cert_file: str = field(default="", metadata=_meta(required=True, nonempty=True))
+    key_file: str = field(default="", metadata=_meta(required=True, nonempty=True))
 
 
 @dataclass(frozen=True)
@@ -51,9 +61,16 @@ class Listen:
 
 
 @dataclass(frozen=True)
+class CoordinatorApiConfig:
+    bind: str = "127.0.0.1"
+    port: int = field(default=6787, metadata=_meta(min=0, max=65535))
+    tls: Optional[TlsConfig] = None
+
+
+@dataclass(frozen=True)
 class CoordinatorConfig:
     registry: Listen = field(default_factory=lambda: Listen("127.0.0.1", 6786))
-    api: Listen = field(default_factory=lambda: Listen("127.0.0.1", 6787))
+    api: CoordinatorApiConfig = field(default_factory=CoordinatorApiConfig)
     node_timeout: float = field(default=3.0, metadata=_meta(min=0.1))
 
 
@@ -74,6 +91,11 @@ class ApiConfig:
     max_in_flight: int = field(default=10000, metadata=_meta(min=1))
     # Bytes waiting to be written to one /ws/v1 connection (replies and queue events); over it: close 1008.
     write_buffer_limit: int = field(default=16777216, metadata=_meta(min=1024))
+    # Browser origins other than the request's own that may call the API (exact "scheme://host[:port]").
+    allowed_origins: list = field(default_factory=list, metadata=_meta(items=str))
+    # Host names (besides IP addresses and localhost) an open API (no users) answers to.
+    allowed_hosts: list = field(default_factory=list, metadata=_meta(items=str))
+    tls: Optional[TlsConfig] = None
 
 
 @dataclass(frozen=True)
@@ -81,6 +103,33 @@ class QueueConfig:
     topic_size: int = field(default=2000, metadata=_meta(min=1))
     max_topics: int = field(default=100, metadata=_meta(min=1))
     max_bytes: int = field(default=67108864, metadata=_meta(min=1024))   # all topic buffers of a node together
+
+
+@dataclass(frozen=True)
+class RateLimitConfig:
+    """Messages per second a client may send, with bursts up to `burst`; faster: close 1008."""
+    rate: float = field(default=100.0, metadata=_meta(min=0.001))
+    burst: int = field(default=200, metadata=_meta(min=1))
+
+
+JWT_ALGORITHMS = ("HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
+                  "ES256", "ES384", "ES512", "EdDSA")
+
+
+@dataclass(frozen=True)
+class JwtConfig:
+    secret: Optional[str] = field(default=None, metadata=_meta(nonempty=True))              # HS*
+    public_key_file: Optional[str] = field(default=None, metadata=_meta(nonempty=True))     # RS*, PS*, ES*, EdDSA
+    algorithms: list = field(default_factory=lambda: ["HS256"], metadata=_meta(items=str, choices=JWT_ALGORITHMS))
+    audience: Optional[str] = None
+    issuer: Optional[str] = None
+    leeway: float = field(default=0.0, metadata=_meta(min=0))
+    context_claims: list = field(default_factory=list, metadata=_meta(items=str))
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    jwt: Optional[JwtConfig] = None
 
 
 @dataclass(frozen=True)
@@ -99,6 +148,12 @@ class ServerConfig:
     # Client messages (and their bytes) that may wait for one connection's running hook; over it: close 1008.
     max_pending: int = field(default=1000, metadata=_meta(min=1))
     max_pending_bytes: int = field(default=8388608, metadata=_meta(min=1024))
+    handshake_timeout: float = field(default=10.0, metadata=_meta(min=0.1))   # for the whole upgrade request
+    max_header_size: int = field(default=16384, metadata=_meta(min=1024))     # bytes of request headers
+    max_connections: int = field(default=0, metadata=_meta(min=0))            # per node process; 0 = no limit
+    rate_limit: Optional[RateLimitConfig] = None
+    tls: Optional[TlsConfig] = None          # per port: servers sharing a port share it
+    auth: Optional[AuthConfig] = None
 
 
 @dataclass(frozen=True)
@@ -125,6 +180,20 @@ class Config:
     @property
     def base_dir(self) -> str:
         return os.path.dirname(os.path.abspath(self.path)) if self.path else os.getcwd()
+
+    def resolve(self, file: str) -> str:
+        """A file named in the configuration, relative to the configuration file's directory."""
+        return os.path.normpath(os.path.join(self.base_dir, file))
+
+
+def is_loopback(bind: str) -> bool:
+    """True when a bind address only takes connections from this machine."""
+    if bind == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(bind).is_loopback
+    except ValueError:
+        return False
 
 
 _TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "a boolean", list: "a list"}
@@ -177,6 +246,9 @@ def _build(cls, raw: Any, path: str):
     for key in raw:
         if key not in fields:
             raise ConfigError(f"{path + '.' if path else ''}{key}: unknown key")
+    for name, spec in fields.items():
+        if spec.metadata.get("checks", {}).get("required") and name not in raw:
+            raise ConfigError(f"{path + '.' if path else ''}{name}: is required")
     hints = typing.get_type_hints(cls)
     values = {}
     for name, spec in fields.items():
@@ -241,6 +313,29 @@ def _validate(config: Config) -> None:
     api_port = config.node.api.port
     if api_port and any(s.port == api_port for s in config.node.servers):
         raise ConfigError("node.api.port: the same port as a client server")
+    tls_by_port = {}
+    for index, server in enumerate(config.node.servers):
+        first = tls_by_port.setdefault(server.port, (server.tls, index))
+        if first[0] != server.tls:
+            raise ConfigError(f"node.servers[{index}].tls: servers on port {server.port} must share one tls "
+                              f"setting (node.servers[{first[1]}] has another)")
+        if server.auth and server.auth.jwt:
+            _validate_jwt(server.auth.jwt, f"node.servers[{index}].auth.jwt")
+    if not config.access.users:   # docs/protocol.md, Access control: an open API listens on loopback only
+        for key, bind in (("node.api.bind", config.node.api.bind), ("coordinator.api.bind", config.coordinator.api.bind)):
+            if not is_loopback(bind):
+                raise ConfigError(f"access.users: required when {key} is not a loopback address ({bind})")
+
+
+def _validate_jwt(jwt: "JwtConfig", path: str) -> None:
+    if (jwt.secret is None) == (jwt.public_key_file is None):
+        raise ConfigError(f"{path}: give exactly one of secret (HS*) and public_key_file (RS*, PS*, ES*, EdDSA)")
+    if not jwt.algorithms:
+        raise ConfigError(f"{path}.algorithms: at least one algorithm is required")
+    for index, algorithm in enumerate(jwt.algorithms):
+        if algorithm.startswith("HS") != (jwt.secret is not None):
+            needs = "secret" if algorithm.startswith("HS") else "public_key_file"
+            raise ConfigError(f"{path}.algorithms[{index}]: {algorithm} needs {needs}")
 
 
 def from_dict(raw: Any, path: Optional[str] = None) -> Config:
