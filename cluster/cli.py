@@ -8,7 +8,7 @@ import urllib.request
 import click
 import ujson
 
-from cluster import __version__, config as config_module
+from cluster import __version__, cluster_key, config as config_module
 from cluster.config import ConfigError
 
 _CONFIG_HELP = "YAML configuration file (default: built-in defaults)."
@@ -18,8 +18,26 @@ def _load(path, workers=None, coordinator=None):
     try:
         return config_module.override(config_module.load(path), workers=workers, coordinator=coordinator)
     except ConfigError as exc:
-        click.echo(f"meshgate: configuration error: {exc}", err=True)
-        sys.exit(2)
+        _fail(str(exc))
+
+
+def _fail(message: str) -> None:
+    click.echo(f"meshgate: configuration error: {message}", err=True)
+    sys.exit(2)
+
+
+def _key(config, command: str, from_stdin: bool = False):
+    """The cluster key: from the supervisor (standard input), from access.cluster_key_file, or (`start`) a fresh one."""
+    try:
+        if from_stdin:
+            return cluster_key.ClusterKey.from_line(sys.stdin.readline(200).strip())
+        if config.access.cluster_key_file:
+            return cluster_key.read_file(config.resolve(config.access.cluster_key_file))
+    except cluster_key.ClusterKeyError as exc:
+        _fail(f"access.cluster_key_file: {exc}")
+    if command == "start":
+        return cluster_key.generate()   # one machine, one run: nobody else needs it
+    _fail(f"access.cluster_key_file: required by meshgate {command} (make one with: meshgate keygen -o FILE)")
 
 
 def _setup_supervisor_logging(config) -> None:
@@ -45,20 +63,26 @@ def _supervise(path, workers, coordinator_address, with_coordinator: bool) -> No
     """`start` and `node`: check what can be checked before anything starts, then supervise."""
     from cluster.supervisor import Supervisor, resolve_workers
     config = _load(path, workers=workers, coordinator=coordinator_address)
+    key = _key(config, "start" if with_coordinator else "node")
     _check_entries(config)
     count = resolve_workers(config.node.workers)
     _check_startable(config, count)
     _setup_supervisor_logging(config)
-    sys.exit(Supervisor(path, count, coordinator=with_coordinator, coordinator_address=coordinator_address).run())
+    sys.exit(Supervisor(path, count, with_coordinator, key, coordinator_address=coordinator_address).run())
+
+
+_KEY_STDIN_HELP = "Read the cluster key from standard input (how a supervisor hands it over)."
 
 
 @main.command()
 @click.option("-c", "--config", "path", type=click.Path(dir_okay=False), help=_CONFIG_HELP)
 @click.option("--fresh", is_flag=True, hidden=True, help="First start of a cluster: no node can hold an id yet.")
-def coordinator(path, fresh):
+@click.option("--key-stdin", is_flag=True, hidden=True, help=_KEY_STDIN_HELP)
+def coordinator(path, fresh, key_stdin):
     """Run the coordinator (the control plane) alone."""
     from coordinator.app import run
-    run(_load(path), fresh=fresh)
+    config = _load(path)
+    run(config, _key(config, "coordinator", key_stdin), fresh=fresh)
 
 
 @main.command()
@@ -74,10 +98,25 @@ def node(path, coordinator_address, workers):
 @click.option("-c", "--config", "path", type=click.Path(dir_okay=False))
 @click.option("--worker", type=int, default=0)
 @click.option("--coordinator", "coordinator_address")
-def node_process(path, worker, coordinator_address):
+@click.option("--key-stdin", is_flag=True, help=_KEY_STDIN_HELP)
+def node_process(path, worker, coordinator_address, key_stdin):
     """One node process (started by the supervisor)."""
     from node.app import run
-    sys.exit(run(_load(path, coordinator=coordinator_address), worker))
+    config = _load(path, coordinator=coordinator_address)
+    sys.exit(run(config, worker, _key(config, "node", key_stdin)))
+
+
+@main.command()
+@click.option("-o", "--output", "path", required=True, type=click.Path(dir_okay=False),
+              help="The key file to write (it must not exist yet).")
+def keygen(path):
+    """Make a new cluster key file (mode 0600) for access.cluster_key_file."""
+    try:
+        cluster_key.write_file(path, cluster_key.generate())
+    except cluster_key.ClusterKeyError as exc:
+        click.echo(f"meshgate: {exc}", err=True)
+        sys.exit(1)
+    click.echo(f"wrote {path}: give the same file (mode 0600) to every coordinator and node of the cluster")
 
 
 def _check_startable(config, workers: int) -> None:
@@ -85,8 +124,7 @@ def _check_startable(config, workers: int) -> None:
     try:
         config_module.check_mesh_ports(config, workers)
     except ConfigError as exc:
-        click.echo(f"meshgate: configuration error: {exc}", err=True)
-        sys.exit(2)
+        _fail(str(exc))
     if config.access.users:
         click.echo("meshgate: warning: access.users is not enforced in this version; "
                    "the API is open to anyone who can reach its port", err=True)
@@ -100,8 +138,7 @@ def _check_entries(config) -> None:
             try:
                 check_spec(server.entry, config.base_dir)
             except EntryError as exc:
-                click.echo(f"meshgate: configuration error: node.servers[{index}].entry: {exc}", err=True)
-                sys.exit(2)
+                _fail(f"node.servers[{index}].entry: {exc}")
 
 
 def _status_url(config, address) -> str:

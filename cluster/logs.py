@@ -40,3 +40,31 @@ def setup(level: str, fmt: str, role: str) -> None:
     root.setLevel(level.upper())
     # Tornado's per-request access log is per message: keep it below info.
     logging.getLogger("tornado.access").setLevel(max(logging.WARNING, root.level))
+
+
+class Throttled:
+    """Logs to `logger` at most once per `interval` seconds; says how many it held back meanwhile.
+
+    For what a stranger or a broken peer can make happen at any rate (bad
+    messages, refused handshakes): the log stays readable and small.
+    """
+
+    def __init__(self, logger: logging.Logger, interval: float = 1.0, clock=time.monotonic):
+        self._logger = logger
+        self._interval = interval
+        self._clock = clock
+        self._next = 0.0
+        self._held = 0
+
+    def warning(self, message: str, *args) -> bool:
+        """Logs now, or counts it; returns whether it was logged."""
+        now = self._clock()
+        if now < self._next:
+            self._held += 1
+            return False
+        if self._held:
+            message += f" (and {self._held} more like it since the last one)"
+            self._held = 0
+        self._next = now + self._interval
+        self._logger.warning(message, *args)
+        return True

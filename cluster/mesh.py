@@ -20,12 +20,12 @@ the JSON keys are the field names of the classes below:
 
 | kind | class | from | fields |
 | --- | --- | --- | --- |
-| `REG` | Register | node | node_id (0: give me one), host, pid, api_server, mesh_point, started_at, state {interest, consumers, clients} |
+| `REG` | Register | node | node_id (0: give me one), host, pid, api_server, mesh_point, started_at, state {interest, consumers, clients}, lease |
 | `HB` | Heartbeat | node | node_id, stats {figure: number} |
 | `ADV` | Advert | node | interest, consumers, opened, closed (coalesced changes of this node) |
 | `SYNC` | Sync | node | node_id (a version was skipped: send a snapshot) |
 | `BYE` | Bye | node | node_id (leaving for good) |
-| `WELCOME` | Welcome | coordinator | node_id, not_before_ms, snapshot |
+| `WELCOME` | Welcome | coordinator | node_id, not_before_ms, snapshot, lease |
 | `UPD` | Update | coordinator | v (1 and up), nodes (absent: unchanged), dead, interest, consumers |
 | `SNAP` | Snapshot | coordinator | v (0 before the first update), nodes, interest, consumers |
 | `REREG` | Reregister | coordinator | (none: register again) |
@@ -50,6 +50,10 @@ Wire forms of changes (cluster/interest_table.py): interest `[channel, count,
 seq]`, consumers `[topic, consumer_id, present, seq]`; in the coordinator's
 updates and snapshots each starts with its origin node id.
 
+Every socket refuses messages over a bound (ZMQ_MAXMSGSIZE): `MAX_CONTROL_BYTES`
+for control messages, `max_mesh_bytes(...)` for mesh messages, a little over
+the largest legal one; a process never sends one over it.
+
 Kinds, codes and keys are exchanged between processes: append only.
 """
 
@@ -64,6 +68,21 @@ import ujson
 from cluster import protocol
 from cluster.ids import MAX_NODE_ID
 from cluster.protocol import MAX_CLIENT_ID, ApiError, ErrorCode
+
+
+# A registration's full state or a cluster's snapshot: tens of bytes per channel, consumer and client.
+MAX_CONTROL_BYTES = 256 * 1024 * 1024
+_MESH_SLACK = 64 * 1024
+
+
+def max_mesh_bytes(max_body: int, max_message_size: int) -> int:
+    """The largest mesh message a node sends or takes (node.api.max_body, the largest client message).
+
+    Over the largest legal one: a request carries at most a body's worth of
+    header and a body's worth of frame; a queue event may hold a client
+    message written as JSON text (base64 or escapes grow it up to six times).
+    """
+    return max(8 * max(max_body, max_message_size), 16 * 1024 * 1024) + _MESH_SLACK
 
 
 class FrameError(ValueError):
@@ -202,6 +221,15 @@ _client_ids = _list_of(_client_id)
 _node_ids = _list_of(_node_id)
 _channels = _list_of(_channel, nonempty=True)
 
+_LEASE = re.compile(r"[0-9a-f]{64}\Z")
+
+
+def _lease(value):
+    if type(value) is not str or not _LEASE.match(value):
+        raise _Bad("expected 64 hexadecimal digits")
+    return value
+
+
 _FIGURE = re.compile(r"[a-z][a-z0-9_]{0,63}\Z")
 MAX_FIGURES = 64
 
@@ -294,6 +322,7 @@ class Register(NamedTuple):
     mesh_point: str           # the registry checks its form and refuses it with a reason
     started_at: float
     state: NodeState
+    lease: Optional[str] = None   # with node_id: the lease its Welcome gave (cluster_key.ClusterKey.lease)
 
 
 class Heartbeat(NamedTuple):
@@ -328,6 +357,7 @@ class Welcome(NamedTuple):
     node_id: int
     not_before_ms: int
     snapshot: Snapshot
+    lease: Optional[str] = None   # proof that node_id is this process's, for a registration after a coordinator restart
 
 
 class Update(NamedTuple):
@@ -373,6 +403,7 @@ _CONTROL = {
         ("started_at", _number, 0),
         ("state", _object(NodeState, (("interest", _interest, ()), ("consumers", _consumers, ()),
                                       ("clients", _client_ids, ()))), NodeState()),
+        ("lease", _lease, None),
     ))),
     b"HB": (Heartbeat, _object(Heartbeat, (("node_id", _node_id, _MISSING), ("stats", _stats, {})))),
     b"ADV": (Advert, _object(Advert, (("interest", _interest, ()), ("consumers", _consumers, ()),
@@ -380,7 +411,7 @@ _CONTROL = {
     b"SYNC": (Sync, _object(Sync, (("node_id", _node_id, _MISSING),))),
     b"BYE": (Bye, _object(Bye, (("node_id", _node_id, _MISSING),))),
     b"WELCOME": (Welcome, _object(Welcome, (("node_id", _node_id, _MISSING), ("not_before_ms", _count, 0),
-                                            ("snapshot", _snapshot, _MISSING)))),
+                                            ("snapshot", _snapshot, _MISSING), ("lease", _lease, None)))),
     b"UPD": (Update, _object(Update, (
         ("v", _int(1, _BIG), _MISSING), ("nodes", _node_entries, None), ("dead", _node_ids, ()),
         ("interest", _origin_interest, ()), ("consumers", _origin_consumers, ()),

@@ -1,7 +1,8 @@
 """The supervisor: start the coordinator and node processes, restart, drain.
 
 Children are fresh interpreters (`python -m cluster.cli ...`), each creating
-its own IOLoop and zmq.Context. A node that dies is started again after a
+its own IOLoop and zmq.Context, each handed the cluster key on its standard
+input. A node that dies is started again after a
 backoff (0.5 s doubling to 10 s, reset after 30 s of life). SIGTERM or SIGINT
 stops the nodes first (they close clients 1001 and flush), then the coordinator,
 under one deadline; whatever is still alive then is killed.
@@ -31,11 +32,19 @@ _COORDINATOR_STOP_S = 3.0
 
 
 class Child:
-    """One supervised process and its restart state."""
+    """One supervised process and its restart state.
 
-    def __init__(self, name: str, argv: list):
+    Args:
+        name: for logs.
+        argv: its command line (never a secret).
+        secret: a line written to its standard input at every start, then closed
+            (the cluster key: never on a command line, in the environment or in a file).
+    """
+
+    def __init__(self, name: str, argv: list, secret: str):
         self.name = name
         self.argv = argv
+        self.secret = secret
         self.process = None
         self.started = 0.0
         self.backoff = _BACKOFF_START_S
@@ -44,7 +53,12 @@ class Child:
 
     def start(self) -> None:
         argv = self.argv + self.first_only if self.process is None else self.argv
-        self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, env={**os.environ, SUPERVISED_ENV: "1"})
+        self.process = subprocess.Popen(argv, stdin=subprocess.PIPE, env={**os.environ, SUPERVISED_ENV: "1"})
+        try:
+            self.process.stdin.write(self.secret.encode("ascii") + b"\n")
+            self.process.stdin.close()
+        except OSError:   # it died at once: the next check sees it
+            pass
         self.started = time.monotonic()
         log.info("started %s (pid %d)", self.name, self.process.pid)
 
@@ -68,20 +82,22 @@ class Supervisor:
         config_path: the YAML file the children read (None: defaults).
         workers: node processes to run (already resolved: >= 1).
         coordinator: also run the coordinator (False for `meshgate node`).
+        key: the ClusterKey every child gets on its standard input.
         coordinator_address: the registry address the nodes use, if overridden.
     """
 
-    def __init__(self, config_path, workers: int, coordinator: bool, coordinator_address=None):
-        common = ["-c", config_path] if config_path else []
+    def __init__(self, config_path, workers: int, coordinator: bool, key, coordinator_address=None):
+        common = ["-c", config_path, "--key-stdin"] if config_path else ["--key-stdin"]
+        secret = key.line()
         self.children = []
         if coordinator:
-            child = Child("coordinator", _cli("coordinator", *common))
+            child = Child("coordinator", _cli("coordinator", *common), secret)
             child.first_only = ["--fresh"]
             self.children.append(child)
         extra = ["--coordinator", coordinator_address] if coordinator_address else []
         for worker in range(workers):
             self.children.append(Child(f"node worker {worker}",
-                                       _cli("node-process", *common, "--worker", str(worker), *extra)))
+                                       _cli("node-process", *common, "--worker", str(worker), *extra), secret))
         self._stopping = False
         self.exit_code = 0
 

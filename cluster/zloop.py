@@ -1,4 +1,5 @@
-"""ZeroMQ sockets of the cluster: made alike (`new_socket`), read on the running asyncio loop in batches.
+"""ZeroMQ sockets of the cluster: made alike (`new_socket`), let in by the cluster key (`ZapHandler`),
+read on the running asyncio loop in batches (`ZSocket`).
 
 ZeroMQ signals readiness through an edge-triggered file descriptor, and any
 operation on the socket (a send included) may consume the edge. So after every
@@ -10,27 +11,84 @@ import asyncio
 import logging
 
 import zmq
+from zmq.utils import z85
+
+from cluster.logs import Throttled
 
 log = logging.getLogger("meshgate.mesh")
 
 _BATCH = 512
 
 
-def new_socket(context: zmq.Context, kind: int, hwm: int, routing_id: bytes = None) -> zmq.Socket:
-    """A socket with what every socket of the cluster has: no linger, bounded queues both ways.
+ZAP_DOMAIN = b"meshgate"
+
+
+def new_socket(context: zmq.Context, kind: int, hwm: int, key, max_bytes: int, routing_id: bytes = None) -> zmq.Socket:
+    """A socket with what every socket of the cluster has: the cluster key, no linger, bounded queues and messages.
+
+    A ROUTER serves with the cluster key (CURVE) and lets the process's ZapHandler
+    decide who may connect; a DEALER connects with the key as its own and as the
+    server's. A peer that sends a message over `max_bytes` is disconnected by ZeroMQ.
 
     Args:
         kind: zmq.ROUTER or zmq.DEALER.
         hwm: messages that may wait in each direction (ZeroMQ's high-water marks).
+        key: the ClusterKey (cluster/cluster_key.py).
+        max_bytes: the largest message taken from the network (ZMQ_MAXMSGSIZE).
         routing_id: a DEALER's fixed identity, if it needs one.
     """
     socket = context.socket(kind)
     socket.setsockopt(zmq.LINGER, 0)
     socket.setsockopt(zmq.SNDHWM, hwm)
     socket.setsockopt(zmq.RCVHWM, hwm)
+    socket.setsockopt(zmq.MAXMSGSIZE, max_bytes)
+    socket.curve_secretkey = key.secret
+    socket.curve_publickey = key.public
+    if kind == zmq.ROUTER:
+        socket.curve_server = True
+        socket.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN)
+        socket.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)   # no handler, no connection
+    else:
+        socket.curve_serverkey = key.public
     if routing_id is not None:
         socket.setsockopt(zmq.ROUTING_ID, routing_id)
     return socket
+
+
+class ZapHandler:
+    """This process's ZAP handler (ZeroMQ RFC 27): only connections that hold the cluster key get in.
+
+    Bind it before any socket of `new_socket` serves. `refused` counts the
+    handshakes it turned away; each is logged, at most once a second.
+
+    Args:
+        context: the process's zmq.Context.
+        key: the ClusterKey.
+    """
+
+    def __init__(self, context: zmq.Context, key):
+        socket = context.socket(zmq.REP)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.bind("inproc://zeromq.zap.01")
+        self._allowed = z85.decode(key.public)
+        self.refused = 0
+        self._log = Throttled(log)
+        self.stream = ZSocket(socket, self.on_request)
+
+    def on_request(self, frames: list) -> None:
+        frames = [bytes(frame) for frame in frames] + [b""] * (7 - len(frames))
+        version, request_id, domain, address, _identity, mechanism = frames[:6]
+        credentials = frames[6:]
+        allowed = domain == ZAP_DOMAIN and mechanism == b"CURVE" and credentials[:1] == [self._allowed]
+        if not allowed:
+            self.refused += 1
+            self._log.warning("refused a %s connection from %s: it does not hold the cluster key",
+                              mechanism.decode("ascii", "replace")[:10] or "?", address.decode("ascii", "replace")[:64])
+        self.stream.send([version, request_id, b"200" if allowed else b"400",
+                          b"OK" if allowed else b"the cluster key is required", b"", b""])
+
+    def close(self) -> None:
+        self.stream.close()
 
 
 class ZSocket:

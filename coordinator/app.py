@@ -16,9 +16,9 @@ from coordinator.http import make_app
 log = logging.getLogger("meshgate.coordinator")
 
 
-async def _serve(config, fresh: bool) -> None:
+async def _serve(config, key, fresh: bool) -> None:
     context = zmq.Context()
-    control = Control(config, context, fresh=fresh)
+    control = Control(config, context, key, fresh=fresh)
     server = HTTPServer(make_app(control))
     api = config.coordinator.api
     server.listen(api.port, address=api.bind)
@@ -39,12 +39,13 @@ async def _serve(config, fresh: bool) -> None:
     context.destroy(linger=0)
 
 
-def run(config, fresh: bool = False) -> None:
+def run(config, key, fresh: bool = False) -> None:
     """Runs the coordinator until SIGTERM or SIGINT.
 
     Args:
+        key: the ClusterKey (cluster/cluster_key.py).
         fresh: no node of an earlier run can exist (a cluster's first start), so
             new nodes need not wait for old ones to reclaim their ids.
     """
     logs.setup(config.logging.level, config.logging.format, "coordinator")
-    asyncio.run(_serve(config, fresh))
+    asyncio.run(_serve(config, key, fresh))

@@ -14,7 +14,8 @@ from tornado.ioloop import PeriodicCallback
 
 from cluster import mesh
 from cluster.ids import now_ms
-from cluster.zloop import ZSocket, new_socket
+from cluster.logs import Throttled
+from cluster.zloop import ZapHandler, ZSocket, new_socket
 from coordinator.registry import Registry, RegistryError
 from coordinator.tables import Tables
 
@@ -26,20 +27,25 @@ class Control:
 
     Args:
         config: the cluster Config.
-        context: the process's zmq.Context.
+        context: the process's zmq.Context (this object binds its ZAP handler).
+        key: the ClusterKey.
         fresh: no node of an earlier run can exist (a cluster's first start).
     """
 
-    def __init__(self, config, context: zmq.Context, fresh: bool = False):
+    def __init__(self, config, context: zmq.Context, key, fresh: bool = False):
         self.config = config
+        self.key = key
         self.node_timeout = config.coordinator.node_timeout
         # After a restart, nodes of the previous run reclaim their ids within one
         # heartbeat or two; fresh nodes wait that long (not on a cluster's first start).
         grace = 0.0 if fresh else self.node_timeout / 2
-        self.registry = Registry(grace_until=time.monotonic() + grace)
+        self.registry = Registry(grace_until=time.monotonic() + grace, lease_of=key.lease)
         self.tables = Tables()
         self.started_at = time.time()
-        socket = new_socket(context, zmq.ROUTER, 100000)
+        self.refused = 0      # control messages dropped by the readers of cluster/mesh.py
+        self._bad_log = Throttled(log)
+        self.zap = ZapHandler(context, key)   # before the registry serves
+        socket = new_socket(context, zmq.ROUTER, 100000, key, mesh.MAX_CONTROL_BYTES)
         listen = config.coordinator.registry
         socket.bind(f"tcp://{listen.bind}:{listen.port}")
         self.stream = ZSocket(socket, self.on_message)
@@ -53,6 +59,7 @@ class Control:
     def close(self) -> None:
         self._sweeper.stop()
         self.stream.close()
+        self.zap.close()
 
     # --- inbound ---------------------------------------------------------
 
@@ -61,7 +68,8 @@ class Control:
         try:
             message = mesh.read_control(frames[1:], mesh.FROM_NODE)
         except mesh.FrameError as exc:
-            log.warning("bad control message from %r: %s", routing_id[:64], exc)
+            self.refused += 1
+            self._bad_log.warning("dropped a bad control message from %r: %s", routing_id[:64], exc)
             return
         try:
             self._handlers[type(message)](routing_id, message)
@@ -78,7 +86,8 @@ class Control:
             return
         interest, consumers = self.tables.replace_node_state(node_id, message.state)
         update = self.tables.next_update(nodes=self.registry.entries(), interest=interest, consumers=consumers)
-        self.send(routing_id, mesh.Welcome(node_id, not_before, self.tables.snapshot(self.registry.entries())))
+        self.send(routing_id, mesh.Welcome(node_id, not_before, self.tables.snapshot(self.registry.entries()),
+                                           self.key.lease(node_id, routing_id)))
         self.broadcast(update, skip=node_id)
         log.info("node %d registered: pid %s, api %s, mesh point %s",
                  node_id, message.pid, message.api_server, message.mesh_point)

@@ -4,6 +4,7 @@ PURE state: the caller passes `now` (monotonic seconds) and wall milliseconds;
 no sockets, no timers. Owned by the coordinator's IOLoop.
 """
 
+import hmac
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -46,9 +47,13 @@ class Registry:
     Args:
         grace_until: monotonic time before which fresh nodes (asking no id) are
             told to retry, so nodes of the previous coordinator run reclaim their ids first.
+        lease_of: `(node_id, routing_id) -> lease`; with it, a node asking for an id it
+            does not hold right now must show that id's lease for its routing id (so
+            after a coordinator restart an id goes back only to the process that held it).
     """
 
-    def __init__(self, grace_until: float = 0.0):
+    def __init__(self, grace_until: float = 0.0, lease_of=None):
+        self._lease_of = lease_of
         self.nodes = {}
         self._by_routing = {}
         self._released_ms = {}   # node_id -> last wall ms its previous holder may have used
@@ -75,6 +80,9 @@ class Registry:
             holder = self.nodes.get(wanted)
             if holder is not None and holder.routing_id != routing_id:
                 raise RegistryError(f"node id {wanted} is held by pid {holder.pid} on {holder.host}", retry=False)
+            if holder is None and info.node_id and self._lease_of is not None and not hmac.compare_digest(
+                    info.lease or "", self._lease_of(wanted, routing_id)):
+                raise RegistryError(f"node id {wanted} was not given to this process (no valid lease)", retry=False)
             node_id = wanted
         else:
             if now < self._grace_until:

@@ -69,9 +69,9 @@ def servers_by_port(servers) -> dict:
     return groups
 
 
-async def _serve(config, worker: int) -> int:
+async def _serve(config, worker: int, key) -> int:
     context = zmq.Context()
-    node = Node(config, worker, context)
+    node = Node(config, worker, context, key)
     entries.bind(node)
     try:   # entries load before the node joins: a broken one never takes clients
         client_apps = {port: client_app(node, group) for port, group in servers_by_port(config.node.servers).items()}
@@ -154,7 +154,7 @@ async def _drain(node, servers) -> None:
     log.info("node %d stopped", node.node_id)
 
 
-def run(config, worker: int) -> int:
-    """Runs one node process until SIGTERM/SIGINT; returns its exit code."""
+def run(config, worker: int, key) -> int:
+    """Runs one node process until SIGTERM/SIGINT; returns its exit code (`key`: the ClusterKey)."""
     logs.setup(config.logging.level, config.logging.format, f"node-w{worker}")
-    return asyncio.run(_serve(config, worker))
+    return asyncio.run(_serve(config, worker, key))

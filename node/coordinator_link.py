@@ -18,6 +18,7 @@ import zmq
 from tornado.ioloop import PeriodicCallback
 
 from cluster import mesh
+from cluster.logs import Throttled
 from cluster.zloop import ZSocket, new_socket
 
 log = logging.getLogger("meshgate.node")
@@ -48,23 +49,28 @@ class CoordinatorLink:
         state: returns the node's full `mesh.NodeState` (for a re-registration).
         stats: returns the node's figures (for heartbeats).
         on_changes: called with the `routing.Changes` of every update, snapshot and expiry.
+        key: the ClusterKey.
 
     After the first WELCOME, `node_id` and `not_before_ms` are set and
     `joined` is True; `fatal` is a message when this process must exit.
     """
 
-    def __init__(self, context: zmq.Context, config, routing, identity: Identity, state, stats, on_changes):
+    def __init__(self, context: zmq.Context, config, routing, identity: Identity, state, stats, on_changes, key):
         self.config = config
         self.routing = routing
         self.identity = identity
         self._state, self._stats, self._on_changes = state, stats, on_changes   # the node's side, all it sees
         self.node_id = 0
         self.not_before_ms = 0
+        self.lease = None      # what proves node_id is this process's (mesh.Welcome)
+        self.refused = 0       # messages dropped by the readers of cluster/mesh.py
+        self._bad_log = Throttled(log)
         self.joined = False
         self.registered = False
         self.fatal = None
         self.leaving = False
-        sock = new_socket(context, zmq.DEALER, _HWM, f"{socket.gethostname()}-{os.getpid()}-{time.time_ns()}".encode())
+        sock = new_socket(context, zmq.DEALER, _HWM, key, mesh.MAX_CONTROL_BYTES,
+                          f"{socket.gethostname()}-{os.getpid()}-{time.time_ns()}".encode())
         sock.connect(f"tcp://{config.node.coordinator}")
         self.socket = ZSocket(sock, self.on_message)
         self._registering_since = None
@@ -114,7 +120,7 @@ class CoordinatorLink:
         self.registered = False
         self._registering_since = time.monotonic()
         state = self._state() if self.node_id else mesh.NodeState()
-        self.send(mesh.Register(self.node_id, *self.identity, state))
+        self.send(mesh.Register(self.node_id, *self.identity, state, self.lease))
 
     def _register_if_needed(self) -> None:
         if not self.registered and time.monotonic() - self._registering_since >= self._retry_s:
@@ -137,7 +143,8 @@ class CoordinatorLink:
         try:
             message = mesh.read_control(frames, mesh.FROM_COORDINATOR)
         except mesh.FrameError as exc:
-            log.warning("bad message from the coordinator: %s", exc)
+            self.refused += 1
+            self._bad_log.warning("dropped a bad message from the coordinator: %s", exc)
             return
         self._handlers[type(message)](message)
 
@@ -164,6 +171,7 @@ class CoordinatorLink:
             return
         self.registered = True
         self._retry_s = _REGISTER_RETRY_S
+        self.lease = welcome.lease
         if not self.joined:
             self.node_id = self.routing.node_id = welcome.node_id
             self.not_before_ms = welcome.not_before_ms

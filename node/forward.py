@@ -14,7 +14,7 @@ import asyncio
 from cluster import mesh
 from cluster.ids import node_id_of
 from cluster.protocol import ApiError, ErrorCode
-from node.mesh_point import BadReply, PeerTimeout, PeerUnavailable
+from node.mesh_point import BadReply, PeerTimeout, PeerUnavailable, TooLarge
 
 
 class Forwarder:
@@ -61,7 +61,7 @@ class Forwarder:
             except PeerTimeout:
                 raise ApiError(ErrorCode.SEND_FAILED,
                                f"client {client_id}: its node {owner} did not answer within the forward timeout")
-            except BadReply as exc:
+            except (BadReply, TooLarge) as exc:
                 raise ApiError(ErrorCode.SEND_FAILED, f"client {client_id}: {exc}") from None
             if isinstance(written, mesh.Failure):
                 raise ApiError(ErrorCode.SEND_FAILED, f"client {client_id}: its node {owner} failed: {written.message}")
@@ -105,7 +105,7 @@ class Forwarder:
         except PeerTimeout:
             raise ApiError(ErrorCode.MESH_UNAVAILABLE,
                            f"client {client_id}: its node {owner} did not answer within the forward timeout") from None
-        except BadReply as exc:
+        except (BadReply, TooLarge) as exc:
             raise ApiError(ErrorCode.MESH_UNAVAILABLE, f"client {client_id}: {exc}") from None
         if isinstance(result, mesh.Failure):
             raise ApiError(result.code, result.message)

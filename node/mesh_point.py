@@ -16,6 +16,7 @@ import zmq
 from tornado.ioloop import PeriodicCallback
 
 from cluster import mesh
+from cluster.logs import Throttled
 from cluster.protocol import ErrorCode
 from cluster.zloop import ZSocket, new_socket
 
@@ -40,6 +41,10 @@ class BadReply(PeerError):
     """The peer answered something that does not follow cluster/mesh.py."""
 
 
+class TooLarge(PeerError):
+    """The request is larger than any mesh socket takes (mesh.max_mesh_bytes)."""
+
+
 class MeshPoint:
     """Args:
         context: the process's zmq.Context.
@@ -48,18 +53,25 @@ class MeshPoint:
         max_pending_bytes: bytes of requests one peer has not answered yet; past it, requests
             to that peer fail at once (a frozen peer must not grow this node's memory for a
             whole forward timeout).
+        key: the ClusterKey every socket here uses.
+        max_bytes: the largest mesh message sent or taken (mesh.max_mesh_bytes).
 
     `handle_request(peer_routing_id, mesh.Request)` serves what peers ask (set
     it before the loop runs): it returns the result bytes, an awaitable of
     them, or None for a request that wants no reply.
     """
 
-    def __init__(self, context: zmq.Context, bind: str, timeout: float, max_pending_bytes: int):
+    def __init__(self, context: zmq.Context, bind: str, timeout: float, max_pending_bytes: int, key,
+                 max_bytes: int):
         self.context = context
         self.timeout = timeout
         self.max_pending_bytes = max_pending_bytes
+        self.key = key
+        self.max_bytes = max_bytes
         self.handle_request = None
-        socket = new_socket(context, zmq.ROUTER, _HWM)
+        self.refused = 0          # requests and replies dropped by the readers of cluster/mesh.py
+        self._bad_log = Throttled(log)
+        socket = new_socket(context, zmq.ROUTER, _HWM, key, max_bytes)
         if bind.endswith(":0"):
             port = socket.bind_to_random_port(bind[:-2])
             self.address = f"{bind[:-2]}:{port}"
@@ -87,7 +99,8 @@ class MeshPoint:
     def connect(self, node_id: int, address: str, own_id: int) -> None:
         """Opens (or re-opens) the DEALER link to a peer's mesh point."""
         self.disconnect(node_id)
-        socket = new_socket(self.context, zmq.DEALER, _HWM, b"n%d-%d" % (own_id, time.monotonic_ns()))
+        socket = new_socket(self.context, zmq.DEALER, _HWM, self.key, self.max_bytes,
+                            b"n%d-%d" % (own_id, time.monotonic_ns()))
         socket.connect(address)
         self._peers[node_id] = ZSocket(socket, self.on_reply)
 
@@ -113,8 +126,12 @@ class MeshPoint:
         stream = self._peers.get(node_id)
         if stream is None:
             return
+        frames = mesh.frame_request(message, 0)
+        if len(frames[0]) > self.max_bytes:
+            log.warning("a %s to node %d is larger than the mesh takes; dropped", mesh.kind_name(message.kind), node_id)
+            return
         try:
-            stream.send(mesh.frame_request(message, 0))
+            stream.send(frames)
         except zmq.Again:
             log.warning("mesh link to node %d is full; dropped a %s", node_id, mesh.kind_name(message.kind))
 
@@ -123,7 +140,7 @@ class MeshPoint:
 
         The future fails with a PeerError: PeerUnavailable (unknown peer, link
         full, too much unanswered, peer dropped), PeerTimeout (no reply within
-        `timeout`) or BadReply.
+        `timeout`), BadReply, or TooLarge.
         """
         future = asyncio.get_running_loop().create_future()
         stream = self._peers.get(node_id)
@@ -137,8 +154,13 @@ class MeshPoint:
             return future
         self._counter += 1
         request_id = self._counter
+        frames = mesh.frame_request(message, request_id)
+        if len(frames[0]) > self.max_bytes:
+            future.set_exception(TooLarge(f"a {len(frames[0])}-byte request is larger than the mesh takes "
+                                          f"({self.max_bytes} bytes)"))
+            return future
         try:
-            stream.send(mesh.frame_request(message, request_id))
+            stream.send(frames)
         except zmq.Again:
             future.set_exception(PeerUnavailable(f"mesh link to node {node_id} is full"))
             return future
@@ -159,7 +181,8 @@ class MeshPoint:
         try:
             request_id, raw = mesh.read_reply(frames)
         except mesh.FrameError as exc:
-            log.warning("bad mesh reply: %s", exc)
+            self.refused += 1
+            self._bad_log.warning("dropped a bad mesh reply: %s", exc)
             return
         entry = self._pending.pop(request_id, None)
         if entry is None:
@@ -171,7 +194,8 @@ class MeshPoint:
         try:
             future.set_result(mesh.read_result(kind, raw))
         except mesh.FrameError as exc:
-            log.warning("bad %s reply from node %d: %s", mesh.kind_name(kind), node_id, exc)
+            self.refused += 1
+            self._bad_log.warning("dropped a bad %s reply from node %d: %s", mesh.kind_name(kind), node_id, exc)
             future.set_exception(BadReply(f"node {node_id} sent a reply that could not be read"))
 
     def sweep(self) -> None:
@@ -195,7 +219,8 @@ class MeshPoint:
         try:
             request = mesh.read_request(frames[1:])
         except mesh.FrameError as exc:
-            log.warning("bad mesh request from %r: %s", peer[:64], exc)
+            self.refused += 1
+            self._bad_log.warning("dropped a bad mesh request from %r: %s", peer[:64], exc)
             return
         try:
             result = self.handle_request(peer, request)
@@ -217,8 +242,12 @@ class MeshPoint:
             self.send_reply(peer, request.request_id, result)
 
     def send_reply(self, peer: bytes, request_id: int, result: bytes) -> None:
+        frames = mesh.frame_reply(request_id, result)
+        if len(frames[0]) > self.max_bytes:   # a context an entry filled beyond what the mesh carries
+            frames = mesh.frame_reply(request_id, mesh.failure(
+                ErrorCode.CALL_FAILED, f"the reply ({len(result)} bytes) is larger than the mesh carries"))
         try:
-            self.router.send([peer, *mesh.frame_reply(request_id, result)])
+            self.router.send([peer, *frames])
         except zmq.Again:
             log.warning("mesh reply dropped: peer link full")
         except zmq.ZMQError as exc:

@@ -18,6 +18,7 @@ import psutil
 
 from cluster import mesh
 from cluster.ids import IdGenerator
+from cluster.zloop import ZapHandler
 from node.adverts import Adverts
 from node.api import Api
 from node.clients import Counters, Hub
@@ -34,10 +35,11 @@ class Node:
     """Args:
         config: the cluster Config.
         worker: this process's index among the host's node processes (0-based).
-        context: the process's zmq.Context.
+        context: the process's zmq.Context (this object binds its ZAP handler).
+        key: the ClusterKey (cluster/cluster_key.py).
     """
 
-    def __init__(self, config, worker: int, context):
+    def __init__(self, config, worker: int, context, key):
         self.config = config
         self.worker = worker
         self.node_id = 0
@@ -49,15 +51,17 @@ class Node:
         self.hub = Hub(self.counters)
         self.routing = Routing()
         settings = config.node
+        self.zap = ZapHandler(context, key)   # before anything serves
         port = settings.mesh.port + worker if settings.mesh.port else 0
+        max_bytes = mesh.max_mesh_bytes(settings.api.max_body, max(s.max_message_size for s in settings.servers))
         self.mesh_point = MeshPoint(context, f"tcp://{settings.mesh.bind}:{port}", settings.forward_timeout,
-                                    settings.mesh.max_pending_bytes)
+                                    settings.mesh.max_pending_bytes, key, max_bytes)
         host = f"[{settings.advertise}]" if ":" in settings.advertise else settings.advertise   # an IPv6 address
         self.mesh_address = f"tcp://{host}:{self.mesh_point.address.rpartition(':')[2]}"
         self.api_server = f"{host}:{settings.api.port}"
         identity = Identity(socket.gethostname(), os.getpid(), self.api_server, self.mesh_address, self.started_at)
         self.link = CoordinatorLink(context, config, self.routing, identity, self._full_state, self.stats,
-                                    self.on_changes)
+                                    self.on_changes, key)
         self.adverts = Adverts(self.routing, self.mesh_point, settings.forward_timeout, self.link.send)
         self.queues = QueueDispatch(settings.queue, self.routing, self.mesh_point, self.adverts, self.counters)
         self.api = Api(self)
@@ -71,6 +75,7 @@ class Node:
     def close(self) -> None:
         self.link.close()
         self.mesh_point.close()
+        self.zap.close()
 
     # --- what the coordinator says ---------------------------------------------------
 
@@ -143,4 +148,5 @@ class Node:
             "slow_closed": counters.slow_closed, "forward_timeouts": self.mesh_point.timeouts,
             "hook_errors": counters.hook_errors, "cpu": self._process.cpu_percent(None),
             "rss": self._process.memory_info().rss, "id_ms": self.ids.last_ms if self.ids else 0,
+            "mesh_refused": self.mesh_point.refused + self.link.refused, "handshakes_refused": self.zap.refused,
         }

@@ -14,11 +14,12 @@ import asyncio
 from cluster import mesh, protocol
 from node.clients import write_frame
 from node.mesh_point import PeerTimeout
-from node.queues import Buffers, Consumers
+from node.queues import Buffers, Consumers, QueueFull
 
 _DRAIN_BATCH = 10000
 _RETRY_S = 0.05     # pause before handing out events again after a peer could not be reached
 _PICK_TRIES = 64    # consumers tried for one event before it waits again
+_HEAD_ROOM = 1024   # the request's header around an event
 
 
 class QueueDispatch:
@@ -46,9 +47,13 @@ class QueueDispatch:
         """Pushes what a client sent (`data`, any JSON value) to a topic.
 
         Raises:
-            QueueFull: no consumer can take it now and the topic's buffer is full.
+            QueueFull: no consumer can take it now and the topic's buffer is full, or it is
+                larger than the mesh carries.
         """
         event = protocol.queue_event(self.routing.node_id, client_id, topic, data)
+        if len(event) + _HEAD_ROOM > self.mesh_point.max_bytes:   # it could not reach a consumer on another node
+            self.buffers.dropped += 1
+            raise QueueFull(f"topic {topic!r}: a {len(event)}-byte event is larger than the mesh carries")
         self._arrivals += 1
         if self.buffers.waiting(topic) or not self.routing.has_consumers(topic):
             self.buffers.push(topic, (self._arrivals, client_id, event))

@@ -26,6 +26,8 @@ import pytest
 import websocket
 import yaml
 
+from cluster import cluster_key
+
 SCALE = float(os.environ.get("MESHGATE_TEST_SCALE", "1"))
 WAIT = 10.0 * SCALE          # the one timeout unit of the suite (seconds)
 MESHGATE = str(Path(sys.executable).with_name("meshgate"))
@@ -106,6 +108,22 @@ def assert_error(reply, code: int, field: str = None, req_id=None, http_status: 
     if mentions is not None:
         assert mentions in message, reply
     return message
+
+
+def dealer(context, address: str, key=None, receive_timeout: float = WAIT, own_key=None):
+    """A ZeroMQ DEALER connected to `address`: with `key` (a ClusterKey) it speaks CURVE as the cluster's own
+    processes do; with `own_key` too it knows the server's key but shows a key pair of its own (a stranger
+    who learnt the public key); without either, it is a stranger's plain socket."""
+    import zmq
+    socket = context.socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.RCVTIMEO, int(receive_timeout * 1000))
+    if key is not None:
+        own = own_key or key
+        socket.curve_serverkey = key.public
+        socket.curve_publickey, socket.curve_secretkey = own.public, own.secret
+    socket.connect(address)
+    return socket
 
 
 def compact(value) -> str:
@@ -234,7 +252,9 @@ class Cluster:
     `api` (keys of node.mesh and node.api, e.g. `max_pending_bytes`,
     `max_in_flight`; the API keeps its generated bind and port); `server` (keys of
     the first node.servers entry) and `extra_servers` (more entries, on the
-    client port unless they name one).
+    client port unless they name one); `key_file=True` writes a cluster key
+    file (`self.key`, `self.key_path`) instead of a fresh key per run;
+    `access` (more keys of access, e.g. users).
     """
 
     def __init__(self, tmp: Path, workers: int = 3, **overrides):
@@ -258,6 +278,13 @@ class Cluster:
         }
         if "mesh" in overrides:
             config["node"]["mesh"] = overrides.pop("mesh")
+        config["access"] = overrides.pop("access", {})
+        self.key = self.key_path = None
+        if overrides.pop("key_file", False):
+            self.key_path = tmp / f"cluster-{uuid.uuid4().hex[:6]}.key"
+            self.key = cluster_key.generate()
+            cluster_key.write_file(str(self.key_path), self.key)
+            config["access"]["cluster_key_file"] = str(self.key_path)
         if overrides:
             raise TypeError(f"unknown overrides {overrides}")
         self.config_path = tmp / f"meshgate-{uuid.uuid4().hex[:6]}.yaml"

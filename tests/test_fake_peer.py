@@ -1,4 +1,4 @@
-"""A raw ZeroMQ DEALER speaks cluster/mesh.py frames to a real node's mesh point."""
+"""A raw ZeroMQ DEALER that holds the cluster key speaks cluster/mesh.py frames to a real node's mesh point."""
 
 import json
 import struct
@@ -8,21 +8,19 @@ import pytest
 import zmq
 
 from cluster import mesh, protocol
-from conftest import WAIT
+from conftest import WAIT, dealer
 
 FRAME = protocol.encode_ws_frame(b"x")
+pytestmark = pytest.mark.parametrize("cluster", [{"key_file": True}], indirect=True)
 
 
 @pytest.fixture
 def peer(cluster):
-    """A DEALER connected to the mesh point of one live node of the cluster."""
+    """A DEALER with the cluster key, connected to the mesh point of one live node of the cluster."""
     with urllib.request.urlopen(f"http://127.0.0.1:{cluster.coordinator_port}/v1/nodes", timeout=WAIT) as response:
         node = json.loads(response.read())["nodes"][0]
     context = zmq.Context()
-    socket = context.socket(zmq.DEALER)
-    socket.setsockopt(zmq.LINGER, 0)
-    socket.setsockopt(zmq.RCVTIMEO, int(WAIT * 1000))
-    socket.connect(node["mesh_point"])
+    socket = dealer(context, node["mesh_point"], cluster.key)
     yield node, socket
     socket.close()
     context.term()

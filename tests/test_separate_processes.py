@@ -11,7 +11,7 @@ from conftest import MESHGATE, WAIT, Cluster, wait_until
 @pytest.fixture
 def split(tmp_path):
     """A coordinator and two `meshgate node` groups (2 + 1 node processes) started by separate commands."""
-    layout = Cluster(tmp_path, workers=2)
+    layout = Cluster(tmp_path, workers=2, key_file=True)   # apart, they share a key file
     layout.process = None
     log = open(tmp_path / "split.log", "wb")
     config = str(layout.config_path)

@@ -685,3 +685,21 @@ def test_registry_lists_a_node_as_its_mesh_entry():
     [entry] = registry.entries()
     assert entry == mesh.NodeEntry(node_id, "h1", 100, "h1:6789", "tcp://h1:7000", 3, 1.5)
     assert registry.public_list() == [entry._asdict()]
+
+
+def _lease(node_id: int, routing_id: bytes) -> str:
+    return f"{node_id:02x}{routing_id.hex()}".ljust(64, "0")[:64]
+
+
+def test_registry_with_leases_gives_an_id_back_only_to_its_holder():
+    """With leases, an id not held right now goes back only to the process showing that id's lease for itself."""
+    registry = Registry(lease_of=_lease)
+    node_id, _ = registry.register(b"a", info(), now=0, wall_ms=0)           # a fresh node needs no lease
+    assert registry.register(b"a", info(node_id=node_id), now=1, wall_ms=1)[0] == node_id   # its own, held
+    restarted = Registry(lease_of=_lease)                                  # a coordinator restart
+    for routing_id, lease in ((b"b", _lease(node_id, b"a")), (b"a", None), (b"a", _lease(node_id, b"b"))):
+        with pytest.raises(RegistryError) as refused:
+            restarted.register(routing_id, info(node_id=node_id, lease=lease), now=2, wall_ms=2)
+        assert not refused.value.retry and "lease" in str(refused.value)
+    assert restarted.register(b"a", info(node_id=node_id, lease=_lease(node_id, b"a")), now=3, wall_ms=3) \
+        == (node_id, 0)
