@@ -63,11 +63,9 @@ class MeshPoint:
 
     def __init__(self, context: zmq.Context, bind: str, timeout: float, max_pending_bytes: int, key,
                  max_bytes: int):
-        self.context = context
+        self.context, self.key = context, key            # for the links this point opens
         self.timeout = timeout
-        self.max_pending_bytes = max_pending_bytes
-        self.key = key
-        self.max_bytes = max_bytes
+        self.max_pending_bytes, self.max_bytes = max_pending_bytes, max_bytes
         self.handle_request = None
         self.refused = 0          # requests and replies dropped by the readers of cluster/mesh.py
         self._bad_log = Throttled(log)
