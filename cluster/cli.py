@@ -64,7 +64,7 @@ def _supervise(path, workers, coordinator_address, with_coordinator: bool) -> No
     from cluster.supervisor import Supervisor, resolve_workers
     config = _load(path, workers=workers, coordinator=coordinator_address)
     key = _key(config, "start" if with_coordinator else "node")
-    _check_entries(config)
+    _check_files(config)
     count = resolve_workers(config.node.workers)
     _check_startable(config, count)
     _setup_supervisor_logging(config)
@@ -82,7 +82,10 @@ def coordinator(path, fresh, key_stdin):
     """Run the coordinator (the control plane) alone."""
     from coordinator.app import run
     config = _load(path)
-    run(config, _key(config, "coordinator", key_stdin), fresh=fresh)
+    key = _key(config, "coordinator", key_stdin)
+    if not key_stdin:   # started by hand: check what a supervisor would have checked
+        _check_files(config)
+    sys.exit(run(config, key, fresh=fresh))
 
 
 @main.command()
@@ -125,13 +128,11 @@ def _check_startable(config, workers: int) -> None:
         config_module.check_mesh_ports(config, workers)
     except ConfigError as exc:
         _fail(str(exc))
-    if config.access.users:
-        click.echo("meshgate: warning: access.users is not enforced in this version; "
-                   "the API is open to anyone who can reach its port", err=True)
 
 
-def _check_entries(config) -> None:
-    """Entry files must compile (and modules exist) before anything starts."""
+def _check_files(config) -> None:
+    """Entries must compile (modules exist) and certificates load before anything starts; plain passwords warn."""
+    from cluster import access, tls
     from cluster.entry_spec import EntryError, check_spec
     for index, server in enumerate(config.node.servers):
         if server.entry:
@@ -139,19 +140,47 @@ def _check_entries(config) -> None:
                 check_spec(server.entry, config.base_dir)
             except EntryError as exc:
                 _fail(f"node.servers[{index}].entry: {exc}")
+    for where, settings, _ in tls.listeners(config):
+        try:
+            tls.server_context(settings, config, where)
+        except tls.TlsError as exc:
+            _fail(str(exc))
+    for index, user in enumerate(config.access.users):
+        if not access.is_hashed(user.password):
+            click.echo(f"meshgate: warning: access.users[{index}].password is the password itself; "
+                       "store the hash `meshgate passwd` prints instead", err=True)
 
 
 def _status_url(config, address) -> str:
+    api = config.coordinator.api
     if address is None:
-        api = config.coordinator.api
         host = "127.0.0.1" if api.bind in ("0.0.0.0", "::", "") else api.bind
         address = f"{host}:{api.port}"
-    return f"http://{address}/v1/status"
+    return f"{'https' if api.tls else 'http'}://{address}/v1/status"
 
 
-def _fetch_status(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=3) as response:
+def _fetch_status(url: str, headers: dict, tls_context) -> dict:
+    request = urllib.request.Request(url, headers=headers)
+    with urllib.request.urlopen(request, timeout=3, context=tls_context) as response:
         return ujson.loads(response.read())
+
+
+def _password(prompt: str, confirm: bool) -> str:
+    """A password from the terminal (asked, twice with `confirm`) or one line of standard input."""
+    if sys.stdin.isatty():
+        return click.prompt(prompt, hide_input=True, confirmation_prompt=confirm)
+    return sys.stdin.readline().rstrip("\r\n")
+
+
+@main.command()
+def passwd():
+    """Read a password (twice on a terminal, once from a pipe) and print its hash for access.users[].password."""
+    from cluster import access
+    password = _password("Password", confirm=True)
+    if not password:
+        click.echo("meshgate: an empty password is not allowed", err=True)
+        sys.exit(1)
+    click.echo(access.hash_password(password))
 
 
 def _size(value: float) -> str:
@@ -188,8 +217,14 @@ def format_status(document: dict) -> str:
     rows.append(("TOTAL", f"{t['nodes']} nodes", "", f"{t['cpu']:.1f}", _size(t["rss"]), str(t["clients"]),
                  str(t["channels"]), str(t["consumers"]), str(t["queue_depth"]), f"{t['in_rate']:.0f}",
                  f"{t['out_rate']:.0f}", _duration(document["coordinator"]["uptime"])))
+    rows = [[_printable(cell) for cell in row] for row in rows]
     widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
+
+
+def _printable(cell: str) -> str:
+    """What a coordinator reports is shown, never obeyed by the terminal: control characters become '?'."""
+    return "".join(char if char.isprintable() else "?" for char in cell)
 
 
 @main.command()
@@ -197,19 +232,37 @@ def format_status(document: dict) -> str:
 @click.option("--coordinator", "address", help="Coordinator HTTP address, HOST:PORT (default from the config).")
 @click.option("--json", "as_json", is_flag=True, help="Print the raw /v1/status document.")
 @click.option("--watch", is_flag=True, help="Refresh every 2 seconds until interrupted.")
-def status(path, address, as_json, watch):
+@click.option("--user", help="API user (with access.users); the password comes from MESHGATE_PASSWORD or is asked.")
+def status(path, address, as_json, watch, user):
     """Show every node of the cluster; exit 1 when the coordinator cannot be reached."""
-    url = _status_url(_load(path), address)
+    import base64
+    import os
+    import ssl
+    config = _load(path)
+    url = _status_url(config, address)
+    headers = {}
+    if user:
+        password = os.environ.get("MESHGATE_PASSWORD")
+        if password is None:
+            password = _password(f"Password for {user}", confirm=False)
+        headers["Authorization"] = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+    tls_context = None
+    if config.coordinator.api.tls:   # a self-signed certificate of this cluster is trusted as its own
+        tls_context = ssl.create_default_context(cafile=config.resolve(config.coordinator.api.tls.cert_file))
     try:
-        _show_status(url, as_json, watch)
+        _show_status(url, as_json, watch, headers, tls_context)
     except KeyboardInterrupt:   # the way out of --watch
         pass
 
 
-def _show_status(url: str, as_json: bool, watch: bool) -> None:
+def _show_status(url: str, as_json: bool, watch: bool, headers: dict, tls_context) -> None:
     while True:
         try:
-            document = _fetch_status(url)
+            document = _fetch_status(url, headers, tls_context)
+        except urllib.error.HTTPError as exc:
+            click.echo(f"meshgate: the coordinator at {url} refused: HTTP {exc.code}"
+                       f"{' (give --user NAME)' if exc.code == 401 else ''}", err=True)
+            sys.exit(1)
         except (urllib.error.URLError, OSError, ValueError) as exc:
             click.echo(f"meshgate: coordinator not reachable at {url}: {getattr(exc, 'reason', exc)}", err=True)
             sys.exit(1)

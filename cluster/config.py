@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 import yaml
 
+from cluster.access import HostPattern
 from cluster.protocol import ApiError, parse_name
 
 
@@ -287,9 +288,20 @@ def _convert(value: Any, hint: Any, checks: dict, path: str) -> Any:
 
 
 def _validate(config: Config) -> None:
+    names = set()
     for index, user in enumerate(config.access.users):
-        if not user.username:
-            raise ConfigError(f"access.users[{index}].username: is required")
+        if not user.username or ":" in user.username:
+            raise ConfigError(f"access.users[{index}].username: is required and has no ':'")
+        if user.username in names:
+            raise ConfigError(f"access.users[{index}].username: {user.username!r} is listed twice")
+        names.add(user.username)
+        if not user.password:
+            raise ConfigError(f"access.users[{index}].password: is required (meshgate passwd makes a hash)")
+        try:
+            HostPattern(user.host)
+        except ValueError:
+            raise ConfigError(f"access.users[{index}].host: expected *, a glob such as 172.*.*.*, a CIDR or an "
+                              f"address, not {user.host!r}") from None
     if not config.node.servers:
         raise ConfigError("node.servers: at least one server is required")
     ports, binds = {}, {}
@@ -366,6 +378,29 @@ def load(path: Optional[str]) -> Config:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from None
     return from_dict(raw, path)
+
+
+# What SIGHUP applies to running processes; every other change takes a restart.
+LIVE_KEYS = ("access.users", "logging.level")
+
+
+def _differences(old: Any, new: Any, path: str) -> list:
+    if dataclasses.is_dataclass(old) and type(old) is type(new):
+        found = []
+        for spec in dataclasses.fields(old):
+            if not spec.metadata.get("internal"):
+                key = f"{path}.{spec.name}" if path else spec.name
+                found += _differences(getattr(old, spec.name), getattr(new, spec.name), key)
+        return found
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [key for index, (a, b) in enumerate(zip(old, new)) for key in _differences(a, b, f"{path}[{index}]")]
+    return [] if old == new else [path]
+
+
+def needs_restart(running: Config, new: Config) -> list:
+    """Key paths that differ between the running and the new configuration and SIGHUP does not apply."""
+    return [key for key in _differences(running, new, "")
+            if not any(key == live or key.startswith(live + "[") for live in LIVE_KEYS)]
 
 
 def override(config: Config, workers: Optional[int] = None, coordinator: Optional[str] = None) -> Config:

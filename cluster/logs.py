@@ -37,6 +37,12 @@ def setup(level: str, fmt: str, role: str) -> None:
         handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
+    set_level(level)
+
+
+def set_level(level: str) -> None:
+    """The lowest level this process writes (also what SIGHUP changes)."""
+    root = logging.getLogger()
     root.setLevel(level.upper())
     # Tornado's per-request access log is per message: keep it below info.
     logging.getLogger("tornado.access").setLevel(max(logging.WARNING, root.level))

@@ -5,7 +5,8 @@ its own IOLoop and zmq.Context, each handed the cluster key on its standard
 input. A node that dies is started again after a
 backoff (0.5 s doubling to 10 s, reset after 30 s of life). SIGTERM or SIGINT
 stops the nodes first (they close clients 1001 and flush), then the coordinator,
-under one deadline; whatever is still alive then is killed.
+under one deadline; whatever is still alive then is killed. SIGHUP is passed on
+to every child, which reads the configuration file again.
 """
 
 import logging
@@ -99,18 +100,28 @@ class Supervisor:
             self.children.append(Child(f"node worker {worker}",
                                        _cli("node-process", *common, "--worker", str(worker), *extra), secret))
         self._stopping = False
+        self._reload = False
         self.exit_code = 0
 
     def _on_signal(self, signum, frame) -> None:
         self._stopping = True
 
+    def _on_hangup(self, signum, frame) -> None:
+        self._reload = True
+
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGHUP, self._on_hangup)
         for child in self.children:
             child.start()
         while not self._stopping:
             time.sleep(_POLL_S)
+            if self._reload:   # each child reads the configuration file again (cluster/live.py)
+                self._reload = False
+                log.info("SIGHUP: passing it on to every process")
+                for child in self.children:
+                    child.signal(signal.SIGHUP)
             self._check()
         self.stop()
         return self.exit_code

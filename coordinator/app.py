@@ -8,7 +8,8 @@ import signal
 import zmq
 from tornado.httpserver import HTTPServer
 
-from cluster import logs
+from cluster import live, logs, tls
+from cluster.access import Access
 from cluster.supervisor import SUPERVISED_ENV, watch_parent
 from coordinator.control import Control
 from coordinator.http import make_app
@@ -16,16 +17,24 @@ from coordinator.http import make_app
 log = logging.getLogger("meshgate.coordinator")
 
 
-async def _serve(config, key, fresh: bool) -> None:
+async def _serve(config, key, fresh: bool) -> int:
     context = zmq.Context()
-    control = Control(config, context, key, fresh=fresh)
-    server = HTTPServer(make_app(control))
     api = config.coordinator.api
+    try:
+        contexts = [(tls.server_context(api.tls, config, "coordinator.api.tls"), api.tls, "coordinator.api.tls")] \
+            if api.tls else []
+    except tls.TlsError as exc:
+        log.error("cannot start: %s", exc)
+        return 2
+    control = Control(config, context, key, fresh=fresh)
+    access = Access(config)
+    server = HTTPServer(make_app(control, access), ssl_options=contexts[0][0] if contexts else None)
     server.listen(api.port, address=api.bind)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, live.reload, config, access, contexts)
     if os.environ.get(SUPERVISED_ENV):   # see node/app.py: the supervisor orders the stop
         loop.remove_signal_handler(signal.SIGINT)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -37,10 +46,11 @@ async def _serve(config, key, fresh: bool) -> None:
     server.stop()
     control.close()
     context.destroy(linger=0)
+    return 0
 
 
-def run(config, key, fresh: bool = False) -> None:
-    """Runs the coordinator until SIGTERM or SIGINT.
+def run(config, key, fresh: bool = False) -> int:
+    """Runs the coordinator until SIGTERM or SIGINT; returns its exit code (2: it cannot start).
 
     Args:
         key: the ClusterKey (cluster/cluster_key.py).
@@ -48,4 +58,4 @@ def run(config, key, fresh: bool = False) -> None:
             new nodes need not wait for old ones to reclaim their ids.
     """
     logs.setup(config.logging.level, config.logging.format, "coordinator")
-    asyncio.run(_serve(config, key, fresh))
+    return asyncio.run(_serve(config, key, fresh))

@@ -6,6 +6,7 @@ import tornado.web
 import ujson
 
 from cluster import __version__, protocol
+from cluster.access import READ, Denied, refuse
 from cluster.protocol import ErrorCode
 
 # Per-node figures a node reports in its heartbeat and /v1/status shows (append only).
@@ -45,8 +46,17 @@ def status_document(control) -> dict:
 
 
 class _JsonHandler(tornado.web.RequestHandler):
-    def initialize(self, control):
+    credentials = True   # docs/protocol.md, Access control: everything but GET /version needs a user with `read`
+
+    def initialize(self, control, access):
         self.control = control
+        self.access = access
+
+    async def prepare(self):
+        try:
+            await self.access.check(self.request, READ, self.credentials)
+        except Denied as denied:
+            refuse(self, denied, protocol.error_body(ErrorCode.NOT_AUTHORIZED, denied.message))
 
     def send_json(self, value) -> None:
         self.set_header("Content-Type", "application/json")
@@ -63,6 +73,8 @@ class _JsonHandler(tornado.web.RequestHandler):
 
 
 class VersionHandler(_JsonHandler):
+    credentials = False
+
     def get(self):
         self.send_json({"apis": ["v1"], "version": __version__})
 
@@ -94,13 +106,16 @@ class MetricsHandler(_JsonHandler):
 
 
 class NotFoundHandler(_JsonHandler):
-    def prepare(self):
-        self.set_status(404)
-        self.send_error_envelope(ErrorCode.INVALID_PARAMS, f"{self.request.path}: no such endpoint")
+    async def prepare(self):
+        await super().prepare()
+        if not self._finished:
+            self.set_status(404)
+            self.send_error_envelope(ErrorCode.INVALID_PARAMS, f"{self.request.path}: no such endpoint")
 
 
-def make_app(control) -> tornado.web.Application:
-    args = {"control": control}
+def make_app(control, access) -> tornado.web.Application:
+    """Args: the Control, and the process's cluster.access.Access (swapped on SIGHUP)."""
+    args = {"control": control, "access": access}
     return tornado.web.Application([
         (r"/version", VersionHandler, args),
         (r"/v1/nodes", NodesHandler, args),

@@ -18,13 +18,11 @@ import logging
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 from cluster import protocol
+from cluster.access import ALL_ROLES, READ, WRITE
 from cluster.protocol import ApiError, ErrorCode
 from node.queues import AlreadyConsuming, TooManyTopics
 
 log = logging.getLogger("meshgate.access")
-
-READ, WRITE = "read", "write"
-ALL_ROLES = frozenset((READ, WRITE))
 
 
 class Caller(NamedTuple):

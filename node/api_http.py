@@ -1,8 +1,9 @@
-"""Thin Tornado adapter over node/api.py for HTTP `/v1/...`: parse, execute, reply.
+"""Thin Tornado adapter over node/api.py for HTTP `/v1/...`: check the caller, parse, execute, reply.
 
 Errors become envelopes here and nowhere else on the HTTP edge
-(docs/protocol.md, HTTP status codes): 400 for 101/103, 404/405 with 101,
-503 for 501.
+(docs/protocol.md, HTTP status codes): 400 for 101/103, 401/403 for 102,
+404/405 with 101, 503 for 501. Every request is checked by the node's
+`cluster.access.Access` first, unknown paths included.
 """
 
 import logging
@@ -10,8 +11,9 @@ import logging
 import tornado.web
 
 from cluster import protocol
+from cluster.access import Denied, refuse
 from cluster.protocol import ApiError, ErrorCode
-from node.api import HTTP_CALLER
+from node.api import Caller
 
 log = logging.getLogger("meshgate.access")
 
@@ -29,6 +31,12 @@ class _EnvelopeHandler(tornado.web.RequestHandler):
         api = getattr(self, "api", None)   # tornado calls this before initialize() too
         if api is not None and api.node.node_id:
             self.set_header("X-Meshgate-Node", str(api.node.node_id))   # which node answered (operations aid)
+
+    async def prepare(self):
+        try:
+            self.user = await self.api.node.access.check(self.request)
+        except Denied as denied:
+            refuse(self, denied, protocol.error_body(ErrorCode.NOT_AUTHORIZED, denied.message))
 
     def reply(self, code, envelope: bytes) -> None:
         """Writes an executor's outcome: `code` None for success, else an ErrorCode."""
@@ -73,7 +81,10 @@ class CallHandler(_EnvelopeHandler):
         self._too_large = False
         self._wrong_type = None
 
-    def prepare(self):
+    async def prepare(self):
+        await super().prepare()
+        if self._finished:
+            return
         if self.request.method != "POST":
             raise tornado.web.HTTPError(405)
         self.request.connection.set_max_body_size(2 ** 40)
@@ -107,7 +118,7 @@ class CallHandler(_EnvelopeHandler):
         except ApiError as exc:
             self.reply_error(exc.code, exc.message)
             return
-        running = self.api.execute(self.method, params, HTTP_CALLER, None, self.reply)
+        running = self.api.execute(self.method, params, Caller("", False, roles=self.user.roles), None, self.reply)
         if running is not None:
             await running
 
@@ -118,5 +129,7 @@ class CallHandler(_EnvelopeHandler):
 
 
 class NotFoundHandler(_EnvelopeHandler):
-    def prepare(self):
-        raise tornado.web.HTTPError(404)
+    async def prepare(self):
+        await super().prepare()
+        if not self._finished:
+            raise tornado.web.HTTPError(404)

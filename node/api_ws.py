@@ -12,6 +12,7 @@ import logging
 import tornado.websocket
 
 from cluster import protocol
+from cluster.access import OPEN, Denied, refuse
 from cluster.protocol import ApiError, CloseCode, ErrorCode
 from node.api import Caller
 from node.clients import write_frame
@@ -32,10 +33,15 @@ class ApiSocket(tornado.websocket.WebSocketHandler):
         self.caller = None
         self._running = set()
 
-    # check_origin: Tornado's default. Backends send no Origin (or their own host);
-    # a web page of another site cannot open /ws/v1 from a browser.
+    def check_origin(self, origin: str) -> bool:
+        return True   # checked in get(), by the same rules as HTTP (cluster/access.py)
 
     async def get(self, *args, **kwargs):
+        try:
+            self.user = await self.node.access.check(self.request)
+        except Denied as denied:
+            refuse(self, denied, protocol.error_body(ErrorCode.NOT_AUTHORIZED, denied.message))
+            return
         headers = self.request.headers
         if (headers.get("Upgrade", "").lower() != "websocket"
                 or "upgrade" not in headers.get("Connection", "").lower()):
@@ -57,7 +63,7 @@ class ApiSocket(tornado.websocket.WebSocketHandler):
         self.stream = self.ws_connection.stream
         self.stream.max_write_buffer_size = self.node.config.node.api.write_buffer_limit
         self.consumer_id = self.node.queues.consumers.new_id()
-        self.caller = Caller("p.", True, consumer=self)
+        self.caller = Caller("p.", True, consumer=self, roles=self.user.roles)
         self.node.api_sockets.add(self)
 
     def describe(self) -> str:
@@ -100,3 +106,16 @@ class ApiSocket(tornado.websocket.WebSocketHandler):
 
     def shutdown(self) -> None:
         self.close(int(CloseCode.GOING_AWAY), "server shutting down")
+
+    def recheck(self, users) -> None:
+        """After a reload (SIGHUP): keep this connection with its user's new roles, or close it 1008."""
+        if users.open:   # no users any more: the API is open (and listens on loopback only)
+            self.user = OPEN
+        else:
+            user = users.still_valid(self.user)
+            if user is None:
+                log.info("closing %s: its user %r is gone", self.describe(), self.user.name)
+                self.close(int(CloseCode.POLICY_VIOLATION), "user removed")
+                return
+            self.user = user
+        self.caller = self.caller._replace(roles=self.user.roles)

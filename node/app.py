@@ -17,7 +17,7 @@ import zmq
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
-from cluster import logs
+from cluster import live, logs, tls
 from cluster.supervisor import SUPERVISED_ENV, watch_parent
 from node import entry as entries, hooks
 from node.api_http import ROUTES, CallHandler, NotFoundHandler
@@ -34,6 +34,7 @@ _API_BODY_S = 60.0       # a request body must arrive within this
 
 
 def _listen(app, bind: str, port: int, **server_options) -> HTTPServer:
+    """An HTTP server on a port shared by every node process of the host (`ssl_options`: TLS, or None)."""
     server = HTTPServer(app, **server_options)
     server.add_sockets(bind_sockets(port, address=bind, reuse_port=True))
     return server
@@ -73,18 +74,22 @@ async def _serve(config, worker: int, key) -> int:
     context = zmq.Context()
     node = Node(config, worker, context, key)
     entries.bind(node)
-    try:   # entries load before the node joins: a broken one never takes clients
+    try:   # entries and certificates load before the node joins: a broken one never takes clients
         client_apps = {port: client_app(node, group) for port, group in servers_by_port(config.node.servers).items()}
-    except entries.EntryError as exc:
-        log.error("cannot start: entry %s", exc)
+        contexts = [(tls.server_context(settings, config, where), settings, where, port)
+                    for where, settings, port in tls.listeners(config) if not where.startswith("coordinator.")]
+    except (entries.EntryError, tls.TlsError) as exc:
+        log.error("cannot start: %s", exc)
         node.close()
         context.destroy(linger=0)
         return 2
+    ssl_by_port = {port: ssl_context for ssl_context, _, _, port in contexts}
     node.link.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, _reload, node, [item[:3] for item in contexts])
     if os.environ.get(SUPERVISED_ENV):
         # The supervisor orders the stop: a terminal's Ctrl-C reaches it, not us,
         # and if it dies without stopping us we stop on our own.
@@ -102,11 +107,12 @@ async def _serve(config, worker: int, key) -> int:
     servers = []
     if node.ready.is_set() and not stop.is_set() and not node.link.fatal:
         servers.append(_listen(api_app(node), config.node.api.bind, config.node.api.port,
+                               ssl_options=ssl_by_port.get(config.node.api.port),
                                idle_connection_timeout=_API_IDLE_S, body_timeout=_API_BODY_S))
         for port, group in servers_by_port(config.node.servers).items():
             # A connection that has not completed its handshake within read_timeout is dropped.
             handshake_s = min(server.read_timeout for server in group)
-            servers.append(_listen(client_apps[port], group[0].bind, port,
+            servers.append(_listen(client_apps[port], group[0].bind, port, ssl_options=ssl_by_port.get(port),
                                    max_buffer_size=max(server.max_message_size for server in group) + 65536,
                                    idle_connection_timeout=handshake_s, body_timeout=handshake_s))
         sweeper = tornado.ioloop.PeriodicCallback(lambda: _expire_idle(node), 500)
@@ -125,6 +131,13 @@ async def _serve(config, worker: int, key) -> int:
     await _drain(node, servers)
     context.destroy(linger=0)
     return 3 if node.link.fatal else 0
+
+
+def _reload(node, contexts) -> None:
+    """SIGHUP: users, certificates and log level again; /ws/v1 connections of a removed user are closed 1008."""
+    if live.reload(node.config, node.access, contexts) is not None:
+        for socket in list(node.api_sockets):
+            socket.recheck(node.access.users)
 
 
 def _expire_idle(node) -> None:

@@ -17,6 +17,7 @@ import time
 import psutil
 
 from cluster import mesh
+from cluster.access import Access
 from cluster.ids import IdGenerator
 from cluster.zloop import ZapHandler
 from node.adverts import Adverts
@@ -47,6 +48,7 @@ class Node:
         self.ready = asyncio.Event()   # set then
         self.started_at = time.time()
         self.api_sockets = set()       # open /ws/v1 connections (node/api_ws.py)
+        self.access = Access(config)   # who may call the API (cluster/access.py); swapped on SIGHUP
         self.counters = Counters()
         self.hub = Hub(self.counters)
         self.routing = Routing()

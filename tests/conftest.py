@@ -6,6 +6,7 @@ processes' log is attached to a failing test. Clients are plain WebSocket and
 HTTP clients. `MESHGATE_TEST_SCALE` multiplies every wait (slow machines).
 """
 
+import base64
 import contextlib
 import http.client
 import json
@@ -254,7 +255,8 @@ class Cluster:
     the first node.servers entry) and `extra_servers` (more entries, on the
     client port unless they name one); `key_file=True` writes a cluster key
     file (`self.key`, `self.key_path`) instead of a fresh key per run;
-    `access` (more keys of access, e.g. users).
+    `access` (more keys of access, e.g. users) and `credentials` ((user, password) that
+    `status`, `http` and `api` send).
     """
 
     def __init__(self, tmp: Path, workers: int = 3, **overrides):
@@ -279,6 +281,7 @@ class Cluster:
         if "mesh" in overrides:
             config["node"]["mesh"] = overrides.pop("mesh")
         config["access"] = overrides.pop("access", {})
+        self.credentials = overrides.pop("credentials", None)   # (user, password) the helpers send
         self.key = self.key_path = None
         if overrides.pop("key_file", False):
             self.key_path = tmp / f"cluster-{uuid.uuid4().hex[:6]}.key"
@@ -357,8 +360,17 @@ class Cluster:
 
     # --- clients ---------------------------------------------------------------
 
+    def auth(self, credentials=None) -> dict:
+        """The Authorization header of `credentials` (user, password), or of the cluster's own `credentials`."""
+        credentials = credentials or self.credentials
+        if credentials is None:
+            return {}
+        token = base64.b64encode(f"{credentials[0]}:{credentials[1]}".encode()).decode()
+        return {"Authorization": f"Basic {token}"}
+
     def status(self) -> dict:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.coordinator_port}/v1/status", timeout=3) as r:
+        request = urllib.request.Request(f"http://127.0.0.1:{self.coordinator_port}/v1/status", headers=self.auth())
+        with urllib.request.urlopen(request, timeout=3) as r:
             return json.loads(r.read())
 
     def http(self, path: str, body=None, method: str = "POST", raw: bytes = None, headers=None):
@@ -371,7 +383,8 @@ class Cluster:
         data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
         for attempt in (1, 2):
             request = urllib.request.Request(f"http://127.0.0.1:{self.api_port}{path}", data=data, method=method,
-                                             headers={"Content-Type": "application/json", **(headers or {})})
+                                             headers={"Content-Type": "application/json", **self.auth(),
+                                                      **(headers or {})})
             try:
                 with urllib.request.urlopen(request, timeout=WAIT) as response:
                     return response.status, json.loads(response.read() or b"null")
@@ -382,15 +395,17 @@ class Cluster:
                 if attempt == 2:
                     raise
 
-    def api(self) -> ApiConnection:
-        ws = websocket.create_connection(f"ws://127.0.0.1:{self.api_port}/ws/v1", timeout=WAIT)
+    def api(self, credentials=None) -> ApiConnection:
+        ws = websocket.create_connection(f"ws://127.0.0.1:{self.api_port}/ws/v1", timeout=WAIT,
+                                         header=self.auth(credentials))
         self._open.append(ws)
         return ApiConnection(ws)
 
     def api_with_timeout(self, seconds: float):
         """An API connection, or None when the handshake is not answered within `seconds` (a frozen node)."""
         try:
-            ws = websocket.create_connection(f"ws://127.0.0.1:{self.api_port}/ws/v1", timeout=seconds)
+            ws = websocket.create_connection(f"ws://127.0.0.1:{self.api_port}/ws/v1", timeout=seconds,
+                                             header=self.auth())
         except (websocket.WebSocketTimeoutException, TimeoutError, OSError):
             return None
         ws.settimeout(WAIT)
