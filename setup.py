@@ -22,6 +22,10 @@ setup(
             "websocket-client>=1.5,<2",
             # tests/test_browser.py drives Debian's Chromium with it (never a downloaded browser).
             "playwright>=1.40,<2",
+            # tests make TLS certificates (and JWT signing keys) at run time.
+            "cryptography>=41",
+            # property-based tests of the protocol parsers and the mesh readers.
+            "hypothesis>=6.80,<7",
         ],
         # bench/: the hand-written `websockets` broadcast server is the baseline.
         "bench": ["websockets>=13,<16", "websocket-client>=1.5,<2"],

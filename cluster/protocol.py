@@ -350,18 +350,34 @@ class WsRequest(NamedTuple):
     req_id: Any
 
 
-def _loads(text, field: str = "request") -> Any:
+def _decode(text, field: str) -> tuple:
+    """`(text, value)` of JSON given as UTF-8 bytes or text."""
+    if isinstance(text, (bytes, bytearray)):
+        try:
+            text = text.decode("utf-8")   # strict: surrogates written as UTF-8 bytes are not UTF-8
+        except UnicodeDecodeError:
+            raise _invalid(f"{field}: malformed JSON (not UTF-8 text)") from None
     try:
-        value = ujson.loads(text)
+        return text, ujson.loads(text)
     except (ValueError, TypeError, OverflowError):
         raise _invalid(f"{field}: malformed JSON") from None
-    # JSON may escape a lone UTF-16 surrogate (\ud800), which no UTF-8 text can carry.
-    marks = ("\\ud", "\\uD") if isinstance(text, str) else (b"\\ud", b"\\uD")
-    if marks[0] in text or marks[1] in text:
-        try:
-            _dumps(value).encode("utf-8")
-        except UnicodeEncodeError:
-            raise _invalid(f"{field}: lone UTF-16 surrogate escape") from None
+
+
+def _surrogate_free(text: str, value: Any) -> bool:
+    """False when the JSON escaped a lone UTF-16 surrogate (\\ud800), which no UTF-8 text can carry."""
+    if "\\ud" not in text and "\\uD" not in text:
+        return True
+    try:
+        _dumps(value).encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _loads(text, field: str = "request") -> Any:
+    text, value = _decode(text, field)
+    if not _surrogate_free(text, value):
+        raise _invalid(f"{field}: lone UTF-16 surrogate escape")
     return value
 
 
@@ -371,12 +387,15 @@ def parse_ws_request(text) -> WsRequest:
     Raises:
         ApiError(101) with `req_id` set when the id could be read.
     """
-    message = _loads(text)
+    text, message = _decode(text, "request")
     if not isinstance(message, dict):
         raise _invalid("request must be a JSON object")
     req_id = message.get("i", message.get("id"))
     if isinstance(req_id, bool) or not (req_id is None or isinstance(req_id, (int, str))):
         raise _invalid("i: id must be an integer or a string")
+    if not _surrogate_free(text, message):   # answered with its id, unless the id is what cannot be written
+        echo = None if isinstance(req_id, str) and utf8_size(req_id) == _NOT_UTF8 else req_id
+        raise ApiError(ErrorCode.INVALID_PARAMS, "request: lone UTF-16 surrogate escape", echo)
     method = message.get("m")
     if not isinstance(method, str):
         raise ApiError(ErrorCode.INVALID_PARAMS, "m: method name is required", req_id)

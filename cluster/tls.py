@@ -6,6 +6,7 @@ handshakes get the new certificate while open connections go on (SIGHUP).
 Reads files; no sockets here.
 """
 
+import os
 import ssl
 
 
@@ -33,10 +34,11 @@ def server_context(tls, config, where: str) -> ssl.SSLContext:
 def reload(context: ssl.SSLContext, tls, config, where: str) -> None:
     """Reads the certificate chain and key again into `context` (raises TlsError, keeping the old on failure)."""
     cert, key = config.resolve(tls.cert_file), config.resolve(tls.key_file)
+    for name, path in (("cert_file", cert), ("key_file", key)):
+        if not os.path.isfile(path):
+            raise TlsError(f"{where}.{name}: {path}: no such file")
     try:
         context.load_cert_chain(cert, key)
-    except FileNotFoundError as exc:
-        raise TlsError(f"{where}: {exc.filename}: no such file") from None
     except (OSError, ssl.SSLError) as exc:
         raise TlsError(f"{where}: cannot use {cert} with {key}: {exc}") from None
 

@@ -15,6 +15,7 @@ import random
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -109,6 +110,33 @@ def assert_error(reply, code: int, field: str = None, req_id=None, http_status: 
     if mentions is not None:
         assert mentions in message, reply
     return message
+
+
+def make_certificate(directory: Path, name: str = "meshgate-test") -> tuple:
+    """A self-signed certificate for 127.0.0.1 and localhost, made now; returns `(cert_path, key_path)`."""
+    import datetime
+    import ipaddress
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                               x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                                  critical=False)
+                   .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                   .sign(key, hashes.SHA256()))
+    cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
 
 
 def dealer(context, address: str, key=None, receive_timeout: float = WAIT, own_key=None):
@@ -256,7 +284,8 @@ class Cluster:
     client port unless they name one); `key_file=True` writes a cluster key
     file (`self.key`, `self.key_path`) instead of a fresh key per run;
     `access` (more keys of access, e.g. users) and `credentials` ((user, password) that
-    `status`, `http` and `api` send).
+    `status`, `http` and `api` send); `tls=True` puts every listener on TLS with a
+    certificate made for the run (`cert_path`), which the helpers trust.
     """
 
     def __init__(self, tmp: Path, workers: int = 3, **overrides):
@@ -280,6 +309,16 @@ class Cluster:
         }
         if "mesh" in overrides:
             config["node"]["mesh"] = overrides.pop("mesh")
+        self.http_scheme, self.ws_scheme, self.ssl_context, self.sslopt = "http", "ws", None, None
+        if overrides.pop("tls", False):   # every listener speaks TLS with a certificate made for this run
+            self.cert_path, self.cert_key_path = make_certificate(tmp)
+            settings = {"cert_file": str(self.cert_path), "key_file": str(self.cert_key_path)}
+            config["coordinator"]["api"]["tls"] = config["node"]["api"]["tls"] = settings
+            for server in config["node"]["servers"]:
+                server["tls"] = settings
+            self.http_scheme, self.ws_scheme = "https", "wss"
+            self.ssl_context = ssl.create_default_context(cafile=str(self.cert_path))
+            self.sslopt = {"context": self.ssl_context}
         config["access"] = overrides.pop("access", {})
         self.credentials = overrides.pop("credentials", None)   # (user, password) the helpers send
         self.key = self.key_path = None
@@ -369,8 +408,9 @@ class Cluster:
         return {"Authorization": f"Basic {token}"}
 
     def status(self) -> dict:
-        request = urllib.request.Request(f"http://127.0.0.1:{self.coordinator_port}/v1/status", headers=self.auth())
-        with urllib.request.urlopen(request, timeout=3) as r:
+        request = urllib.request.Request(f"{self.http_scheme}://127.0.0.1:{self.coordinator_port}/v1/status",
+                                         headers=self.auth())
+        with urllib.request.urlopen(request, timeout=3, context=self.ssl_context) as r:
             return json.loads(r.read())
 
     def http(self, path: str, body=None, method: str = "POST", raw: bytes = None, headers=None):
@@ -382,11 +422,12 @@ class Cluster:
         """
         data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
         for attempt in (1, 2):
-            request = urllib.request.Request(f"http://127.0.0.1:{self.api_port}{path}", data=data, method=method,
+            request = urllib.request.Request(f"{self.http_scheme}://127.0.0.1:{self.api_port}{path}", data=data,
+                                             method=method,
                                              headers={"Content-Type": "application/json", **self.auth(),
                                                       **(headers or {})})
             try:
-                with urllib.request.urlopen(request, timeout=WAIT) as response:
+                with urllib.request.urlopen(request, timeout=WAIT, context=self.ssl_context) as response:
                     return response.status, json.loads(response.read() or b"null")
             except urllib.error.HTTPError as error:
                 payload = error.read()
@@ -396,16 +437,16 @@ class Cluster:
                     raise
 
     def api(self, credentials=None) -> ApiConnection:
-        ws = websocket.create_connection(f"ws://127.0.0.1:{self.api_port}/ws/v1", timeout=WAIT,
-                                         header=self.auth(credentials))
+        ws = websocket.create_connection(f"{self.ws_scheme}://127.0.0.1:{self.api_port}/ws/v1", timeout=WAIT,
+                                         header=self.auth(credentials), sslopt=self.sslopt)
         self._open.append(ws)
         return ApiConnection(ws)
 
     def api_with_timeout(self, seconds: float):
         """An API connection, or None when the handshake is not answered within `seconds` (a frozen node)."""
         try:
-            ws = websocket.create_connection(f"ws://127.0.0.1:{self.api_port}/ws/v1", timeout=seconds,
-                                             header=self.auth())
+            ws = websocket.create_connection(f"{self.ws_scheme}://127.0.0.1:{self.api_port}/ws/v1", timeout=seconds,
+                                             header=self.auth(), sslopt=self.sslopt)
         except (websocket.WebSocketTimeoutException, TimeoutError, OSError):
             return None
         ws.settimeout(WAIT)
@@ -413,8 +454,8 @@ class Cluster:
         return ApiConnection(ws)
 
     def client(self, path: str = "/", **options) -> Client:
-        ws = websocket.create_connection(f"ws://127.0.0.1:{self.client_port}{path}", timeout=WAIT,
-                                         **{**self.client_options, **options})
+        ws = websocket.create_connection(f"{self.ws_scheme}://127.0.0.1:{self.client_port}{path}", timeout=WAIT,
+                                         **{"sslopt": self.sslopt, **self.client_options, **options})
         self._open.append(ws)
         return Client(ws)
 

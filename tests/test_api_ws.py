@@ -148,6 +148,18 @@ def test_request_that_is_not_an_object_is_101(api, text):
     assert_ok(api.request("mesh.publish", {"c": channel(), "d": "x"}, req_id=1), {"s": 0, "f": 0})
 
 
+@pytest.mark.parametrize("method, params", [
+    ("mesh.publish", '{"c": "news", "d": "\\ud800"}'),
+    ("mesh.send", '{"c": "1", "d": {"k": "\\udfff"}}'),
+    ("conn.call", '{"c": "1", "f": "set_context_value", "a": ["k", "\\ud800"]}'),
+])
+def test_a_lone_surrogate_is_101_with_the_requests_id(api, method, params):
+    """A request whose JSON holds a lone surrogate is answered 101 with its own `i`; the connection goes on."""
+    api.send_raw('{"m": "%s", "p": %s, "i": 77}' % (method, params))
+    assert_error(api.read(), 101, req_id=77, mentions="surrogate")
+    assert_ok(api.request("mesh.publish", {"c": channel(), "d": "x"}, req_id="after"), {"s": 0, "f": 0})
+
+
 @pytest.mark.parametrize("bad_id", [{"x": 1}, [1], 1.5, True], ids=["object", "list", "float", "bool"])
 def test_mistyped_id_is_101_naming_i(api, bad_id):
     """An id that is neither an integer nor a string is 101 naming `i`."""

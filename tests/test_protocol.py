@@ -795,3 +795,16 @@ def test_encode_ws_frame(length, header_len, marker, binary, opcode):
 def test_close_codes(member, value):
     """Close codes have their RFC 6455 values."""
     assert protocol.CloseCode[member] == value
+
+
+@pytest.mark.parametrize("text, req_id", [
+    ('{"m": "mesh.send", "p": {"c": "1", "d": "\\ud800"}, "i": 5}', 5),
+    ('{"m": "mesh.send", "p": {"c": "1", "d": "\\udfff"}, "id": "abc"}', "abc"),
+    ('{"m": "mesh.send", "p": {}, "i": "\\ud800"}', None),
+])
+def test_a_lone_surrogate_is_101_answered_with_the_request_id(text, req_id):
+    """A request holding a lone surrogate escape is 101 with its own id (None only when the id is the surrogate)."""
+    with pytest.raises(ApiError) as info:
+        protocol.parse_ws_request(text)
+    assert info.value.code is ErrorCode.INVALID_PARAMS and "surrogate" in info.value.message
+    assert info.value.req_id == req_id
