@@ -174,22 +174,23 @@ def test_start_without_a_key_file_makes_a_fresh_key_per_run(tmp_path, context):
         assert first.stop() == 0
 
 
-def test_a_restarted_coordinator_gives_an_id_back_only_to_its_holder(cluster, context):
-    """After the coordinator restarts, a keyed registration asking for a live node's id without its lease is refused."""
-    victim = _nodes(cluster)[0]
+def test_node_ids_go_only_to_the_process_that_holds_their_lease(cluster, context):
+    """With the key, asking for an id not held (no lease) or held by another is refused; after a coordinator
+    restart each node gets its own id back with its lease."""
+    before = {n["node_id"]: n["pid"] for n in cluster.status()["nodes"]}
+    keyed = dealer(context, f"tcp://127.0.0.1:{cluster.registry_port}", cluster.key)
+    for node_id, reason in ((1000, "lease"), (min(before), "held by")):
+        keyed.send_multipart(_register(node_id))
+        reply = mesh.read_control(keyed.recv_multipart(), mesh.FROM_COORDINATOR)
+        assert isinstance(reply, mesh.Refused) and not reply.retry and reason in reply.reason
     supervisor = psutil.Process(cluster.process.pid)
     [coordinator] = [p for p in supervisor.children() if "coordinator" in p.cmdline()]
     coordinator.send_signal(signal.SIGKILL)
     coordinator.wait(timeout=WAIT)
-    keyed = dealer(context, f"tcp://127.0.0.1:{cluster.registry_port}", cluster.key)
 
-    def answer():
-        keyed.send_multipart(_register(victim["node_id"]))
+    def back():
         try:
-            return mesh.read_control(keyed.recv_multipart(), mesh.FROM_COORDINATOR)
-        except zmq.Again:
-            return None
-    reply = wait_until(answer, timeout=WAIT * 2, interval=0.2, what="the restarted coordinator to answer")
-    assert isinstance(reply, mesh.Refused) and not reply.retry and "lease" in reply.reason
-    wait_until(lambda: {n["node_id"]: n["pid"] for n in cluster.status()["nodes"]}.get(victim["node_id"])
-               == victim["pid"], timeout=WAIT * 2, what="the real holder to re-register with its id")
+            return {n["node_id"]: n["pid"] for n in cluster.status()["nodes"]} == before
+        except OSError:   # the coordinator is not back yet
+            return False
+    wait_until(back, timeout=WAIT * 2, what="every node to re-register with its own id")
