@@ -46,6 +46,7 @@ def _supervise(path, workers, coordinator_address, with_coordinator: bool) -> No
     from cluster.supervisor import Supervisor, resolve_workers
     config = _load(path, workers=workers, coordinator=coordinator_address)
     _check_entries(config)
+    _check_token_keys(config)
     count = resolve_workers(config.node.workers)
     _check_startable(config, count)
     _setup_supervisor_logging(config)
@@ -101,6 +102,18 @@ def _check_entries(config) -> None:
                 check_spec(server.entry, config.base_dir)
             except EntryError as exc:
                 click.echo(f"meshgate: configuration error: node.servers[{index}].entry: {exc}", err=True)
+                sys.exit(2)
+
+
+def _check_token_keys(config) -> None:
+    """Each `auth.jwt` key must be readable and fit its algorithms before anything starts."""
+    from cluster.token_keys import TokenKeyError, load_key
+    for index, server in enumerate(config.node.servers):
+        if server.auth and server.auth.jwt:
+            try:
+                load_key(server.auth.jwt, config.resolve)
+            except TokenKeyError as exc:
+                click.echo(f"meshgate: configuration error: node.servers[{index}].auth.jwt.{exc}", err=True)
                 sys.exit(2)
 
 

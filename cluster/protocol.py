@@ -50,6 +50,7 @@ class CloseCode(enum.IntEnum):
     POLICY_VIOLATION = 1008
     MESSAGE_TOO_BIG = 1009
     INTERNAL_ERROR = 1011
+    TOKEN_EXPIRED = 4001          # docs/protocol.md, Client WebSocket server: JWT
 
 
 # docs/protocol.md, HTTP status codes.

@@ -19,6 +19,7 @@ from tornado.netutil import bind_sockets
 
 from cluster import logs
 from cluster.supervisor import SUPERVISED_ENV, watch_parent
+from cluster.token_keys import TokenKeyError
 from node import entry as entries, hooks
 from node.api_http import ROUTES, CallHandler, NotFoundHandler
 from node.api_ws import ApiSocket
@@ -54,12 +55,13 @@ def client_app(node, servers: list) -> tornado.web.Application:
 
     Raises:
         EntryError: an entry cannot be loaded.
+        TokenKeyError: an `auth.jwt` key cannot be read or does not fit its algorithms.
     """
     routes = []
     header_size = max(server.max_header_size for server in servers)
     for server in servers:
         entry = hooks.load(node, server)
-        gate = ServerGate(node, server, header_size)
+        gate = ServerGate(node, server, node.config, header_size)
         path = server.path.rstrip("/") or "/"
         pattern = "/" if path == "/" else path + "/?"
         routes.append((pattern, ClientHandler, {"node": node, "server": server, "entry": entry, "gate": gate}))
@@ -80,10 +82,11 @@ async def _serve(config, worker: int) -> int:
     context = zmq.Context()
     node = Node(config, worker, context)
     entries.bind(node)
-    try:   # entries load before the node joins: a broken one never takes clients
+    try:   # entries and token keys load before the node joins: a broken one never takes clients
         client_apps = {port: client_app(node, group) for port, group in servers_by_port(config.node.servers).items()}
-    except entries.EntryError as exc:
-        log.error("cannot start: entry %s", exc)
+    except (entries.EntryError, TokenKeyError) as exc:
+        kind = "entry" if isinstance(exc, entries.EntryError) else "auth.jwt key"
+        log.error("cannot start: %s %s", kind, exc)
         node.close()
         context.destroy(linger=0)
         return 2

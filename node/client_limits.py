@@ -2,9 +2,10 @@
 
 docs/protocol.md, Client WebSocket server, Limits. `ServerGate` is one
 configured server as this node process admits connections to it: at most
-`max_connections` open (HTTP 503 past it) and request headers within the
-server's `max_header_size` (HTTP 431; the port-wide bound is Tornado's),
-both before the entry's `on_handshake`. `take_token` is the per-connection token
+`max_connections` open (HTTP 503 past it), request headers within the
+server's `max_header_size` (HTTP 431; the port-wide bound is Tornado's), and
+a valid token when it has `auth.jwt` (HTTP 401, node/client_auth.py), all
+before the entry's `on_handshake`. `take_token` is the per-connection token
 bucket of `rate_limit`. What is refused or closed is logged and counted
 (`handshakes_refused`, `limit_closed`). Owned by the node's IOLoop.
 """
@@ -14,6 +15,7 @@ import logging
 import tornado.web
 from tornado.log import access_log
 
+from node.client_auth import TokenChecker, TokenRefused
 
 log = logging.getLogger("meshgate.node")
 
@@ -36,29 +38,42 @@ class ServerGate:
     Args:
         node: the process's Node (counters).
         server: its ServerConfig.
+        config: the cluster Config (files are relative to it).
         port_header_size: the largest `max_header_size` of the servers on its port (what Tornado enforces).
+
+    Raises:
+        TokenKeyError: its `auth.jwt` key cannot be read or does not fit its algorithms.
     """
 
-    def __init__(self, node, server, port_header_size: int):
+    def __init__(self, node, server, config, port_header_size: int):
         self.node = node
         self.server = server
         self.max_connections = server.max_connections
         self.open = 0   # connections holding a slot, from an admitted handshake to their close
         self.header_limit = server.max_header_size if server.max_header_size < port_header_size else 0
+        jwt = server.auth.jwt if server.auth else None
+        self.tokens = TokenChecker(jwt, config.resolve) if jwt else None
 
-    def admit(self, conn, request) -> None:
-        """Checks a handshake before the entry sees it.
+    def admit(self, conn, request):
+        """Checks a handshake before the entry sees it; returns the token's claims (None without auth.jwt).
 
         Raises:
-            tornado.web.HTTPError: 431 or 503, logged and counted.
+            tornado.web.HTTPError: 431, 503 or 401, logged and counted.
         """
         if self.header_limit and header_bytes(request) > self.header_limit:
             self._refuse(conn, 431, f"request headers over {self.header_limit} bytes")
         if self.max_connections and self.open >= self.max_connections:
             self._refuse(conn, 503, f"{self.open} connections open (max_connections)")
+        claims = None
+        if self.tokens is not None:
+            try:
+                claims = self.tokens.check(request)
+            except TokenRefused as refused:
+                self._refuse(conn, 401, str(refused))
         if self.max_connections:
             self.open += 1
             conn.holds_slot = True
+        return claims
 
     def release(self, conn) -> None:
         """Gives back the slot of a connection that closed or was refused (idempotent)."""

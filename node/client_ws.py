@@ -7,6 +7,7 @@ connection API" are what entries (docs/entries.md) and `conn.call` use.
 import asyncio
 import logging
 import time
+import types
 
 import tornado.web
 import tornado.websocket
@@ -23,6 +24,7 @@ log = logging.getLogger("meshgate.node")
 
 # An idle connection should cost little memory: what most connections never
 # change is a class attribute until an instance sets its own.
+NO_CLAIMS = types.MappingProxyType({})
 
 
 class ClientHandler(tornado.websocket.WebSocketHandler):
@@ -42,9 +44,12 @@ class ClientHandler(tornado.websocket.WebSocketHandler):
     _waiters = None              # context key -> futures of wait_context_value
     _opened = False
     _closed_by_server = None     # (code, reason) of whichever side closed first, if this side
+    claims = NO_CLAIMS           # the token's claims (auth.jwt), kept when the entry is custom
+    expires_at = 0.0             # time.monotonic() when the token expires (close 4001); 0 = never
     holds_slot = False           # counted in its server's max_connections (node/client_limits.py)
     bucket_tokens = None         # the rate_limit bucket, once the first message took from it
     bucket_time = 0.0
+    _token_channels = ()         # the token's `channels`, from the handshake until open() subscribes
 
     def initialize(self, node, server, entry, gate):
         self.node = node
@@ -72,16 +77,30 @@ class ClientHandler(tornado.websocket.WebSocketHandler):
         return None   # frames are encoded once and shared: no per-connection deflate
 
     def prepare(self):
-        """Admits the handshake (limits, node/client_limits.py), names it, asks the entry (403)."""
+        """Admits the handshake (limits and token, node/client_limits.py), names it, asks the entry (403)."""
         request = self.request
         self.remote_addr = request.remote_ip
-        self.gate.admit(self, request)
+        claims = self.gate.admit(self, request)
         self.client_id = self.node.ids.make()
+        if claims is not None:
+            self._accept_token(claims)
         if self.entry.custom:
             self.path, self.query, self.headers = request.path, request.query, request.headers
         verdict = self.entry.handshake(self, request)
         if verdict is not None:
             return self._check_verdict(verdict)
+
+    def _accept_token(self, claims: dict) -> None:
+        """The context starts from the token; its `channels` wait for open(); its `exp` closes it."""
+        tokens = self.gate.tokens
+        self._context = tokens.context(claims)
+        if self.entry.custom:
+            self.claims = claims
+        if claims.get("channels"):
+            self._token_channels = claims["channels"]
+        expires = tokens.expires(claims)
+        if expires is not None:
+            self.expires_at = time.monotonic() + (expires - time.time())
 
     async def _check_verdict(self, verdict) -> None:
         if not await verdict:
@@ -99,7 +118,17 @@ class ClientHandler(tornado.websocket.WebSocketHandler):
         self.last_seen = time.monotonic()
         self._opened = True
         node.client_opened(self)
+        if self._token_channels:
+            return self._open_subscribed()
         if self.entry.custom:
+            self.entry.submit(self, "on_open")
+
+    async def _open_subscribed(self) -> None:
+        """Subscribes the token's channels mesh-wide, then runs on_open; Tornado reads no frame before."""
+        channels = self._token_channels
+        del self._token_channels
+        await self.node.subscribe(self, channels)
+        if self.entry.custom and self.stream is not None:
             self.entry.submit(self, "on_open")
 
     def on_message(self, message):
@@ -253,12 +282,14 @@ class ClientHandler(tornado.websocket.WebSocketHandler):
             super().close(code, reason)
 
     def expire_if_idle(self, now: float) -> None:
-        """The sweep (every 500 ms): read timeout, a fragmented message not complete in time."""
+        """The sweep (every 500 ms): read timeout, token expiry, a fragmented message not complete in time."""
         if self.stream is None:
             return   # closing already
         read_timeout = self.server.read_timeout
         if now - self.last_seen > read_timeout:
             self.close(int(CloseCode.GOING_AWAY), "read timeout")
+        elif self.expires_at and now >= self.expires_at:
+            self.close(int(CloseCode.TOKEN_EXPIRED), "token expired")
         else:
             started = self.ws_connection.fragment_started if self.ws_connection is not None else 0.0
             if started and now - started > read_timeout:
