@@ -271,7 +271,7 @@ def test_connection_is_closed_4001_when_its_token_expires(secured):
     assert alive(lenient)
 
 
-# --- key files ------------------------------------------------------------------
+# --- key files and the token command ------------------------------------------------------------------
 
 
 def _start_with_key(tmp_path, key_file: str, algorithm: str = "RS256", command: str = "start"):
@@ -310,3 +310,31 @@ def test_node_process_with_an_unreadable_key_exits_2(tmp_path):
     result = _start_with_key(tmp_path, "gone.pem", command="node-process")
     assert result.returncode == 2
     assert "cannot start: auth.jwt key public_key_file: " in result.stderr and "cannot read" in result.stderr
+
+
+def test_token_command_prints_a_token_the_server_accepts(secured):
+    """meshgate token: an HS256 token with sub, exp = now + ttl, the claims given and channels, that opens /entry."""
+    channel = f"jwt-{uuid.uuid4().hex[:8]}"
+    result = subprocess.run([MESHGATE, "token", "--secret", SECRET, "--sub", "carol", "--ttl", "120",
+                             "--claim", "role=ops", "--claim", "level=3", "--claim", "tags=[\"a\"]",
+                             "--channels", f"{channel},lobby"], capture_output=True, text=True, timeout=WAIT)
+    assert result.returncode == 0, result.stderr
+    token = result.stdout.strip()
+    payload = jwt.decode(token, SECRET, algorithms=["HS256"])
+    assert payload["exp"] - payload["iat"] == 120 and abs(payload["iat"] - time.time()) < 5
+    assert {k: payload[k] for k in ("sub", "role", "level", "tags", "channels")} == {
+        "sub": "carol", "role": "ops", "level": 3, "tags": ["a"], "channels": [channel, "lobby"]}
+    opened = json.loads(connect(secured, "/entry", token).recv())
+    assert opened["context"] == {"sub": "carol", "role": "ops"} and opened["channels"] == sorted([channel, "lobby"])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--channels", "ok,two words"], "--channels"),
+    (["--claim", "novalue"], "expected NAME=VALUE"),
+    (["--ttl", "0"], "--ttl"),
+], ids=["bad-channel", "bad-claim", "bad-ttl"])
+def test_token_command_refuses_bad_options_with_exit_2(args, message):
+    """meshgate token: a bad channel name, a claim without `=` or a ttl under 1 exit 2 and say which option."""
+    result = subprocess.run([MESHGATE, "token", "--secret", SECRET, "--sub", "a", *args],
+                            capture_output=True, text=True, timeout=WAIT)
+    assert result.returncode == 2 and message in result.stderr
