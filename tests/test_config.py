@@ -415,11 +415,14 @@ def test_newer_keys_defaults():
     ({"auth": {"jwt": {}}}, "node.servers[0].auth.jwt: give exactly one of secret"),
     ({"auth": {"jwt": {"secret": "s", "public_key_file": "k.pem"}}}, "node.servers[0].auth.jwt: give exactly one"),
     ({"auth": {"jwt": {"secret": "s", "algorithms": []}}}, "node.servers[0].auth.jwt.algorithms: at least one"),
-    ({"auth": {"jwt": {"secret": "s", "algorithms": ["none"]}}}, "node.servers[0].auth.jwt.algorithms[0]: must be one of"),
-    ({"auth": {"jwt": {"secret": "s", "algorithms": ["RS256"]}}}, "node.servers[0].auth.jwt.algorithms[0]: RS256 needs public_key_file"),
+    ({"auth": {"jwt": {"secret": "s", "algorithms": ["none"]}}},
+     "node.servers[0].auth.jwt.algorithms[0]: must be one of"),
+    ({"auth": {"jwt": {"secret": "s", "algorithms": ["RS256"]}}},
+     "node.servers[0].auth.jwt.algorithms[0]: RS256 needs public_key_file"),
     ({"auth": {"jwt": {"public_key_file": "k.pem"}}}, "node.servers[0].auth.jwt.algorithms[0]: HS256 needs secret"),
     ({"auth": {"jwt": {"secret": "s", "leeway": -1}}}, "node.servers[0].auth.jwt.leeway: must be at least 0"),
-    ({"auth": {"jwt": {"secret": "s", "context_claims": "role"}}}, "node.servers[0].auth.jwt.context_claims: expected a list"),
+    ({"auth": {"jwt": {"secret": "s", "context_claims": "role"}}},
+     "node.servers[0].auth.jwt.context_claims: expected a list"),
 ])
 def test_client_server_limits_and_jwt_refused_with_their_path(raw, prefix):
     """handshake_timeout, max_header_size, max_connections, rate_limit and auth.jwt are checked with their path."""

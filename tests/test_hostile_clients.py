@@ -9,7 +9,7 @@ import time
 import pytest
 import websocket
 
-from conftest import WAIT, Cluster, wait_until
+from conftest import SCALE, WAIT, Cluster, wait_until
 
 MAX_MESSAGE = 1024
 
@@ -102,7 +102,7 @@ def test_handshake_not_finished_within_handshake_timeout_is_closed(hostile, sent
         sock.sendall(sent)
         assert sock.recv(1024) == b""
         elapsed = time.monotonic() - started
-    assert 0.25 < elapsed < 0.8   # the smallest handshake_timeout of the port (0.3 s), not read_timeout (1 s)
+    assert 0.25 < elapsed < 0.3 + 0.5 * SCALE   # the port's smallest handshake_timeout (0.3 s), not read_timeout (1 s)
     assert_serving(hostile)
 
 
@@ -266,6 +266,6 @@ def test_client_over_its_rate_limit_is_closed_1008(hostile):
             received.append(consumer.event(0.3)["p"]["d"]["frame"]["data"])
         except (AssertionError, websocket.WebSocketTimeoutException):
             break
-    assert 5 <= len([data for data in received if data.startswith("flood-")]) <= 6   # the burst, and one regained
+    assert 5 <= len([data for data in received if data.startswith("flood-")]) < 10   # the burst, and a few regained
     assert alive(connect(hostile, "/rated"))
     consumer.ws.close()
