@@ -14,6 +14,10 @@ setup(
         "click>=8.0,<9",
         "psutil>=5.9,<8",
         "PyYAML>=6.0,<7",   # the configuration file is YAML (docs/configuration.md)
+        # Client servers with auth.jwt check JSON Web Tokens (docs/protocol.md, Client WebSocket server) ...
+        "PyJWT>=2.8,<3",
+        # ... and RS*, PS*, ES* and EdDSA signatures need the cryptography backend.
+        "cryptography>=41",
     ],
     extras_require={
         "test": [

@@ -134,6 +134,7 @@ def _check_files(config) -> None:
     """Entries must compile (modules exist) and certificates load before anything starts; plain passwords warn."""
     from cluster import access, tls
     from cluster.entry_spec import EntryError, check_spec
+    from cluster.token_keys import TokenKeyError, load_key
     for index, server in enumerate(config.node.servers):
         if server.entry:
             try:
@@ -145,6 +146,12 @@ def _check_files(config) -> None:
             tls.server_context(settings, config, where)
         except tls.TlsError as exc:
             _fail(str(exc))
+    for index, server in enumerate(config.node.servers):   # each auth.jwt key readable, fit for its algorithms
+        if server.auth and server.auth.jwt:
+            try:
+                load_key(server.auth.jwt, config.resolve)
+            except TokenKeyError as exc:
+                _fail(f"node.servers[{index}].auth.jwt.{exc}")
     for index, user in enumerate(config.access.users):
         if not access.is_hashed(user.password):
             click.echo(f"meshgate: warning: access.users[{index}].password is the password itself; "
@@ -273,6 +280,40 @@ def _show_status(url: str, as_json: bool, watch: bool, headers: dict, tls_contex
         if not watch:
             return
         time.sleep(2)
+
+
+def _claim(text: str) -> tuple:
+    """`k=v` of `meshgate token --claim`: the value as JSON when it is JSON, else as a string."""
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise click.BadParameter(f"{text!r}: expected NAME=VALUE", param_hint="--claim")
+    try:
+        return name, ujson.loads(value)
+    except ValueError:
+        return name, value
+
+
+@main.command()
+@click.option("--secret", required=True, help="The server's auth.jwt.secret (HS256).")
+@click.option("--sub", required=True, help="The sub claim: who the connection is.")
+@click.option("--ttl", type=click.IntRange(min=1), default=3600, show_default=True,
+              help="Seconds until the token expires (exp).")
+@click.option("--claim", "claims", multiple=True, metavar="NAME=VALUE",
+              help="One more claim (repeatable); VALUE is read as JSON when it is JSON (5, true, [1]), else text.")
+@click.option("--channels", help="Channels to subscribe the connection to, comma-separated (the channels claim).")
+def token(secret, sub, ttl, claims, channels):
+    """Print an HS256 token for a client server with auth.jwt (for tests and demos)."""
+    import jwt
+    from cluster.protocol import ApiError, parse_name
+    now = int(time.time())
+    payload = dict(_claim(text) for text in claims)
+    payload.update(sub=sub, iat=now, exp=now + ttl)
+    if channels is not None:
+        try:
+            payload["channels"] = [parse_name(name, "--channels") for name in channels.split(",")]
+        except ApiError as exc:
+            raise click.BadParameter(exc.message.partition(": ")[2], param_hint="--channels") from None
+    click.echo(jwt.encode(payload, secret, algorithm="HS256"))
 
 
 if __name__ == "__main__":

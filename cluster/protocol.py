@@ -45,9 +45,12 @@ class CloseCode(enum.IntEnum):
 
     NORMAL = 1000
     GOING_AWAY = 1001
+    PROTOCOL_ERROR = 1002
+    INVALID_DATA = 1007           # a text message that is not UTF-8
     POLICY_VIOLATION = 1008
     MESSAGE_TOO_BIG = 1009
     INTERNAL_ERROR = 1011
+    TOKEN_EXPIRED = 4001          # docs/protocol.md, Client WebSocket server: JWT
 
 
 # docs/protocol.md, HTTP status codes.
@@ -285,7 +288,8 @@ class CallParams(NamedTuple):
 
 
 
-def _valid_close_code(code: Any) -> bool:
+def valid_close_code(code: Any) -> bool:
+    """A close code a close frame may carry: 1000-1003, 1007-1011 or 3000-4999 (RFC 6455, section 7.4)."""
     return (isinstance(code, int) and not isinstance(code, bool)
             and (code in (1000, 1001, 1002, 1003) or 1007 <= code <= 1011 or 3000 <= code <= 4999))
 
@@ -310,7 +314,7 @@ def parse_call_args(function: str, args: list, prefix: str = "p.") -> list:
     if function == "close":
         if len(args) > 2:
             raise _invalid(f"{field}: close takes [], [code] or [code, reason]")
-        if args and not _valid_close_code(args[0]):
+        if args and not valid_close_code(args[0]):
             raise _invalid(f"{field}[0]: close code must be 1000-1003, 1007-1011 or 3000-4999")
         if len(args) == 2 and (not isinstance(args[1], str) or utf8_size(args[1]) > _MAX_REASON_BYTES):
             raise _invalid(f"{field}[1]: close reason must be a text string of at most {_MAX_REASON_BYTES} bytes")

@@ -13,11 +13,11 @@ from cluster.protocol import ErrorCode
 NODE_FIGURES = (
     "clients", "channels", "consumers", "queue_depth", "in_rate", "out_rate", "in_total", "out_total",
     "queue_dropped", "slow_closed", "forward_timeouts", "hook_errors", "cpu", "rss",
-    "mesh_refused", "handshakes_refused",
+    "mesh_refused", "mesh_handshakes_refused", "handshakes_refused", "limit_closed",
 )
 # Which of them only grow (Prometheus counters, exported with a `_total` suffix).
 COUNTERS = frozenset(("in_total", "out_total", "queue_dropped", "slow_closed", "forward_timeouts", "hook_errors",
-                      "mesh_refused", "handshakes_refused"))
+                      "mesh_refused", "mesh_handshakes_refused", "handshakes_refused", "limit_closed"))
 
 
 def status_document(control) -> dict:
@@ -39,7 +39,7 @@ def status_document(control) -> dict:
         "version": __version__, "coordinator": {"uptime": round(now - control.started_at, 1),
                                                 "tables_version": control.tables.version,
                                                 "control_refused": control.refused,
-                                                "handshakes_refused": control.zap.refused,
+                                                "mesh_handshakes_refused": control.zap.refused,
                                                 **control.tables.counts()},
         "totals": totals, "nodes": nodes,
     }

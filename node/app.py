@@ -19,9 +19,11 @@ from tornado.netutil import bind_sockets
 
 from cluster import live, logs, tls
 from cluster.supervisor import SUPERVISED_ENV, watch_parent
+from cluster.token_keys import TokenKeyError
 from node import entry as entries, hooks
 from node.api_http import ROUTES, CallHandler, NotFoundHandler
 from node.api_ws import ApiSocket
+from node.client_limits import ServerGate, log_request
 from node.client_ws import ClientHandler
 from node.demo import DemoHandler
 from node.node import Node
@@ -50,16 +52,23 @@ def api_app(node) -> tornado.web.Application:
 
 
 def client_app(node, servers: list) -> tornado.web.Application:
-    """One application for the configured servers that share a port, one route per path."""
+    """One application for the configured servers that share a port, one route per path.
+
+    Raises:
+        EntryError: an entry cannot be loaded.
+        TokenKeyError: an `auth.jwt` key cannot be read or does not fit its algorithms.
+    """
     routes = []
+    header_size = max(server.max_header_size for server in servers)
     for server in servers:
         entry = hooks.load(node, server)
+        gate = ServerGate(node, server, node.config, header_size)
         path = server.path.rstrip("/") or "/"
         pattern = "/" if path == "/" else path + "/?"
-        routes.append((pattern, ClientHandler, {"node": node, "server": server, "entry": entry}))
+        routes.append((pattern, ClientHandler, {"node": node, "server": server, "entry": entry, "gate": gate}))
         if server.demo:
             routes.append((server.demo.rstrip("/") or "/", DemoHandler, {"ws_path": path}))
-    return tornado.web.Application(routes)
+    return tornado.web.Application(routes, log_function=log_request)
 
 
 def servers_by_port(servers) -> dict:
@@ -74,12 +83,13 @@ async def _serve(config, worker: int, key) -> int:
     context = zmq.Context()
     node = Node(config, worker, context, key)
     entries.bind(node)
-    try:   # entries and certificates load before the node joins: a broken one never takes clients
+    try:   # entries, token keys and certificates load before the node joins: a broken one never takes clients
         client_apps = {port: client_app(node, group) for port, group in servers_by_port(config.node.servers).items()}
         contexts = [(tls.server_context(settings, config, where), settings, where, port)
                     for where, settings, port in tls.listeners(config) if not where.startswith("coordinator.")]
-    except (entries.EntryError, tls.TlsError) as exc:
-        log.error("cannot start: %s", exc)
+    except (entries.EntryError, TokenKeyError, tls.TlsError) as exc:
+        kind = {entries.EntryError: "entry ", TokenKeyError: "auth.jwt key "}.get(type(exc), "")
+        log.error("cannot start: %s%s", kind, exc)
         node.close()
         context.destroy(linger=0)
         return 2
@@ -110,10 +120,13 @@ async def _serve(config, worker: int, key) -> int:
                                ssl_options=ssl_by_port.get(config.node.api.port),
                                idle_connection_timeout=_API_IDLE_S, body_timeout=_API_BODY_S))
         for port, group in servers_by_port(config.node.servers).items():
-            # A connection that has not completed its handshake within read_timeout is dropped.
-            handshake_s = min(server.read_timeout for server in group)
+            # docs/protocol.md, Client WebSocket server, Limits: per port, the strictest
+            # handshake_timeout and the largest max_header_size (node/client_limits.py refuses
+            # headers over a smaller one of a server with 431).
+            handshake_s = min(server.handshake_timeout for server in group)
             servers.append(_listen(client_apps[port], group[0].bind, port, ssl_options=ssl_by_port.get(port),
                                    max_buffer_size=max(server.max_message_size for server in group) + 65536,
+                                   max_header_size=max(server.max_header_size for server in group),
                                    idle_connection_timeout=handshake_s, body_timeout=handshake_s))
         sweeper = tornado.ioloop.PeriodicCallback(lambda: _expire_idle(node), 500)
         sweeper.start()

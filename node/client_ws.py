@@ -7,32 +7,24 @@ connection API" are what entries (docs/entries.md) and `conn.call` use.
 import asyncio
 import logging
 import time
+import types
 
 import tornado.web
 import tornado.websocket
 
 from cluster import protocol
 from cluster.protocol import CloseCode
+from node.client_limits import report_broken, take_token
+from node.client_protocol import ClientProtocol
 from node.clients import NO_CHANNELS, write_frame
 from node.entry import ConnectionGone, ContextTimeout, check_name, encode_data
 
 log = logging.getLogger("meshgate.node")
 
 
-class _Protocol(tornado.websocket.WebSocketProtocol13):
-    """Tornado's protocol, telling the handler the code when Tornado closes by itself (1009, ...)."""
-
-    def close(self, code=None, reason=None):
-        handler = self.handler
-        # client_terminated: this is the answer to the client's close frame, not our own close.
-        if (handler is not None and handler._closed_by_server is None and code is not None
-                and not self.client_terminated):
-            handler._closed_by_server = (code, reason or "")
-        super().close(code, reason)
-
-
 # An idle connection should cost little memory: what most connections never
 # change is a class attribute until an instance sets its own.
+NO_CLAIMS = types.MappingProxyType({})
 
 
 class ClientHandler(tornado.websocket.WebSocketHandler):
@@ -52,11 +44,18 @@ class ClientHandler(tornado.websocket.WebSocketHandler):
     _waiters = None              # context key -> futures of wait_context_value
     _opened = False
     _closed_by_server = None     # (code, reason) of whichever side closed first, if this side
+    claims = NO_CLAIMS           # the token's claims (auth.jwt), kept when the entry is custom
+    expires_at = 0.0             # time.monotonic() when the token expires (close 4001); 0 = never
+    holds_slot = False           # counted in its server's max_connections (node/client_limits.py)
+    bucket_tokens = None         # the rate_limit bucket, once the first message took from it
+    bucket_time = 0.0
+    _token_channels = ()         # the token's `channels`, from the handshake until open() subscribes
 
-    def initialize(self, node, server, entry):
+    def initialize(self, node, server, entry, gate):
         self.node = node
         self.server = server
         self.entry = entry
+        self.gate = gate
 
     def get_websocket_protocol(self):
         if self.request.headers.get("Sec-WebSocket-Version") != "13":
@@ -64,7 +63,7 @@ class ClientHandler(tornado.websocket.WebSocketHandler):
         params = tornado.websocket._WebSocketParams(
             ping_interval=self.ping_interval, ping_timeout=self.ping_timeout,
             max_message_size=self.max_message_size, compression_options=None)
-        return _Protocol(self, False, params)
+        return ClientProtocol(self, False, params)
 
     @property
     def max_message_size(self) -> int:
@@ -78,19 +77,38 @@ class ClientHandler(tornado.websocket.WebSocketHandler):
         return None   # frames are encoded once and shared: no per-connection deflate
 
     def prepare(self):
-        """Names the connection and lets the entry's `on_handshake` refuse it (HTTP 403)."""
+        """Admits the handshake (limits and token, node/client_limits.py), names it, asks the entry (403)."""
         request = self.request
-        self.client_id = self.node.ids.make()
         self.remote_addr = request.remote_ip
+        claims = self.gate.admit(self, request)
+        self.client_id = self.node.ids.make()
+        if claims is not None:
+            self._accept_token(claims)
         if self.entry.custom:
             self.path, self.query, self.headers = request.path, request.query, request.headers
         verdict = self.entry.handshake(self, request)
         if verdict is not None:
             return self._check_verdict(verdict)
 
+    def _accept_token(self, claims: dict) -> None:
+        """The context starts from the token; its `channels` wait for open(); its `exp` closes it."""
+        tokens = self.gate.tokens
+        self._context = tokens.context(claims)
+        if self.entry.custom:
+            self.claims = claims
+        if claims.get("channels"):
+            self._token_channels = claims["channels"]
+        expires = tokens.expires(claims)
+        if expires is not None:
+            self.expires_at = time.monotonic() + (expires - time.time())
+
     async def _check_verdict(self, verdict) -> None:
         if not await verdict:
             raise tornado.web.HTTPError(403)
+
+    def on_finish(self):
+        if self.get_status() != 101:   # refused: its slot is free again
+            self.gate.release(self)
 
     def open(self, *args):
         node = self.node
@@ -100,11 +118,26 @@ class ClientHandler(tornado.websocket.WebSocketHandler):
         self.last_seen = time.monotonic()
         self._opened = True
         node.client_opened(self)
+        if self._token_channels:
+            return self._open_subscribed()
         if self.entry.custom:
             self.entry.submit(self, "on_open")
 
+    async def _open_subscribed(self) -> None:
+        """Subscribes the token's channels mesh-wide, then runs on_open; Tornado reads no frame before."""
+        channels = self._token_channels
+        del self._token_channels
+        await self.node.subscribe(self, channels)
+        if self.entry.custom and self.stream is not None:
+            self.entry.submit(self, "on_open")
+
     def on_message(self, message):
-        self.last_seen = time.monotonic()
+        now = self.last_seen = time.monotonic()
+        limit = self.server.rate_limit
+        if limit is not None and self.stream is not None and not take_token(self, limit, now):
+            report_broken(self, CloseCode.POLICY_VIOLATION, "rate limit")
+            self.stream = None   # nothing more from or to it while the close completes
+            return self.close(int(CloseCode.POLICY_VIOLATION), "rate limit")
         self.node.counters.in_total += 1
         self.entry.submit(self, "on_message", protocol.client_frame(message))
 
@@ -116,6 +149,7 @@ class ClientHandler(tornado.websocket.WebSocketHandler):
 
     def on_close(self):
         self.stream = None
+        self.gate.release(self)
         if not self._opened:
             return
         self.node.client_closed(self)
@@ -248,8 +282,20 @@ class ClientHandler(tornado.websocket.WebSocketHandler):
             super().close(code, reason)
 
     def expire_if_idle(self, now: float) -> None:
-        if now - self.last_seen > self.server.read_timeout:
+        """The sweep (every 500 ms): read timeout, token expiry, a fragmented message not complete in time."""
+        if self.stream is None:
+            return   # closing already
+        read_timeout = self.server.read_timeout
+        if now - self.last_seen > read_timeout:
             self.close(int(CloseCode.GOING_AWAY), "read timeout")
+        elif self.expires_at and now >= self.expires_at:
+            self.close(int(CloseCode.TOKEN_EXPIRED), "token expired")
+        else:
+            started = self.ws_connection.fragment_started if self.ws_connection is not None else 0.0
+            if started and now - started > read_timeout:
+                report_broken(self, CloseCode.GOING_AWAY, "message not complete within read timeout")
+                self.stream = None
+                self.close(int(CloseCode.GOING_AWAY), "read timeout")
 
     def shutdown(self) -> None:
         self.close(int(CloseCode.GOING_AWAY), "server shutting down")

@@ -23,6 +23,8 @@ class Counters:
         self.out_total = 0         # frames written to clients and consumers
         self.slow_closed = 0       # connections closed 1008 for a full write buffer
         self.hook_errors = 0
+        self.handshakes_refused = 0   # client handshakes refused 401, 431 or 503 (node/client_limits.py)
+        self.limit_closed = 0      # client connections closed for breaking a limit or the protocol
 
 
 def write_frame(conn, frame: bytes, counters: Counters) -> bool:

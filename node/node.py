@@ -148,7 +148,8 @@ class Node:
             "in_rate": round((counters.in_total - last_in) / elapsed, 1),
             "out_rate": round((counters.out_total - last_out) / elapsed, 1),
             "slow_closed": counters.slow_closed, "forward_timeouts": self.mesh_point.timeouts,
-            "hook_errors": counters.hook_errors, "cpu": self._process.cpu_percent(None),
+            "hook_errors": counters.hook_errors, "handshakes_refused": counters.handshakes_refused,
+            "limit_closed": counters.limit_closed, "cpu": self._process.cpu_percent(None),
             "rss": self._process.memory_info().rss, "id_ms": self.ids.last_ms if self.ids else 0,
-            "mesh_refused": self.mesh_point.refused + self.link.refused, "handshakes_refused": self.zap.refused,
+            "mesh_refused": self.mesh_point.refused + self.link.refused, "mesh_handshakes_refused": self.zap.refused,
         }

@@ -6,18 +6,20 @@ both when it can); without them the test is skipped with the reason shown.
 
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from cluster.ids import node_id_of
-from conftest import WAIT, Cluster
+from conftest import MESHGATE, WAIT, Cluster
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # Quiet, offline-friendly Chromium: no background traffic, no sandbox (tests run as root).
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
                  "--disable-background-networking", "--disable-component-update"]
+SECRET = "browser-test-secret-of-at-least-32-bytes"
 
 
 @pytest.fixture(scope="module")
@@ -36,18 +38,20 @@ def browser():
 
 @pytest.fixture(scope="module")
 def chat_cluster(tmp_path_factory):
+    chat = str(ROOT / "conf/entries/chat.py")
     instance = Cluster(tmp_path_factory.mktemp("browser"), workers=2,
-                       server={"path": "/chat", "topic": "chat", "entry": str(ROOT / "conf/entries/chat.py"),
-                               "demo": "/demo"})
+                       server={"path": "/chat", "topic": "chat", "entry": chat, "demo": "/demo"},
+                       extra_servers=[{"path": "/chat-auth", "topic": "chat", "entry": chat, "demo": "/demo-auth",
+                                       "auth": {"jwt": {"secret": SECRET}}}])
     instance.start()
     yield instance
     instance.stop()
 
 
-def open_chat(browser, cluster, room: str):
+def open_chat(browser, cluster, room: str, demo: str = "/demo"):
     page = browser.new_page()
     page.set_default_timeout(WAIT * 1000)
-    page.goto(f"http://127.0.0.1:{cluster.client_port}/demo")
+    page.goto(f"http://127.0.0.1:{cluster.client_port}{demo}")
     page.wait_for_function("document.getElementById('state').textContent === 'connected'")
     page.fill("#room", room)
     page.click("#join")
@@ -105,3 +109,19 @@ def test_demo_page_is_self_contained(chat_cluster):
     assert "/chat" in page and "__MESHGATE_WS_PATH__" not in page
     for marker in ("src=\"http", "href=\"http", "@import", "src='http", "href='http"):
         assert marker not in page
+
+
+def test_demo_page_hands_the_token_of_its_url_to_the_websocket(browser, chat_cluster):
+    """/demo-auth?token=<meshgate token> chats on a server with auth.jwt; without a token the page stays out."""
+    made = subprocess.run([MESHGATE, "token", "--secret", SECRET, "--sub", "dora", "--ttl", "300"],
+                          capture_output=True, text=True, timeout=WAIT)
+    assert made.returncode == 0, made.stderr
+    page = open_chat(browser, chat_cluster, "vip", demo=f"/demo-auth?token={made.stdout.strip()}")
+    say(page, "with a token")
+    sender_id(page, "with a token")
+    page.close()
+    refused = browser.new_page()
+    refused.set_default_timeout(WAIT * 1000)
+    refused.goto(f"http://127.0.0.1:{chat_cluster.client_port}/demo-auth")
+    refused.wait_for_function("document.getElementById('state').textContent.startsWith('disconnected')")
+    refused.close()

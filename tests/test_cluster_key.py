@@ -56,14 +56,14 @@ def _register(node_id: int = 0) -> list:
 
 def test_strangers_get_nothing_from_the_registry(cluster, context):
     """A registration without the cluster key gets no welcome (no node id, no tables) and the refusal is counted."""
-    refused_before = cluster.status()["coordinator"]["handshakes_refused"]
+    refused_before = cluster.status()["coordinator"]["mesh_handshakes_refused"]
     registry = f"tcp://127.0.0.1:{cluster.registry_port}"
     for stranger in _strangers(context, registry, cluster.key):
         stranger.send_multipart(_register())
         with pytest.raises(zmq.Again):
             stranger.recv_multipart()
     assert len(cluster.status()["nodes"]) == cluster.workers
-    wait_until(lambda: cluster.status()["coordinator"]["handshakes_refused"] > refused_before,
+    wait_until(lambda: cluster.status()["coordinator"]["mesh_handshakes_refused"] > refused_before,
                what="the refused CURVE handshake to be counted")
     keyed = dealer(context, registry, cluster.key)
     keyed.send_multipart(_register())
@@ -86,7 +86,7 @@ def test_strangers_cannot_make_a_node_write_to_a_client(cluster, clients, contex
     assert mesh.read_result(mesh.Send, mesh.read_reply(keyed.recv_multipart())[1]) is True
     assert client.recv() == "forged"
     wait_until(lambda: next(n for n in cluster.status()["nodes"] if n["node_id"] == client.node)
-               ["handshakes_refused"] >= 1, what="the node to count the refused handshake")
+               ["mesh_handshakes_refused"] >= 1, what="the node to count the refused handshake")
 
 
 def test_bad_messages_with_the_key_are_dropped_counted_and_logged_sparingly(cluster, clients, context):

@@ -403,3 +403,38 @@ def test_newer_keys_defaults():
     server = config.from_dict({}).node.servers[0]
     assert config.from_dict({}).node.queue.max_bytes == 64 * 1024 * 1024
     assert server.reload is False and server.demo is None
+
+
+@pytest.mark.parametrize("raw, prefix", [
+    ({"handshake_timeout": 0}, "node.servers[0].handshake_timeout: must be at least 0.1"),
+    ({"max_header_size": 100}, "node.servers[0].max_header_size: must be at least 1024"),
+    ({"max_connections": -1}, "node.servers[0].max_connections: must be at least 0"),
+    ({"rate_limit": {"rate": 0}}, "node.servers[0].rate_limit.rate: must be at least 0.001"),
+    ({"rate_limit": {"burst": 0}}, "node.servers[0].rate_limit.burst: must be at least 1"),
+    ({"rate_limit": 5}, "node.servers[0].rate_limit: expected a mapping"),
+    ({"auth": {"jwt": {}}}, "node.servers[0].auth.jwt: give exactly one of secret"),
+    ({"auth": {"jwt": {"secret": "s", "public_key_file": "k.pem"}}}, "node.servers[0].auth.jwt: give exactly one"),
+    ({"auth": {"jwt": {"secret": "s", "algorithms": []}}}, "node.servers[0].auth.jwt.algorithms: at least one"),
+    ({"auth": {"jwt": {"secret": "s", "algorithms": ["none"]}}},
+     "node.servers[0].auth.jwt.algorithms[0]: must be one of"),
+    ({"auth": {"jwt": {"secret": "s", "algorithms": ["RS256"]}}},
+     "node.servers[0].auth.jwt.algorithms[0]: RS256 needs public_key_file"),
+    ({"auth": {"jwt": {"public_key_file": "k.pem"}}}, "node.servers[0].auth.jwt.algorithms[0]: HS256 needs secret"),
+    ({"auth": {"jwt": {"secret": "s", "leeway": -1}}}, "node.servers[0].auth.jwt.leeway: must be at least 0"),
+    ({"auth": {"jwt": {"secret": "s", "context_claims": "role"}}},
+     "node.servers[0].auth.jwt.context_claims: expected a list"),
+])
+def test_client_server_limits_and_jwt_refused_with_their_path(raw, prefix):
+    """handshake_timeout, max_header_size, max_connections, rate_limit and auth.jwt are checked with their path."""
+    assert_refused({"node": {"servers": [raw]}}, prefix)
+
+
+def test_client_server_limits_and_jwt_defaults():
+    """Defaults: 10 s handshake, 16 KiB headers, no connection or rate limit, no auth; jwt takes HS256, no leeway."""
+    server = config.from_dict({}).node.servers[0]
+    assert (server.handshake_timeout, server.max_header_size, server.max_connections) == (10, 16384, 0)
+    assert server.rate_limit is None and server.auth is None
+    limited = config.from_dict({"node": {"servers": [{"rate_limit": {}, "auth": {"jwt": {"secret": "s"}}}]}})
+    jwt = limited.node.servers[0].auth.jwt
+    assert (limited.node.servers[0].rate_limit.rate, limited.node.servers[0].rate_limit.burst) == (100, 200)
+    assert (jwt.algorithms, jwt.audience, jwt.issuer, jwt.leeway, jwt.context_claims) == (["HS256"], None, None, 0, [])

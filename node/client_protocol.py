@@ -1,0 +1,140 @@
+"""The client servers' WebSocket protocol: Tornado's, reading client frames strictly.
+
+docs/protocol.md, Client WebSocket server, Limits. Tornado drops a connection
+that breaks RFC 6455 without saying why, does not insist that client frames
+are masked, and lets a fragmented message wait forever. `ClientProtocol`
+replaces its frame reader (`_receive_frame`) with one that checks every
+frame and closes with the code the RFC names:
+
+- 1002: reserved bits set (no extension is ever negotiated), an unknown
+  opcode, a fragmented or longer than 125 bytes control frame, an unmasked
+  frame, a continuation with no message to continue, a new message before
+  the previous one ended, a close frame of one byte or with a code no
+  endpoint may send;
+- 1007: a text message, or a close reason, that is not UTF-8;
+- 1009: a message over `max_message_size`, counted as its fragments arrive.
+
+It also remembers when a fragmented message began (`fragment_started`), so
+the handler can close one that is not complete within `read_timeout`.
+Everything else (close handshake, pings and pongs, callbacks) is Tornado's.
+Owned by the node's IOLoop.
+"""
+
+import struct
+import time
+
+import tornado.websocket
+from tornado.util import _websocket_mask
+
+from cluster.protocol import CloseCode, valid_close_code
+from node.client_limits import report_broken
+
+_FIN, _RSV, _OPCODE, _MASKED = 0x80, 0x70, 0x0F, 0x80
+_CONTINUATION, _TEXT, _BINARY, _CLOSE = 0x0, 0x1, 0x2, 0x8
+_KNOWN = frozenset((0x0, 0x1, 0x2, 0x8, 0x9, 0xA))
+_CONTROL_MAX = 125
+
+
+def frame_problem(first: int, second: int, in_message: bool):
+    """What is wrong with a client frame's two header bytes, or None (RFC 6455, section 5.2).
+
+    Args:
+        first, second: the frame's first two bytes.
+        in_message: a fragmented message has begun and not ended.
+    """
+    opcode = first & _OPCODE
+    if first & _RSV:
+        return "reserved bits set"
+    if opcode not in _KNOWN:
+        return f"unknown opcode {opcode:#x}"
+    if not second & _MASKED:
+        return "unmasked client frame"
+    if opcode & 0x8:
+        if not first & _FIN:
+            return "fragmented control frame"
+        if second & 0x7F > _CONTROL_MAX:
+            return "control frame over 125 bytes"
+    elif opcode == _CONTINUATION and not in_message:
+        return "continuation frame without a message"
+    elif opcode != _CONTINUATION and in_message:
+        return "new message before the fragmented one ended"
+    return None
+
+
+def close_frame_problem(payload: bytes):
+    """`(code, what)` when a client's close frame breaks the RFC (section 5.5.1, 7.4), else None."""
+    if len(payload) == 1:
+        return CloseCode.PROTOCOL_ERROR, "close frame of one byte"
+    if payload and not valid_close_code(struct.unpack("!H", payload[:2])[0]):
+        return CloseCode.PROTOCOL_ERROR, f"close code {struct.unpack('!H', payload[:2])[0]} not allowed"
+    try:
+        payload[2:].decode("utf-8")
+    except UnicodeDecodeError:
+        return CloseCode.INVALID_DATA, "close reason not UTF-8"
+    return None
+
+
+class ClientProtocol(tornado.websocket.WebSocketProtocol13):
+    """Tornado's protocol with a strict frame reader, telling the handler the code of its own closes."""
+
+    fragment_started = 0.0    # time.monotonic() of a fragmented message's first frame; 0 when none is open
+
+    def close(self, code=None, reason=None):
+        handler = self.handler
+        # client_terminated: this is the answer to the client's close frame, not our own close.
+        if (handler is not None and handler._closed_by_server is None and code is not None
+                and not self.client_terminated):
+            handler._closed_by_server = (code, reason or "")
+        super().close(code, reason)
+
+    def fail(self, code: int, what: str) -> None:
+        """Closes with `code` at once and reads nothing more; the handler logs and counts it."""
+        report_broken(self.handler, code, what)
+        self.close(int(code), what)
+        self._abort()
+
+    async def _receive_frame(self) -> None:
+        first, second = await self._read_bytes(2)
+        buffer = self._fragmented_message_buffer
+        problem = frame_problem(first, second, buffer is not None)
+        if problem is not None:
+            return self.fail(CloseCode.PROTOCOL_ERROR, problem)
+        opcode, final, length = first & _OPCODE, first & _FIN, second & 0x7F
+        if length == 126:
+            length = struct.unpack("!H", await self._read_bytes(2))[0]
+        elif length == 127:
+            length = struct.unpack("!Q", await self._read_bytes(8))[0]
+        if opcode < _CLOSE and length + (len(buffer) if buffer is not None else 0) > self.params.max_message_size:
+            return self.fail(CloseCode.MESSAGE_TOO_BIG, "message too big")
+        mask = await self._read_bytes(4)
+        data = _websocket_mask(mask, await self._read_bytes(length)) if length else b""
+        if opcode == _CONTINUATION:
+            buffer.extend(data)
+            if not final:
+                return
+            opcode, data = self._fragmented_message_opcode, bytes(buffer)
+            self._fragmented_message_buffer = None
+            self.fragment_started = 0.0
+        elif not final:   # the first frame of a fragmented message
+            self._fragmented_message_opcode = opcode
+            self._fragmented_message_buffer = bytearray(data)
+            self.fragment_started = time.monotonic()
+            return
+        handled = self._handle_message(opcode, data)
+        if handled is not None:
+            await handled
+
+    def _handle_message(self, opcode: int, data: bytes):
+        if self.client_terminated:
+            return None
+        if opcode == _TEXT:
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError:
+                return self.fail(CloseCode.INVALID_DATA, "text message not UTF-8")
+            return self._run_callback(self.handler.on_message, text)
+        if opcode == _CLOSE:
+            problem = close_frame_problem(data)
+            if problem is not None:
+                return self.fail(*problem)
+        return super()._handle_message(opcode, data)
