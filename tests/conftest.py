@@ -147,6 +147,7 @@ def dealer(context, address: str, key=None, receive_timeout: float = WAIT, own_k
     socket = context.socket(zmq.DEALER)
     socket.setsockopt(zmq.LINGER, 0)
     socket.setsockopt(zmq.RCVTIMEO, int(receive_timeout * 1000))
+    socket.setsockopt(zmq.SNDTIMEO, int(receive_timeout * 1000))   # a refused socket has nowhere to send
     if key is not None:
         own = own_key or key
         socket.curve_serverkey = key.public

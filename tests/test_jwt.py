@@ -16,6 +16,7 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from cluster import cluster_key
 from conftest import MESHGATE, SCALE, WAIT, Cluster, wait_until
 
 SECRET = "test-secret-of-at-least-32-bytes-0123456789"
@@ -280,8 +281,10 @@ def _start_with_key(tmp_path, key_file: str, algorithm: str = "RS256", command: 
         {"port": 0, "auth": {"jwt": {"public_key_file": key_file, "algorithms": [algorithm]}}}]}}
     path = tmp_path / "meshgate.yaml"
     path.write_text(yaml.safe_dump(config))
-    args = [MESHGATE, command, "-c", str(path)] + (["--worker", "0"] if command == "node-process" else [])
-    return subprocess.run(args, capture_output=True, text=True, timeout=WAIT * 3)
+    alone = command == "node-process"   # as a supervisor starts it: the cluster key on standard input
+    args = [MESHGATE, command, "-c", str(path)] + (["--worker", "0", "--key-stdin"] if alone else [])
+    return subprocess.run(args, capture_output=True, text=True, timeout=WAIT * 3,
+                          input=cluster_key.generate().line() + "\n" if alone else "")
 
 
 @pytest.mark.parametrize("content,why", [
