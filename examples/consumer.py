@@ -1,15 +1,16 @@
 """A queue consumer: prints what clients send, one JSON event per line.
 
 Usage:
-    python examples/consumer.py [--api ws://127.0.0.1:6789/ws/v1] [--topic default]
+    python examples/consumer.py [--api ws://127.0.0.1:6789/ws/v1] [--topic default] [--user NAME]
 
 Connects to the backend WebSocket API, sends `queue.pop` for the topic and
 prints every `queue.pop` event it then receives on its own line as JSON (the
 confirmation and errors go to stderr). With the default entry, a client's
 message is in `p.d.frame`, and `p.c` is the client_id to answer with
 `/v1/mesh/send`. Ctrl-C exits (closing the connection stops the consumption);
-when the server closes the connection it exits with status 1. Only tornado is
-needed.
+when the server closes the connection it exits with status 1. With API users
+configured, `--user NAME` sends credentials (password from MESHGATE_PASSWORD,
+or asked). Only tornado is needed.
 """
 
 import argparse
@@ -18,11 +19,13 @@ import json
 import sys
 
 from tornado.httpclient import HTTPClientError
-from tornado.websocket import websocket_connect
+
+import api_connection
 
 
-async def consume(api: str, topic: str) -> int:
-    conn = await websocket_connect(api)
+async def consume(args) -> int:
+    api, topic = args.api, args.topic
+    conn = await api_connection.connect(args)
     await conn.write_message(json.dumps({"m": "queue.pop", "p": {"t": [topic]}, "i": 1}))
     while True:
         message = await conn.read_message()
@@ -41,11 +44,11 @@ async def consume(api: str, topic: str) -> int:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Print the queue events of one topic.")
-    parser.add_argument("--api", default="ws://127.0.0.1:6789/ws/v1", help="backend WebSocket API URL")
+    api_connection.add_options(parser)
     parser.add_argument("--topic", default="default", help="topic to consume (the server's `topic` option)")
     args = parser.parse_args()
     try:
-        sys.exit(asyncio.run(consume(args.api, args.topic)))
+        sys.exit(asyncio.run(consume(args)))
     except KeyboardInterrupt:
         pass
     except (OSError, HTTPClientError) as exc:

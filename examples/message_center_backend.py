@@ -1,6 +1,6 @@
 """The backend of conf/entries/message_center.py: checks login tokens and sets the user id.
 
-Usage: .venv/bin/python examples/message_center_backend.py [--api ws://127.0.0.1:6789/ws/v1]
+Usage: .venv/bin/python examples/message_center_backend.py [--api ws://127.0.0.1:6789/ws/v1] [--user NAME]
 
 It consumes the topic `auth` over /ws/v1 (`queue.pop`). Each event carries a
 token and the client's id; a token of the form `token-<uid>` (a stand-in for a
@@ -8,7 +8,9 @@ real session lookup) logs the client in as <uid>: the backend answers with
 `conn.call set_context_value ["uid", <uid>]`, which wakes the entry waiting in
 `wait_context_value`. Any other token is ignored (the entry answers
 "Auth failed" after its timeout). Then send to a user with
-`/v1/mesh/publish {"c": "user:<uid>", "d": ...}`. Needs only tornado.
+`/v1/mesh/publish {"c": "user:<uid>", "d": ...}`. With API users configured,
+`--user NAME` sends credentials (password from MESHGATE_PASSWORD, or asked).
+Needs only tornado.
 """
 
 import argparse
@@ -17,7 +19,7 @@ import json
 import re
 import sys
 
-from tornado.websocket import websocket_connect
+import api_connection
 
 TOKEN = re.compile(r"token-([A-Za-z0-9_-]{1,64})\Z")
 
@@ -28,8 +30,9 @@ def uid_for(token: str):
     return match.group(1) if match else None
 
 
-async def serve(api_url: str) -> None:
-    conn = await websocket_connect(api_url)
+async def serve(args) -> None:
+    api_url = args.api
+    conn = await api_connection.connect(args)
     conn.write_message(json.dumps({"m": "queue.pop", "p": {"t": ["auth"]}, "i": "pop"}))
     print(f"backend: consuming topic 'auth' on {api_url}", flush=True)
     calls = 0
@@ -58,10 +61,10 @@ async def serve(api_url: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--api", default="ws://127.0.0.1:6789/ws/v1")
+    api_connection.add_options(parser)
     args = parser.parse_args()
     try:
-        asyncio.run(serve(args.api))
+        asyncio.run(serve(args))
     except KeyboardInterrupt:
         pass
     except OSError as exc:

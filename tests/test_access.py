@@ -9,10 +9,14 @@ import asyncio
 import base64
 import json
 import os
+import select
 import signal
 import subprocess
+import sys
+import time
 import urllib.error
 import urllib.request
+import uuid
 
 import pytest
 import websocket
@@ -331,3 +335,41 @@ def test_a_reloaded_table_keeps_only_unchanged_users():
     assert after.still_valid(before.by_name["a"]).name == "a"
     assert after.still_valid(before.by_name["b"]) is None
     assert access.Users([]).still_valid(before.by_name["a"]) is None
+
+
+# --- the shipped examples take credentials ---------------------------------------------------------
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+
+
+def _example(name, cluster, *args, user=None, password=None, **options):
+    env = {**os.environ, **({"MESHGATE_PASSWORD": password} if password is not None else {})}
+    command = [sys.executable, os.path.join(EXAMPLES, name), *args, "--api", f"ws://127.0.0.1:{cluster.api_port}/ws/v1"]
+    return command + (["--user", user] if user else []), env
+
+
+def test_examples_send_credentials_from_user_and_environment(cluster, clients):
+    """call.py and consumer.py with --user and MESHGATE_PASSWORD work; call.py without credentials is refused."""
+    [client] = clients(1)
+    params = json.dumps({"c": client.client_id, "f": "get_context"})
+    command, env = _example("call.py", cluster, "conn.call", params, user=READER[0], password=READER[1])
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=WAIT, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0 and json.loads(done.stdout)["r"] == {"s": True, "d": {}}, done.stderr
+    command, env = _example("call.py", cluster, "conn.call", params)
+    refused = subprocess.run(command, env=env, capture_output=True, text=True, timeout=WAIT, stdin=subprocess.DEVNULL)
+    assert refused.returncode != 0 and "401" in refused.stderr
+    command, env = _example("consumer.py", cluster, user=ADMIN[0], password=ADMIN[1])
+    consumer = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                stdin=subprocess.DEVNULL)
+    try:
+        assert "consuming topic 'default'" in consumer.stderr.readline()
+        marker = f"example-{uuid.uuid4().hex}"
+        cluster.client().ws.send(marker)
+        deadline, got = time.monotonic() + WAIT, None
+        while got != marker and time.monotonic() < deadline:   # skip what other tests left for topic default
+            if select.select([consumer.stdout], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                got = json.loads(consumer.stdout.readline())["p"]["d"]["frame"]["data"]
+        assert got == marker
+    finally:
+        consumer.terminate()
+        consumer.wait(timeout=WAIT)
