@@ -371,8 +371,8 @@ def _surrogate_free(text: str, value: Any) -> bool:
     """False when the JSON escaped a lone UTF-16 surrogate (\\ud800), which no UTF-8 text can carry."""
     if "\\ud" not in text and "\\uD" not in text:
         return True
-    try:
-        _dumps(value).encode("utf-8")
+    try:   # NaN and Infinity are another matter (refused where they would be written)
+        ujson.dumps(value, ensure_ascii=False, allow_nan=True).encode("utf-8")
         return True
     except UnicodeEncodeError:
         return False

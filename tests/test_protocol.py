@@ -808,3 +808,11 @@ def test_a_lone_surrogate_is_101_answered_with_the_request_id(text, req_id):
         protocol.parse_ws_request(text)
     assert info.value.code is ErrorCode.INVALID_PARAMS and "surrogate" in info.value.message
     assert info.value.req_id == req_id
+
+
+def test_infinity_next_to_a_surrogate_escape_is_still_101():
+    """A request holding Infinity and a \\ud escape (found by a property test) is 101, never another error."""
+    with pytest.raises(ApiError) as info:
+        protocol.parse_ws_request('{"m": "mesh.send", "p": {"c": "1", "d": {"\\ud800": Infinity}}, "i": 3}')
+    assert info.value.code is ErrorCode.INVALID_PARAMS and info.value.req_id == 3
+    assert protocol.parse_ws_request('{"m": "mesh.send", "p": {"d": {"\\ud83d\\ude00": Infinity}}, "i": 4}').req_id == 4
