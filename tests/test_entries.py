@@ -80,7 +80,8 @@ ENTRY = textwrap.dedent('''
         elif word == "ctx":
             conn.send(json.dumps(conn.context, sort_keys=True))
         elif word == "badctx":
-            conn.set_context_value("odd", {1, 2})
+            odd = {"set": {1, 2}, "surrogate": chr(0xD800), "nan": float("nan")}
+            conn.set_context_value("odd", odd[rest or "set"])
             conn.send("stored a set")
         elif word == "bye":
             conn.close(4000, "asked to leave")
@@ -358,11 +359,13 @@ def test_on_close_reports_the_code_tornado_closed_with(entry_cluster):
     consumer.ws.close()
 
 
-def test_context_that_is_not_json_is_a_clear_301(entry_cluster):
-    """get_context of a context holding a set answers 301 at once, locally and across nodes."""
+@pytest.mark.parametrize("odd", ["set", "surrogate", "nan"])
+def test_context_that_is_not_json_is_a_clear_301(entry_cluster, odd):
+    """get_context of a context holding a set, a lone surrogate or NaN answers 301 at once, locally and across
+    nodes, and the API connection goes on serving."""
     clients = spread_clients(entry_cluster, 6)
     for client in clients:
-        client.ws.send("badctx")
+        client.ws.send(f"badctx {odd}")
         assert client.recv() == "stored a set"
     api = entry_cluster.api()
     for client in clients:
@@ -370,6 +373,7 @@ def test_context_that_is_not_json_is_a_clear_301(entry_cluster):
         reply = api.request("conn.call", {"c": client.client_id, "f": "get_context"}, req_id="ctx")
         assert_error(reply, 301, req_id="ctx", mentions="not JSON")
         assert time.monotonic() - started < 1.0
+    assert api.request("mesh.publish", {"c": "after-odd-context", "d": "x"})["E"] is None
 
 
 def test_waiting_client_data_is_bounded_in_bytes(entry_cluster):
