@@ -21,6 +21,7 @@ import hashlib
 import hmac
 import ipaddress
 import os
+import time
 from collections import OrderedDict
 from typing import NamedTuple, Optional
 
@@ -32,6 +33,9 @@ _SCHEME = "scrypt"
 _N, _R, _P = 2 ** 14, 8, 1          # about 50 ms and 16 MiB per hash
 _VERIFIED_MAX = 1024                # credentials remembered after a good check
 _HASHING_MAX = 16                   # checks waiting for the hashing thread; more are answered "busy"
+_PEER_BURST, _PEER_RATE = 10, 1.0   # failed checks one peer address may make at once, and per second after
+_PEER_IN_FLIGHT = 2                 # checks of one peer address under way at once
+_PEERS_MAX = 4096                   # peer addresses remembered
 
 
 def hash_password(password: str, n: int = _N, r: int = _R, p: int = _P) -> str:
@@ -137,21 +141,38 @@ def _credentials(authorization: Optional[str]):
 
 
 class Users:
-    """The users of one configuration (rebuilt on SIGHUP; a new table remembers nothing of the old).
+    """The users of one configuration (rebuilt on SIGHUP).
+
+    A check that is not a remembered good credential costs a hash (or, for
+    a plain password, a comparison). Each peer address may fail only a few:
+    `_PEER_BURST`, then `_PEER_RATE` a second, with 2 checks in flight at
+    most; past that it is answered 401 (or 503) without a check, and other
+    peers are not held up.
 
     Args:
         configs: the `access.users` entries (config.UserConfig).
+        previous: the table this one replaces; what it remembered of users that
+            did not change is kept (a reload does not make every backend pay again).
     """
 
     _pool = None   # one hashing thread per process, made on first use
 
-    def __init__(self, configs):
+    def __init__(self, configs, previous: "Users" = None):
         self.by_name = {c.username: User(c.username, frozenset(c.roles), HostPattern(c.host), c.password)
                         for c in configs}
         self._verified = OrderedDict()   # digest of (name, password) -> User
         self._hashing = 0
-        # Checked for a name nobody has, so that its answer takes as long as a wrong password's.
-        self._decoy = hash_password("") if self.by_name else ""
+        self._peers = OrderedDict()      # peer address -> [tokens, monotonic time, checks in flight]
+        # Checked for a name nobody has, made like the first hashed user's (in the hashing thread, on
+        # first use), so that its answer takes as long as a wrong password's.
+        model = next((_parse_hash(u.password) for u in self.by_name.values() if is_hashed(u.password)), None)
+        self._decoy_params = model[:3] if model else (_N, _R, _P)
+        self._decoy = None
+        if previous is not None:
+            for digest, user in previous._verified.items():
+                kept = self.still_valid(user)
+                if kept is not None:
+                    self._verified[digest] = kept
 
     @property
     def open(self) -> bool:
@@ -161,7 +182,8 @@ class Users:
         """The user these credentials (the `Authorization` header) name, if they may connect from `peer`.
 
         Raises:
-            Denied: 401 missing or wrong credentials, 403 a host the user may not use, 503 too many checks at once.
+            Denied: 401 missing or wrong credentials (or too many checks from `peer`), 403 a host the
+                user may not use, 503 too many checks at once.
         """
         if self.open:
             return OPEN
@@ -169,12 +191,14 @@ class Users:
         user = self.by_name.get(name)
         digest = hashlib.sha256(name.encode("utf-8") + b"\0" + password.encode("utf-8")).digest()
         if user is None or self._verified.get(digest) is not user:
-            stored = user.password if user is not None else self._decoy
-            if is_hashed(stored):
-                good = await self._hash_off_loop(password, stored)
-            else:
-                good = verify_password(password, stored)
+            state = self._admit(peer)
+            state[2] += 1
+            try:
+                good = await self._check(user, password)
+            finally:
+                state[2] -= 1
             if user is None or not good:
+                state[0] -= 1   # a failure costs the peer a token
                 raise Denied(401, "wrong user name or password")
             self._verified[digest] = user
             while len(self._verified) > _VERIFIED_MAX:
@@ -183,16 +207,39 @@ class Users:
             raise Denied(403, f"user {name!r} may not connect from {peer}")
         return user
 
-    async def _hash_off_loop(self, password: str, stored: str) -> bool:
+    def _admit(self, peer: str) -> list:
+        """The peer's state `[tokens, time, in flight]`, once it may have one more check."""
+        now = time.monotonic()
+        state = self._peers.pop(peer, None) or [float(_PEER_BURST), now, 0]
+        self._peers[peer] = state   # most recent last; the oldest are forgotten past _PEERS_MAX
+        while len(self._peers) > _PEERS_MAX:
+            self._peers.popitem(last=False)
+        state[0] = min(float(_PEER_BURST), state[0] + (now - state[1]) * _PEER_RATE)
+        state[1] = now
+        if state[2] >= _PEER_IN_FLIGHT or state[0] < 1:
+            raise Denied(401, "too many failed credential checks from this address; retry in a few seconds")
+        return state
+
+    async def _check(self, user: Optional[User], password: str) -> bool:
+        if user is not None and not is_hashed(user.password):
+            return verify_password(password, user.password)
         if self._hashing >= _HASHING_MAX:
             raise Denied(503, "too many credential checks at once; retry")
         if Users._pool is None:
             Users._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="meshgate-hash")
         self._hashing += 1
         try:
-            return await asyncio.get_running_loop().run_in_executor(Users._pool, verify_password, password, stored)
+            check = (verify_password, password, user.password) if user is not None else (self._decoy_check, password)
+            return await asyncio.get_running_loop().run_in_executor(Users._pool, *check)
         finally:
             self._hashing -= 1
+
+    def _decoy_check(self, password: str) -> bool:
+        """In the hashing thread: the check a wrong password of an existing user would cost."""
+        if self._decoy is None:
+            self._decoy = hash_password("", *self._decoy_params)
+        verify_password(password, self._decoy)
+        return False
 
     def still_valid(self, user: User) -> Optional[User]:
         """`user` as this (reloaded) table has it, or None when it is gone or its password changed."""
@@ -214,7 +261,7 @@ class Access:
         self.load(config)
 
     def load(self, config) -> None:
-        self.users = Users(config.access.users)
+        self.users = Users(config.access.users, getattr(self, "users", None))
         self.allowed_origins = frozenset(config.node.api.allowed_origins)
         self.allowed_hosts = frozenset(config.node.api.allowed_hosts)
 

@@ -25,6 +25,7 @@ SEQUENCE_BITS = 12
 MAX_NODE_ID = (1 << NODE_BITS) - 1
 MAX_SEQUENCE = (1 << SEQUENCE_BITS) - 1
 _TIME_SHIFT = NODE_BITS + SEQUENCE_BITS
+MAX_ID_MS = EPOCH_MS + (1 << (63 - _TIME_SHIFT)) - 1   # the last millisecond an id can hold
 
 
 def now_ms() -> int:
@@ -45,6 +46,8 @@ class IdGenerator:
     def __init__(self, node_id: int, not_before_ms: int = 0, clock: Callable[[], int] = now_ms):
         if isinstance(node_id, bool) or not isinstance(node_id, int) or not 1 <= node_id <= MAX_NODE_ID:
             raise ValueError(f"node_id must be 1..{MAX_NODE_ID}")
+        if not 0 <= not_before_ms < MAX_ID_MS:
+            raise ValueError(f"not_before_ms must be 0..{MAX_ID_MS - 1}")
         self.node_id = node_id
         self._clock = clock
         self._last_ms = max(not_before_ms, EPOCH_MS)

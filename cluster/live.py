@@ -12,6 +12,19 @@ from cluster import config as config_module, logs, tls
 log = logging.getLogger("meshgate.supervisor")
 
 
+def _keep_closed(running, new) -> None:
+    """An API that listens beyond loopback keeps its users: the binds in force are the running ones.
+
+    Raises:
+        ConfigError: the new file has no users while a running API bind is not a loopback address.
+    """
+    if new.access.users:
+        return
+    for key, bind in (("node.api.bind", running.node.api.bind), ("coordinator.api.bind", running.coordinator.api.bind)):
+        if not config_module.is_loopback(bind):
+            raise config_module.ConfigError(f"access.users: required while {key} is {bind} (a restart changes binds)")
+
+
 def reload(running, access, contexts):
     """Applies the configuration file of `running` again.
 
@@ -28,6 +41,7 @@ def reload(running, access, contexts):
         return None
     try:
         new = config_module.load(running.path)
+        _keep_closed(running, new)
         for context, settings, where in contexts:
             tls.reload(context, settings, running, where)
     except (config_module.ConfigError, tls.TlsError) as exc:

@@ -5,10 +5,23 @@ Loggers are named by audience: `meshgate.coordinator`, `meshgate.node`,
 """
 
 import logging
+import re
 import sys
 import time
 
 import ujson
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+class _TextFormatter(logging.Formatter):
+    """One line per message: what a message quotes from outside (a token's header, a name) cannot start a
+    forged line, because its control characters are written as escapes (tracebacks keep their lines)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", record.message)
+        return super().formatMessage(record)
 
 
 class _JsonFormatter(logging.Formatter):
@@ -32,7 +45,7 @@ def setup(level: str, fmt: str, role: str) -> None:
     if fmt == "json":
         handler.setFormatter(_JsonFormatter(role))
     else:
-        formatter = logging.Formatter(f"%(asctime)s {role}[%(process)d] %(levelname)s %(name)s: %(message)s")
+        formatter = _TextFormatter(f"%(asctime)s {role}[%(process)d] %(levelname)s %(name)s: %(message)s")
         formatter.converter = time.gmtime
         handler.setFormatter(formatter)
     root = logging.getLogger()
@@ -49,28 +62,38 @@ def set_level(level: str) -> None:
 
 
 class Throttled:
-    """Logs to `logger` at most once per `interval` seconds; says how many it held back meanwhile.
+    """Logs to `logger` at most `burst` lines per `interval` seconds; says how many it held back meanwhile.
 
     For what a stranger or a broken peer can make happen at any rate (bad
     messages, refused handshakes): the log stays readable and small.
     """
 
-    def __init__(self, logger: logging.Logger, interval: float = 1.0, clock=time.monotonic):
+    def __init__(self, logger: logging.Logger, interval: float = 1.0, burst: int = 5, clock=time.monotonic):
         self._logger = logger
         self._interval = interval
+        self._burst = burst
         self._clock = clock
-        self._next = 0.0
+        self._window = -interval   # start of the current window
+        self._lines = 0            # lines logged in it
         self._held = 0
 
     def warning(self, message: str, *args) -> bool:
         """Logs now, or counts it; returns whether it was logged."""
+        return self._log(logging.WARNING, message, args)
+
+    def info(self, message: str, *args) -> bool:
+        return self._log(logging.INFO, message, args)
+
+    def _log(self, level: int, message: str, args: tuple) -> bool:
         now = self._clock()
-        if now < self._next:
+        if now - self._window >= self._interval:
+            self._window, self._lines = now, 0
+        if self._lines >= self._burst:
             self._held += 1
             return False
+        self._lines += 1
         if self._held:
-            message += f" (and {self._held} more like it since the last one)"
+            message += f" (and {self._held} more like it held back)"
             self._held = 0
-        self._next = now + self._interval
-        self._logger.warning(message, *args)
+        self._logger.log(level, message, *args)
         return True

@@ -66,7 +66,7 @@ from typing import Any, NamedTuple, Optional
 import ujson
 
 from cluster import protocol
-from cluster.ids import MAX_NODE_ID
+from cluster.ids import MAX_ID_MS, MAX_NODE_ID
 from cluster.protocol import MAX_CLIENT_ID, ApiError, ErrorCode
 
 
@@ -127,6 +127,7 @@ _consumer_id = _int(1, _BIG)
 _seq = _int(1, _BIG)
 _count = _int(0, _BIG)
 _present = _int(0, 1)
+_id_ms = _int(0, MAX_ID_MS)   # a time client ids can hold
 
 
 def _number(value):
@@ -234,6 +235,9 @@ _FIGURE = re.compile(r"[a-z][a-z0-9_]{0,63}\Z")
 MAX_FIGURES = 64
 
 
+MAX_FIGURE = 2 ** 53   # figures are summed and shown: they stay exact in JSON and never overflow a total
+
+
 def _stats(value):
     if type(value) is not dict or len(value) > MAX_FIGURES:
         raise _Bad(f"expected an object of at most {MAX_FIGURES} figures")
@@ -241,7 +245,8 @@ def _stats(value):
         if not _FIGURE.match(key):
             raise _Bad(f"figure name {key[:70]!r} is not lower_case_with_underscores")
         try:
-            _number(figure)
+            if _number(figure) > MAX_FIGURE:
+                raise _Bad(f"expected at most {MAX_FIGURE}")
         except _Bad as bad:
             raise bad.at(f".{key}") from None
     return value
@@ -410,7 +415,7 @@ _CONTROL = {
                                       ("opened", _client_ids, ()), ("closed", _client_ids, ())))),
     b"SYNC": (Sync, _object(Sync, (("node_id", _node_id, _MISSING),))),
     b"BYE": (Bye, _object(Bye, (("node_id", _node_id, _MISSING),))),
-    b"WELCOME": (Welcome, _object(Welcome, (("node_id", _node_id, _MISSING), ("not_before_ms", _count, 0),
+    b"WELCOME": (Welcome, _object(Welcome, (("node_id", _node_id, _MISSING), ("not_before_ms", _id_ms, 0),
                                             ("snapshot", _snapshot, _MISSING), ("lease", _lease, None)))),
     b"UPD": (Update, _object(Update, (
         ("v", _int(1, _BIG), _MISSING), ("nodes", _node_entries, None), ("dead", _node_ids, ()),

@@ -294,6 +294,17 @@ def valid_close_code(code: Any) -> bool:
             and (code in (1000, 1001, 1002, 1003) or 1007 <= code <= 1011 or 3000 <= code <= 4999))
 
 
+def _writable(args: list, field: str) -> list:
+    """A context value goes back out as JSON (get_context, other nodes): NaN and Infinity cannot."""
+    try:
+        _dumps(args).encode("utf-8")
+    except OverflowError:
+        raise _invalid(f"{field}: holds NaN or Infinity, which JSON cannot carry") from None
+    except UnicodeEncodeError:
+        raise _invalid(f"{field}: holds a lone UTF-16 surrogate") from None
+    return args
+
+
 def parse_call_args(function: str, args: list, prefix: str = "p.") -> list:
     """Validates `a` for one conn.call function and returns it normalised."""
     field = f"{prefix}a"
@@ -302,11 +313,11 @@ def parse_call_args(function: str, args: list, prefix: str = "p.") -> list:
             raise _invalid(f"{field}: set_context_value takes [key, value]")
         if not isinstance(args[0], str) or not args[0]:
             raise _invalid(f"{field}[0]: key must be a non-empty string")
-        return args
+        return _writable(args, f"{field}[1]")
     if function == "set_context":
         if len(args) != 1 or not isinstance(args[0], dict):
             raise _invalid(f"{field}: set_context takes [object]")
-        return args
+        return _writable(args, f"{field}[0]")
     if function in ("subscribe", "unsubscribe"):
         if not args:
             raise _invalid(f"{field}: {function} takes at least one channel")

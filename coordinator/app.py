@@ -6,15 +6,17 @@ import os
 import signal
 
 import zmq
-from tornado.httpserver import HTTPServer
 
 from cluster import live, logs, tls
 from cluster.access import Access
+from cluster.http_server import BoundedHTTPServer, raise_file_limit
 from cluster.supervisor import SUPERVISED_ENV, watch_parent
 from coordinator.control import Control
 from coordinator.http import make_app
 
 log = logging.getLogger("meshgate.coordinator")
+
+_IDLE_S = 60.0
 
 
 async def _serve(config, key, fresh: bool) -> int:
@@ -28,7 +30,10 @@ async def _serve(config, key, fresh: bool) -> int:
         return 2
     control = Control(config, context, key, fresh=fresh)
     access = Access(config)
-    server = HTTPServer(make_app(control, access), ssl_options=contexts[0][0] if contexts else None)
+    # GETs only: a body of a few bytes at most (to answer a wrong method with its envelope), headers
+    # within a minute, an idle keep-alive connection closed after one.
+    server = BoundedHTTPServer(make_app(control, access), ssl_options=contexts[0][0] if contexts else None,
+                               max_body_size=4096, idle_connection_timeout=_IDLE_S, body_timeout=_IDLE_S)
     server.listen(api.port, address=api.bind)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -58,4 +63,5 @@ def run(config, key, fresh: bool = False) -> int:
             new nodes need not wait for old ones to reclaim their ids.
     """
     logs.setup(config.logging.level, config.logging.format, "coordinator")
+    raise_file_limit()
     return asyncio.run(_serve(config, key, fresh))

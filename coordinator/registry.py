@@ -12,6 +12,9 @@ from cluster import mesh
 from cluster.ids import MAX_NODE_ID
 
 
+_ID_MS_AHEAD = 60_000
+
+
 class RegistryError(Exception):
     """A registration was refused; `retry` says whether the node should try again."""
 
@@ -127,7 +130,9 @@ class Registry:
         if info is None:
             return None
         self._by_routing.pop(info.routing_id, None)
-        self._released_ms[node_id] = max(wall_ms, int(info.stats.get("id_ms", 0)))
+        # A node's ids may run a little ahead of the clock (a busy millisecond borrows the next); a
+        # figure far ahead is not believed, so a later holder of the id is not pushed out of the id space.
+        self._released_ms[node_id] = max(wall_ms, min(int(info.stats.get("id_ms", 0)), wall_ms + _ID_MS_AHEAD))
         return info
 
     def expired(self, now: float, timeout: float) -> list:

@@ -122,11 +122,12 @@ class Adverts:
     def handle_peer_advert(self, advert: mesh.PeerAdvert) -> set:
         """Applies what a peer said of itself; returns the topics whose consumers changed."""
         origin = advert.origin
-        interest = [[origin, *item] for item in advert.interest]
-        # A consumer can only be chosen on a node we can reach; the coordinator
-        # relays the same change once it lists that node.
-        consumers = [[origin, *item] for item in advert.consumers] if origin in self.routing.nodes else []
-        return self.routing.apply_changes(interest, consumers)
+        if origin not in self.routing.nodes:
+            # A node we do not know, and so cannot reach: nothing it says is kept (the coordinator relays
+            # the same changes once it lists that node), so a key holder cannot fill this table.
+            return set()
+        return self.routing.apply_changes([[origin, *item] for item in advert.interest],
+                                          [[origin, *item] for item in advert.consumers])
 
     # --- to the coordinator ---------------------------------------------------------
 

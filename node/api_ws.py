@@ -65,6 +65,7 @@ class ApiSocket(tornado.websocket.WebSocketHandler):
         self.consumer_id = self.node.queues.consumers.new_id()
         self.caller = Caller("p.", True, consumer=self, roles=self.user.roles)
         self.node.api_sockets.add(self)
+        self.recheck(self.node.access.users)   # the users may have been reloaded while the upgrade went on
 
     def describe(self) -> str:
         return f"API connection {self.consumer_id} from {self.request.remote_ip}"

@@ -18,6 +18,7 @@ from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
 from cluster import live, logs, tls
+from cluster.http_server import BUDGET, BoundedHTTPServer, raise_file_limit
 from cluster.supervisor import SUPERVISED_ENV, watch_parent
 from cluster.token_keys import TokenKeyError
 from node import entry as entries, hooks
@@ -31,13 +32,17 @@ from node.node import Node
 log = logging.getLogger("meshgate.node")
 
 _DRAIN_DEADLINE_S = 5.0
-_API_IDLE_S = 300.0      # an idle keep-alive HTTP connection to the API is closed after this
+# An API connection must send a request's headers within this, and is closed after this long idle.
+_API_IDLE_S = 60.0
 _API_BODY_S = 60.0       # a request body must arrive within this
+# What Tornado reads of a body before a handler runs: the API handlers that take bodies stream them,
+# and lift the bound only once the caller is known (node/api_http.py); nothing else takes one.
+_API_EARLY_BODY = 4096
 
 
 def _listen(app, bind: str, port: int, **server_options) -> HTTPServer:
     """An HTTP server on a port shared by every node process of the host (`ssl_options`: TLS, or None)."""
-    server = HTTPServer(app, **server_options)
+    server = BoundedHTTPServer(app, **server_options)
     server.add_sockets(bind_sockets(port, address=bind, reuse_port=True))
     return server
 
@@ -94,6 +99,7 @@ async def _serve(config, worker: int, key) -> int:
         context.destroy(linger=0)
         return 2
     ssl_by_port = {port: ssl_context for ssl_context, _, _, port in contexts}
+    BUDGET.extra = lambda: len(node.hub.conns) + len(node.api_sockets)   # upgraded, no longer the servers' own
     node.link.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -117,7 +123,7 @@ async def _serve(config, worker: int, key) -> int:
     servers = []
     if node.ready.is_set() and not stop.is_set() and not node.link.fatal:
         servers.append(_listen(api_app(node), config.node.api.bind, config.node.api.port,
-                               ssl_options=ssl_by_port.get(config.node.api.port),
+                               ssl_options=ssl_by_port.get(config.node.api.port), max_body_size=_API_EARLY_BODY,
                                idle_connection_timeout=_API_IDLE_S, body_timeout=_API_BODY_S))
         for port, group in servers_by_port(config.node.servers).items():
             # docs/protocol.md, Client WebSocket server, Limits: per port, the strictest
@@ -127,6 +133,7 @@ async def _serve(config, worker: int, key) -> int:
             servers.append(_listen(client_apps[port], group[0].bind, port, ssl_options=ssl_by_port.get(port),
                                    max_buffer_size=max(server.max_message_size for server in group) + 65536,
                                    max_header_size=max(server.max_header_size for server in group),
+                                   max_body_size=0,   # an upgrade (or the demo page's GET) has no body
                                    idle_connection_timeout=handshake_s, body_timeout=handshake_s))
         sweeper = tornado.ioloop.PeriodicCallback(lambda: _expire_idle(node), 500)
         sweeper.start()
@@ -183,4 +190,5 @@ async def _drain(node, servers) -> None:
 def run(config, worker: int, key) -> int:
     """Runs one node process until SIGTERM/SIGINT; returns its exit code (`key`: the ClusterKey)."""
     logs.setup(config.logging.level, config.logging.format, f"node-w{worker}")
+    log.debug("this process may hold %d connections", raise_file_limit())
     return asyncio.run(_serve(config, worker, key))

@@ -15,6 +15,7 @@ import logging
 import tornado.web
 from tornado.log import access_log
 
+from cluster.logs import Throttled
 from node.client_auth import TokenChecker, TokenRefused
 
 log = logging.getLogger("meshgate.node")
@@ -53,6 +54,7 @@ class ServerGate:
         self.header_limit = server.max_header_size if server.max_header_size < port_header_size else 0
         jwt = server.auth.jwt if server.auth else None
         self.tokens = TokenChecker(jwt, config.resolve) if jwt else None
+        self._log = Throttled(log, burst=20)   # anyone can make refusals happen at any rate
 
     def admit(self, conn, request):
         """Checks a handshake before the entry sees it; returns the token's claims (None without auth.jwt).
@@ -83,7 +85,7 @@ class ServerGate:
 
     def _refuse(self, conn, status: int, why: str) -> None:
         self.node.counters.handshakes_refused += 1
-        log.info("refused a client from %s on %s: %s (%d)", conn.remote_addr, self.server.path, why, status)
+        self._log.info("refused a client from %s on %s: %s (%d)", conn.remote_addr, self.server.path, why, status)
         raise tornado.web.HTTPError(status)
 
 

@@ -99,6 +99,12 @@ class ClientProtocol(tornado.websocket.WebSocketProtocol13):
         problem = frame_problem(first, second, buffer is not None)
         if problem is not None:
             return self.fail(CloseCode.PROTOCOL_ERROR, problem)
+        if self.server_terminated and first & _OPCODE != _CLOSE:
+            return await self._discard(second)   # closing: read on (no reset) until the client's close frame
+        if not self.handler.on_frame():   # every frame counts: pings and fragments cost as messages do
+            report_broken(self.handler, CloseCode.POLICY_VIOLATION, "rate limit")
+            self.close(int(CloseCode.POLICY_VIOLATION), "rate limit")
+            return await self._discard(second)
         opcode, final, length = first & _OPCODE, first & _FIN, second & 0x7F
         if length == 126:
             length = struct.unpack("!H", await self._read_bytes(2))[0]
@@ -123,6 +129,17 @@ class ClientProtocol(tornado.websocket.WebSocketProtocol13):
         handled = self._handle_message(opcode, data)
         if handled is not None:
             await handled
+
+    async def _discard(self, second: int) -> None:
+        """Reads the rest of a frame whose header was read, and drops it (up to max_message_size)."""
+        length = second & 0x7F
+        if length == 126:
+            length = struct.unpack("!H", await self._read_bytes(2))[0]
+        elif length == 127:
+            length = struct.unpack("!Q", await self._read_bytes(8))[0]
+        if length > self.params.max_message_size:
+            return self._abort()
+        await self._read_bytes(4 + length)
 
     def _handle_message(self, opcode: int, data: bytes):
         if self.client_terminated:

@@ -131,21 +131,16 @@ class ClientHandler(tornado.websocket.WebSocketHandler):
         if self.entry.custom and self.stream is not None:
             self.entry.submit(self, "on_open")
 
-    def on_message(self, message):
+    def on_frame(self) -> bool:
+        """Each frame the client sends (pings, pongs and fragments included): it is alive, and under
+        `rate_limit` it takes a token; False when the bucket is empty (node/client_protocol.py closes 1008)."""
         now = self.last_seen = time.monotonic()
         limit = self.server.rate_limit
-        if limit is not None and self.stream is not None and not take_token(self, limit, now):
-            report_broken(self, CloseCode.POLICY_VIOLATION, "rate limit")
-            self.stream = None   # nothing more from or to it while the close completes
-            return self.close(int(CloseCode.POLICY_VIOLATION), "rate limit")
+        return limit is None or take_token(self, limit, now)
+
+    def on_message(self, message):
         self.node.counters.in_total += 1
         self.entry.submit(self, "on_message", protocol.client_frame(message))
-
-    def on_ping(self, data):
-        self.last_seen = time.monotonic()
-
-    def on_pong(self, data):
-        self.last_seen = time.monotonic()
 
     def on_close(self):
         self.stream = None

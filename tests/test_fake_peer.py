@@ -56,3 +56,13 @@ def test_bad_frames_are_ignored_and_the_node_keeps_answering(peer, cluster):
     socket.send_multipart(mesh.frame_request(mesh.Outbound(mesh.Send, b'{"c": 1}', b"raw bytes"), 6))
     assert _ask(socket, mesh.publish_request(["still-alive"], FRAME)) == mesh.Delivered(0, 0)
     assert len(cluster.status()["nodes"]) == cluster.workers
+
+
+def test_adverts_of_a_node_nobody_lists_are_not_kept(peer, cluster):
+    """Interest advertised for a node the routing table does not list is dropped (a key holder cannot fill it)."""
+    node, socket = peer
+    ghost = f"ghost-{node['node_id']}"
+    socket.send_multipart(mesh.frame_request(mesh.advert_request(999, interest=[[ghost, 7, 1]]), 0))
+    assert _ask(socket, mesh.publish_request(["still-alive"], FRAME)) == mesh.Delivered(0, 0)   # the advert was read
+    api_reply = cluster.http("/v1/mesh/publish", {"c": ghost, "d": "x"})[1]
+    assert api_reply["r"] == {"s": 0, "f": 0}

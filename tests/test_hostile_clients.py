@@ -241,14 +241,30 @@ def test_protocol_violation_closes_1002(hostile, name):
 
 
 def test_client_within_its_rate_limit_stays_open(hostile):
-    """rate_limit {rate: 5, burst: 5}: a burst of 5, then 2 more after the bucket refilled, keep it open."""
+    """rate_limit {rate: 5, burst: 5}: a burst of 5, then a message and a ping after the bucket refilled."""
     ws = connect(hostile, "/rated")
     for _ in range(5):
         ws.send("burst")
     time.sleep(0.5)   # the bucket gains 2.5 tokens
     ws.send("again")
-    ws.send("again")
-    assert alive(ws)
+    assert alive(ws)   # the ping takes the second token
+
+
+@pytest.mark.parametrize("flood", ["ping", "fragment"])
+def test_pings_and_fragments_count_against_the_rate_limit(hostile, flood):
+    """Every frame takes a token: a flood of pings or of empty fragments is closed 1008 like one of messages."""
+    before = hostile.logs().count("rate limit (1008)")
+    client = hostile.client("/rated")
+    try:
+        for _ in range(20):
+            if flood == "ping":
+                client.ws.ping(b"k")
+            else:
+                client.ws.sock.sendall(frame(0x1 if _ == 0 else 0x0, b"", fin=False))
+    except (websocket.WebSocketConnectionClosedException, ConnectionError):
+        pass
+    assert client.close_code() in (1008, None)   # None: reset before the close frame was read (unread frames)
+    wait_until(lambda: hostile.logs().count("rate limit (1008)") > before, what="the rate limit close logged")
 
 
 def test_client_over_its_rate_limit_is_closed_1008(hostile):

@@ -146,7 +146,8 @@ FROM_NODE_MESSAGES = [
     Register(MAX_NODE_ID, TEXT_255, 0, "é" * 150, "b" * 300, 0, NodeState([], [], [])),
     Register(1, "h", BIG, "h:6789", "tcp://h:1", 0.5, NodeState([["a", 1, 1]], [], [MAX_ID])),
     Heartbeat(1, {}),
-    Heartbeat(MAX_NODE_ID, {"clients": 12, "load": 0.75, "id_ms": 1712345678125, "a" * 64: 0, "big": BIG}),
+    Heartbeat(MAX_NODE_ID, {"clients": 12, "load": 0.75, "id_ms": 1712345678125, "a" * 64: 0,
+                            "big": mesh.MAX_FIGURE}),
     Heartbeat(5, {f"figure_{index}": index * 1.5 for index in range(mesh.MAX_FIGURES)}),
     Advert([["news", 0, 3], ["канал", 4, BIG]], [["jobs", 4, 0, 2]], [MAX_ID, 0], [1]),
     Advert([], [], [], []),
@@ -460,6 +461,8 @@ BAD_STATS = [
     ({"load": NAN}, "HB.stats.load"), ({"load": INF}, "HB.stats.load"), ({"load": -INF}, "HB.stats.load"),
     ({"load": -1}, "HB.stats.load"), ({"load": -0.001}, "HB.stats.load"), ({"load": []}, "HB.stats.load"),
     ({"load": {}}, "HB.stats.load"), ({"ok": 1, "load": -1}, "HB.stats.load"),
+    ({"clients": 10 ** 19}, "HB.stats.clients"), ({"rss": 1.7e308}, "HB.stats.rss"),
+    ({"id_ms": mesh.MAX_FIGURE + 1}, "HB.stats.id_ms"),
 ]
 
 
@@ -470,7 +473,7 @@ def test_heartbeat_bad_stats(stats, field):
 
 
 @pytest.mark.parametrize("stats", [
-    {}, {"a": 0}, {"a" * 64: 1.5}, {"x_1": BIG}, {"clients": 0, "load": 1e300},
+    {}, {"a": 0}, {"a" * 64: 1.5}, {"x_1": mesh.MAX_FIGURE}, {"clients": 0, "load": 2.0 ** 53},
     {f"f{index}": index for index in range(mesh.MAX_FIGURES)},
 ], ids=label)
 def test_heartbeat_good_stats(stats):

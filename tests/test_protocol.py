@@ -816,3 +816,15 @@ def test_infinity_next_to_a_surrogate_escape_is_still_101():
         protocol.parse_ws_request('{"m": "mesh.send", "p": {"c": "1", "d": {"\\ud800": Infinity}}, "i": 3}')
     assert info.value.code is ErrorCode.INVALID_PARAMS and info.value.req_id == 3
     assert protocol.parse_ws_request('{"m": "mesh.send", "p": {"d": {"\\ud83d\\ude00": Infinity}}, "i": 4}').req_id == 4
+
+
+@pytest.mark.parametrize("function, args, field", [
+    ("set_context_value", ["k", float("nan")], "p.a[1]"),
+    ("set_context_value", ["k", {"deep": [float("inf")]}], "p.a[1]"),
+    ("set_context", [{"k": float("-inf")}], "p.a[0]"),
+    ("set_context_value", ["k", "\ud800"], "p.a[1]"),
+])
+def test_context_values_json_cannot_carry_are_101(function, args, field):
+    """A context value holding NaN, Infinity or a lone surrogate is refused 101 naming the argument."""
+    error = assert_invalid(protocol.parse_call_args, function, args, field=field)
+    assert "NaN" in error.message or "surrogate" in error.message

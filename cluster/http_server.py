@@ -1,0 +1,66 @@
+"""The HTTP servers of meshgate's processes, with a bounded number of connections per process.
+
+Whoever reaches a port can open connections, and each costs a file
+descriptor. `raise_file_limit` lifts the process's soft RLIMIT_NOFILE to its
+hard limit at start and sets the budget: the limit less a reserve for the
+process's own sockets and files. A `BoundedHTTPServer` closes a new
+connection at once (before TLS or HTTP) while the process holds the budget,
+so accept() never fails with EMFILE (which would spin the event loop) and an
+attacker holding connections cannot take the descriptors the process needs.
+WebSocket connections, which leave the HTTP server when they upgrade, are
+counted through `BUDGET.extra`. Owned by the process's IOLoop.
+"""
+
+import resource
+
+from tornado.httpserver import HTTPServer
+
+_RESERVE_MIN = 128
+
+
+class Budget:
+    """Connections this process may hold, all listeners together."""
+
+    def __init__(self):
+        self.limit = None          # set by raise_file_limit; None = not bounded
+        self.refused = 0           # connections closed at once for want of budget
+        self.extra = lambda: 0     # connections the servers no longer see (upgraded WebSockets)
+        self._servers = []
+
+    def held(self) -> int:
+        return sum(len(server._connections) for server in self._servers) + self.extra()
+
+
+BUDGET = Budget()
+
+
+def raise_file_limit() -> int:
+    """Lifts the soft limit on open files to the hard one (where allowed); sets and returns the budget."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):
+        target = soft
+    BUDGET.limit = max(16, target - max(_RESERVE_MIN, target // 20))
+    return BUDGET.limit
+
+
+class BoundedHTTPServer(HTTPServer):
+    """An HTTPServer that takes no connection beyond the process's budget (see the module docstring)."""
+
+    def initialize(self, *args, **kwargs):
+        super().initialize(*args, **kwargs)
+        BUDGET._servers.append(self)
+
+    def _handle_connection(self, connection, address) -> None:
+        if BUDGET.limit is not None and BUDGET.held() >= BUDGET.limit:
+            BUDGET.refused += 1
+            connection.close()
+            return
+        super()._handle_connection(connection, address)
+
+    def stop(self) -> None:
+        super().stop()
+        if self in BUDGET._servers:
+            BUDGET._servers.remove(self)
