@@ -68,7 +68,7 @@ class Throttled:
     messages, refused handshakes): the log stays readable and small.
     """
 
-    def __init__(self, logger: logging.Logger, interval: float = 1.0, burst: int = 5, clock=time.monotonic):
+    def __init__(self, logger: logging.Logger, interval: float = 1.0, burst: int = 1, clock=time.monotonic):
         self._logger = logger
         self._interval = interval
         self._burst = burst

@@ -59,7 +59,7 @@ class ZapHandler:
     """This process's ZAP handler (ZeroMQ RFC 27): only connections that hold the cluster key get in.
 
     Bind it before any socket of `new_socket` serves. `refused` counts the
-    handshakes it turned away; each is logged, at most five times a second.
+    handshakes it turned away; each is logged, at most once a second.
 
     Args:
         context: the process's zmq.Context.
