@@ -530,6 +530,16 @@ class Cluster:
                    what="the helper's consumer to leave the tables")
 
 
+@contextlib.contextmanager
+def running(instance: Cluster):
+    """Starts a Cluster for the `with` block and stops it however the block ends."""
+    try:
+        instance.start()
+        yield instance
+    finally:
+        instance.stop()
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, request):
     """A 3-worker cluster shared by the tests of one module (more processes than cores is fine)."""

@@ -23,7 +23,7 @@ import websocket
 import yaml
 
 from cluster import access
-from conftest import MESHGATE, WAIT, Client, Cluster, assert_error, wait_until
+from conftest import Client, Cluster, MESHGATE, WAIT, assert_error, running, wait_until
 
 ADMIN = ("admin", "s3cret-admin")
 READER = ("reader", "plain-reader")          # stored as the password itself (accepted, with a warning)
@@ -46,13 +46,9 @@ def _users() -> list:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """Two node processes with API users; the helpers of conftest send the admin's credentials."""
-    instance = Cluster(tmp_path_factory.mktemp("access"), workers=2, access={"users": _users()}, credentials=ADMIN,
-                       api={"allowed_origins": [ORIGIN]})
-    try:
-        instance.start()
+    with running(Cluster(tmp_path_factory.mktemp("access"), workers=2, access={"users": _users()},
+                         credentials=ADMIN, api={"allowed_origins": [ORIGIN]})) as instance:
         yield instance
-    finally:
-        instance.stop()
 
 
 def _http(cluster, path, credentials=None, body=None, headers=None, port=None, method=None):

@@ -17,17 +17,13 @@ import pytest
 import zmq
 
 from cluster import cluster_key, mesh, protocol
-from conftest import MESHGATE, WAIT, Cluster, dealer, wait_until
+from conftest import Cluster, MESHGATE, WAIT, dealer, running, wait_until
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """Two node processes and a coordinator sharing a key file the test can read."""
-    instance = Cluster(tmp_path_factory.mktemp("keyed"), workers=2, key_file=True)
-    try:
-        instance.start()
+    with running(Cluster(tmp_path_factory.mktemp("keyed"), workers=2, key_file=True)) as instance:
         yield instance
-    finally:
-        instance.stop()
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from cluster import access, config as config_module, http_server, ids, live, log
 from cluster.config import UserConfig
 from coordinator.registry import Registry
 from cluster import mesh
-from conftest import WAIT, Cluster
+from conftest import Cluster, WAIT, running
 
 USER = ("admin", "admin-pw")
 
@@ -28,13 +28,9 @@ USER = ("admin", "admin-pw")
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """One node process with a user, and a client server."""
-    instance = Cluster(tmp_path_factory.mktemp("hardening"), workers=1, credentials=USER,
-                       access={"users": [{"username": USER[0], "password": USER[1]}]})
-    try:
-        instance.start()
+    with running(Cluster(tmp_path_factory.mktemp("hardening"), workers=1, credentials=USER,
+                         access={"users": [{"username": USER[0], "password": USER[1]}]})) as instance:
         yield instance
-    finally:
-        instance.stop()
 
 
 def _bytes_taken(port: int, head: bytes, total: int = 24 * 1024 * 1024) -> int:

@@ -9,18 +9,14 @@ import subprocess
 import pytest
 import yaml
 
-from conftest import MESHGATE, WAIT, Cluster, make_certificate, wait_until
+from conftest import Cluster, MESHGATE, WAIT, make_certificate, running, wait_until
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """Two node processes; every listener speaks TLS only."""
-    instance = Cluster(tmp_path_factory.mktemp("tls"), workers=2, tls=True)
-    try:
-        instance.start()
+    with running(Cluster(tmp_path_factory.mktemp("tls"), workers=2, tls=True)) as instance:
         yield instance
-    finally:
-        instance.stop()
 
 
 def _presented(port: int) -> bytes:
