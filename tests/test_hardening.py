@@ -16,10 +16,9 @@ import pytest
 import yaml
 from tornado.httpserver import HTTPServer
 
-from cluster import access, config as config_module, http_server, ids, live, logs
+from cluster import access, config as config_module, http_server, ids, live, logs, mesh
 from cluster.config import UserConfig
 from coordinator.registry import Registry
-from cluster import mesh
 from conftest import Cluster, WAIT, running
 
 USER = ("admin", "admin-pw")
