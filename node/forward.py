@@ -72,12 +72,14 @@ class Forwarder:
 
     async def publish(self, channels: list, frame: bytes) -> tuple:
         """Delivers one encoded frame to every subscriber of `channels` in the mesh, once each; returns `(s, f)`."""
-        written, failed = self.hub.publish(channels, frame)
         peers = self.routing.interested_peers(channels)
-        if not peers:
+        # Peers first: ZeroMQ sends on its own thread, so they fan out while this node does.
+        pending = [self.mesh_point.request(peer, mesh.publish_request(peer_channels, frame))
+                   for peer, peer_channels in peers.items()]
+        written, failed = self.hub.publish(channels, frame)
+        if not pending:
             return written, failed
-        results = await asyncio.gather(*[self.mesh_point.request(peer, mesh.publish_request(peer_channels, frame))
-                                          for peer, peer_channels in peers.items()], return_exceptions=True)
+        results = await asyncio.gather(*pending, return_exceptions=True)
         for (peer, peer_channels), result in zip(peers.items(), results):
             if isinstance(result, mesh.Delivered):
                 written += result.written
