@@ -33,7 +33,9 @@ the JSON keys are the field names of the classes below:
 
 Mesh messages (node -> node) are one frame each: kind code (1 byte) |
 request id (8 bytes; 0 = no reply wanted) | header length (4 bytes) | header
-JSON | body. A reply is: code 6 | request id | result JSON.
+JSON | body. A reply is: code 6 | request id | result JSON. One ZeroMQ
+message carries up to `MAX_BATCH` of them, one per frame: what a node has for
+one peer in one loop turn leaves together (`batch`), read in order.
 
 | kind | code | class | header | body | result |
 | --- | --- | --- | --- | --- | --- |
@@ -72,6 +74,8 @@ from cluster.protocol import MAX_CLIENT_ID, ApiError, ErrorCode
 
 # A registration's full state or a cluster's snapshot: tens of bytes per channel, consumer and client.
 MAX_CONTROL_BYTES = 256 * 1024 * 1024
+# Mesh messages (requests or replies) in one ZeroMQ message; each frame is still bounded by max_mesh_bytes.
+MAX_BATCH = 1024
 _MESH_SLACK = 64 * 1024
 
 
@@ -726,6 +730,17 @@ def advert_result() -> bytes:
 
 def failure(code: ErrorCode, message: str) -> bytes:
     return _dumps({"e": int(code), "m": message})
+
+
+def batch(frames: list) -> list:
+    """The frames of one ZeroMQ message from a peer, each one mesh message (without a ROUTER's routing id).
+
+    Raises:
+        FrameError: no frame, or more than MAX_BATCH.
+    """
+    if not frames or len(frames) > MAX_BATCH:
+        raise FrameError(f"a mesh message has {len(frames)} frames, expected 1 to {MAX_BATCH}")
+    return frames
 
 
 def frame_reply(request_id: int, result: bytes) -> list:

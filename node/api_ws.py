@@ -15,7 +15,7 @@ from cluster import protocol
 from cluster.access import OPEN, Denied, refuse
 from cluster.protocol import ApiError, CloseCode, ErrorCode
 from node.api import Caller
-from node.clients import write_frame
+from node.clients import flush, write_frame
 
 log = logging.getLogger("meshgate.access")
 
@@ -23,6 +23,8 @@ _PONG = protocol.encode_ws_frame(b"pong")
 
 
 class ApiSocket(tornado.websocket.WebSocketHandler):
+    corked = None   # replies and queue events waiting for the end of the loop turn (node/clients.py)
+
     def initialize(self, api, node, max_body: int):
         self.api = api
         self.node = node
@@ -99,6 +101,10 @@ class ApiSocket(tornado.websocket.WebSocketHandler):
         if running is not None:
             self._running.add(running)
             running.add_done_callback(self._running.discard)
+
+    def close(self, code: int = None, reason: str = None) -> None:
+        flush(self)   # replies before the close frame
+        super().close(code, reason)
 
     def on_close(self):
         self.node.queues.stop_consuming(self.consumer_id)

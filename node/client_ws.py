@@ -16,7 +16,7 @@ from cluster import protocol
 from cluster.protocol import CloseCode
 from node.client_limits import report_broken, take_token
 from node.client_protocol import ClientProtocol
-from node.clients import NO_CHANNELS, write_frame
+from node.clients import NO_CHANNELS, flush, write_frame
 from node.entry import ConnectionGone, ContextTimeout, check_name, encode_data
 
 log = logging.getLogger("meshgate.node")
@@ -32,6 +32,7 @@ class ClientHandler(tornado.websocket.WebSocketHandler):
 
     client_id = 0
     stream = None
+    corked = None                # frames waiting for the end of the loop turn (node/clients.py)
     channels = NO_CHANNELS       # a set once it subscribes (node/clients.py)
     _context = None              # the context dict, made on first use (see `context`)
     last_seen = 0.0
@@ -274,6 +275,7 @@ class ClientHandler(tornado.websocket.WebSocketHandler):
         if self.ws_connection is not None:
             if self._closed_by_server is None:
                 self._closed_by_server = (code, reason)
+            flush(self)   # what it was sent before the close frame
             super().close(code, reason)
 
     def expire_if_idle(self, now: float) -> None:

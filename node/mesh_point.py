@@ -4,7 +4,10 @@ Request/reply correlation and per-request deadlines live here: every
 forwarded request ends within its timeout, as a reply, `PeerTimeout`,
 `PeerUnavailable` or `BadReply`. Deadlines sit in a heap checked by one
 periodic sweep, not a timer per request. Every frame in or out goes through
-cluster/mesh.py. Owned by the node's IOLoop.
+cluster/mesh.py. What goes to one peer during one loop turn, requests or
+replies, leaves as one ZeroMQ message at the end of the turn (`mesh.batch`):
+one hand-over to ZeroMQ's I/O thread instead of one per message. Owned by
+the node's IOLoop.
 """
 
 import asyncio
@@ -81,6 +84,10 @@ class MeshPoint:
         self._pending = {}      # request id -> (future, deadline, node_id, size, kind)
         self._deadlines = []    # heap of (deadline, request id); answered ids are skipped when they come up
         self._peer_bytes = {}   # node_id -> bytes of its pending requests
+        self._out = {}          # node_id -> [frame, ...] for the end of this turn
+        self._out_ids = {}      # node_id -> [request id, ...] in those frames (to fail if the link is full)
+        self._replies = {}      # peer routing id -> [frame, ...] for the end of this turn
+        self._flush_scheduled = False
         self._counter = 0
         self.timeouts = 0
         self._sweeper = PeriodicCallback(self.sweep, max(10, min(100, timeout * 250)))
@@ -107,6 +114,8 @@ class MeshPoint:
         stream = self._peers.pop(node_id, None)
         if stream is not None:
             stream.close()
+        self._out.pop(node_id, None)
+        self._out_ids.pop(node_id, None)
         for request_id, (future, _, owner, _, _) in list(self._pending.items()):
             if owner == node_id:   # their heap entries are skipped when they come up
                 del self._pending[request_id]
@@ -121,17 +130,13 @@ class MeshPoint:
 
     def notify(self, node_id: int, message: mesh.Outbound) -> None:
         """Sends a request that wants no reply; silently dropped when the peer is unknown or its queue is full."""
-        stream = self._peers.get(node_id)
-        if stream is None:
+        if node_id not in self._peers:
             return
         frames = mesh.frame_request(message, 0)
         if len(frames[0]) > self.max_bytes:
             log.warning("a %s to node %d is larger than the mesh takes; dropped", mesh.kind_name(message.kind), node_id)
             return
-        try:
-            stream.send(frames)
-        except zmq.Again:
-            log.warning("mesh link to node %d is full; dropped a %s", node_id, mesh.kind_name(message.kind))
+        self._queue(node_id, frames[0], 0)
 
     def request(self, node_id: int, message: mesh.Outbound, timeout: float = None) -> asyncio.Future:
         """Sends a request and returns a future of the peer's result (cluster/mesh.py, read_result).
@@ -157,16 +162,53 @@ class MeshPoint:
             future.set_exception(TooLarge(f"a {len(frames[0])}-byte request is larger than the mesh takes "
                                           f"({self.max_bytes} bytes)"))
             return future
-        try:
-            stream.send(frames)
-        except zmq.Again:
-            future.set_exception(PeerUnavailable(f"mesh link to node {node_id} is full"))
-            return future
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         self._pending[request_id] = (future, deadline, node_id, size, message.kind)
         heapq.heappush(self._deadlines, (deadline, request_id))
         self._peer_bytes[node_id] = waiting + size
+        self._queue(node_id, frames[0], request_id)
         return future
+
+    def _queue(self, node_id: int, frame: bytes, request_id: int) -> None:
+        out = self._out.get(node_id)
+        if out is None:
+            out = self._out[node_id] = []
+            self._out_ids[node_id] = []
+        out.append(frame)
+        if request_id:
+            self._out_ids[node_id].append(request_id)
+        if len(out) >= mesh.MAX_BATCH:
+            self._send_batch(node_id)
+        else:
+            self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        """The end of the turn: each peer's requests, and each peer's replies, leave as one message."""
+        self._flush_scheduled = False
+        for node_id in list(self._out):
+            self._send_batch(node_id)
+        replies, self._replies = self._replies, {}
+        for peer, frames in replies.items():
+            self._send_replies(peer, frames)
+
+    def _send_batch(self, node_id: int) -> None:
+        frames = self._out.pop(node_id)
+        request_ids = self._out_ids.pop(node_id)
+        try:
+            self._peers[node_id].send(frames)
+        except zmq.Again:
+            log.warning("mesh link to node %d is full; %d messages not sent", node_id, len(frames))
+            for request_id in request_ids:
+                entry = self._pending.pop(request_id, None)
+                if entry is not None:   # its heap entry is skipped when it comes up
+                    self._settled(node_id, entry[3])
+                    if not entry[0].done():
+                        entry[0].set_exception(PeerUnavailable(f"mesh link to node {node_id} is full"))
 
     def _settled(self, node_id: int, size: int) -> None:
         left = self._peer_bytes.get(node_id, 0) - size
@@ -177,7 +219,17 @@ class MeshPoint:
 
     def on_reply(self, frames: list) -> None:
         try:
-            request_id, raw = mesh.read_reply(frames)
+            frames = mesh.batch(frames)
+        except mesh.FrameError as exc:
+            self.refused += 1
+            self._bad_log.warning("dropped a bad mesh reply: %s", exc)
+            return
+        for frame in frames:
+            self._on_reply(frame)
+
+    def _on_reply(self, frame) -> None:
+        try:
+            request_id, raw = mesh.read_reply([frame])
         except mesh.FrameError as exc:
             self.refused += 1
             self._bad_log.warning("dropped a bad mesh reply: %s", exc)
@@ -215,7 +267,17 @@ class MeshPoint:
     def on_request(self, frames: list) -> None:
         peer = bytes(frames[0])
         try:
-            request = mesh.read_request(frames[1:])
+            frames = mesh.batch(frames[1:])
+        except mesh.FrameError as exc:
+            self.refused += 1
+            self._bad_log.warning("dropped a bad mesh request from %r: %s", peer[:64], exc)
+            return
+        for frame in frames:
+            self._on_request(peer, frame)
+
+    def _on_request(self, peer: bytes, frame) -> None:
+        try:
+            request = mesh.read_request([frame])
         except mesh.FrameError as exc:
             self.refused += 1
             self._bad_log.warning("dropped a bad mesh request from %r: %s", peer[:64], exc)
@@ -240,16 +302,27 @@ class MeshPoint:
             self.send_reply(peer, request.request_id, result)
 
     def send_reply(self, peer: bytes, request_id: int, result: bytes) -> None:
+        """Queues a reply for the end of the turn, with the peer's other replies."""
         frames = mesh.frame_reply(request_id, result)
         if len(frames[0]) > self.max_bytes:   # a context an entry filled beyond what the mesh carries
             frames = mesh.frame_reply(request_id, mesh.failure(
                 ErrorCode.CALL_FAILED, f"the reply ({len(result)} bytes) is larger than the mesh carries"))
+        out = self._replies.get(peer)
+        if out is None:
+            out = self._replies[peer] = [peer]
+        out.append(frames[0])
+        if len(out) > mesh.MAX_BATCH:
+            self._send_replies(peer, self._replies.pop(peer))
+        else:
+            self._schedule_flush()
+
+    def _send_replies(self, peer: bytes, frames: list) -> None:
         try:
-            self.router.send([peer, *frames])
+            self.router.send(frames)
         except zmq.Again:
-            log.warning("mesh reply dropped: peer link full")
+            log.warning("%d mesh replies dropped: peer link full", len(frames) - 1)
         except zmq.ZMQError as exc:
-            log.warning("mesh reply dropped: %s", exc)
+            log.warning("%d mesh replies dropped: %s", len(frames) - 1, exc)
 
 
 _INTERNAL_ERROR = mesh.failure(ErrorCode.MESH_UNAVAILABLE, "internal error on the peer")

@@ -66,3 +66,38 @@ def test_adverts_of_a_node_nobody_lists_are_not_kept(peer, cluster):
     assert _ask(socket, mesh.publish_request(["still-alive"], FRAME)) == mesh.Delivered(0, 0)   # the advert was read
     api_reply = cluster.http("/v1/mesh/publish", {"c": ghost, "d": "x"})[1]
     assert api_reply["r"] == {"s": 0, "f": 0}
+
+
+def _replies(socket, count: int) -> dict:
+    """`{request_id: result bytes}` of the next `count` replies, however the node batched them."""
+    got = {}
+    while len(got) < count:
+        for frame in socket.recv_multipart():
+            request_id, raw = mesh.read_reply([frame])
+            assert request_id not in got
+            got[request_id] = raw
+    return got
+
+
+def test_a_batch_of_requests_in_one_message_is_served_in_order(peer):
+    """Several mesh messages in one ZeroMQ message (one per frame) each get their reply; a bad one only loses itself."""
+    node, socket = peer
+    unknown = (node["node_id"] << 12) | 1
+    socket.send_multipart([
+        mesh.frame_request(mesh.publish_request(["batched"], FRAME), 11)[0],
+        struct.pack("!BQI", 1, 12, 9) + b"{not json",
+        mesh.frame_request(mesh.send_request(unknown, FRAME), 13)[0],
+        mesh.frame_request(mesh.publish_request(["batched-too"], FRAME), 14)[0],
+    ])
+    got = _replies(socket, 3)
+    assert sorted(got) == [11, 13, 14]
+    assert mesh.read_result(mesh.Publish, got[11]) == mesh.Delivered(0, 0)
+    assert mesh.read_result(mesh.Send, got[13]) is None
+
+
+def test_a_batch_over_the_frame_bound_is_refused_whole(peer):
+    """More than mesh.MAX_BATCH frames in one message: nothing of it is served, and the node keeps answering."""
+    node, socket = peer
+    request = mesh.frame_request(mesh.publish_request(["too-many"], FRAME), 21)[0]
+    socket.send_multipart([request] * (mesh.MAX_BATCH + 1))
+    assert _ask(socket, mesh.publish_request(["still-alive"], FRAME), request_id=22) == mesh.Delivered(0, 0)

@@ -1290,3 +1290,15 @@ def test_call_args_lone_surrogate(header):
 def test_failure_message_lone_surrogate():
     """A failure message holding a lone surrogate is refused."""
     assert_frame_error(mesh.read_result, Send, b'{"e": 401, "m": "\\ud800"}', field="mesh failure")
+
+
+@pytest.mark.parametrize("count", [0, mesh.MAX_BATCH + 1])
+def test_batch_refuses_no_frame_and_too_many(count):
+    with pytest.raises(mesh.FrameError, match=f"has {count} frames, expected 1 to {mesh.MAX_BATCH}"):
+        mesh.batch([b"x"] * count)
+
+
+@pytest.mark.parametrize("count", [1, 2, mesh.MAX_BATCH])
+def test_batch_keeps_every_frame_in_order(count):
+    frames = [mesh.frame_request(mesh.publish_request([f"c{n}"], b"\x81\x00"), n + 1)[0] for n in range(count)]
+    assert [mesh.read_request([frame]).request_id for frame in mesh.batch(frames)] == list(range(1, count + 1))

@@ -1,0 +1,144 @@
+"""Write coalescing (node/clients.py, node/mesh_point.py): frames produced in one loop turn leave together.
+
+What it must never change: every frame arrives, once, in order, per
+connection; a close comes after what was sent before it; a reader that does
+not read is still closed at its write_buffer_limit while the others get
+everything. Pipelined requests on one /ws/v1 connection put many frames for
+the same clients (and the same peer) into one turn.
+"""
+
+import json
+import socket
+import uuid
+
+import pytest
+
+from conftest import WAIT, Cluster, running, wait_until
+
+COUNT = 400
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """Two node processes, so that half the traffic crosses the mesh."""
+    with running(Cluster(tmp_path_factory.mktemp("coalescing"), workers=2,
+                         server={"write_buffer_limit": 65536})) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def spread(pair):
+    made = pair.clients(4, nodes=2)
+    yield made
+    for client in made:
+        client.ws.close()
+
+
+def _pipeline(api, requests: list) -> dict:
+    """Sends every request before reading any reply; returns `{i: reply}`."""
+    for req_id, (method, params) in enumerate(requests, 1):
+        api.ws.send(json.dumps({"m": method, "p": params, "i": req_id}))
+    return {req_id: api.reply_to(req_id) for req_id in range(1, len(requests) + 1)}
+
+
+def _subscribe(api, clients: list, name: str) -> None:
+    for client in clients:
+        reply = api.request("conn.call", {"c": client.client_id, "f": "subscribe", "a": [name]})
+        assert reply["E"] is None, reply
+
+
+def test_pipelined_publishes_arrive_complete_and_in_order(pair, spread):
+    """400 pipelined publishes: every subscriber, on either node, gets all of them once, in order."""
+    api = pair.api()
+    name = f"burst-{uuid.uuid4().hex[:8]}"
+    _subscribe(api, spread, name)
+    replies = _pipeline(api, [("mesh.publish", {"c": name, "d": f"m{n}"}) for n in range(COUNT)])
+    assert all(reply["E"] is None and reply["r"] == {"s": len(spread), "f": 0} for reply in replies.values()), \
+        [reply for reply in replies.values() if reply["r"] != {"s": len(spread), "f": 0}][:3]
+    for client in spread:
+        assert [client.recv() for _ in range(COUNT)] == [f"m{n}" for n in range(COUNT)]
+        assert client.nothing_for(0.2)
+
+
+def test_sends_and_publishes_to_one_client_keep_the_request_order(pair, spread):
+    """mesh.send and mesh.publish interleaved in one pipeline reach a local and a remote client in that order."""
+    api = pair.api()
+    name = f"mixed-{uuid.uuid4().hex[:8]}"
+    _subscribe(api, spread, name)
+    requests = []
+    for n in range(COUNT // 2):
+        requests.append(("mesh.publish", {"c": name, "d": f"p{n}"}))
+        requests += [("mesh.send", {"c": client.client_id, "d": f"s{n}-{client.client_id}"}) for client in spread]
+    replies = _pipeline(api, requests)
+    assert all(reply["E"] is None for reply in replies.values())
+    for client in spread:
+        expected = [text for n in range(COUNT // 2) for text in (f"p{n}", f"s{n}-{client.client_id}")]
+        assert [client.recv() for _ in range(len(expected))] == expected
+
+
+def test_what_is_sent_before_a_close_arrives_before_the_close_frame(pair, spread):
+    """mesh.send then conn.call close in one pipeline: the message, then close 4000 with its reason."""
+    api = pair.api()
+    requests = []
+    for client in spread:
+        requests += [("mesh.send", {"c": client.client_id, "d": f"bye-{n}"}) for n in range(3)]
+        requests.append(("conn.call", {"c": client.client_id, "f": "close", "a": [4000, "done"]}))
+    replies = _pipeline(api, requests)
+    assert all(reply["E"] is None for reply in replies.values()), replies
+    for client in spread:
+        assert [client.recv() for _ in range(3)] == ["bye-0", "bye-1", "bye-2"]
+        assert client.close_code() == 4000 and client.close_reason == "done"
+
+
+def test_pipelined_replies_all_arrive_once(pair, spread):
+    """2,000 pipelined requests on one connection, half to a remote node: 2,000 replies, each `i` once."""
+    api = pair.api()
+    requests = [("mesh.send", {"c": spread[n % len(spread)].client_id, "d": "x"}) for n in range(2000)]
+    for req_id, (method, params) in enumerate(requests, 1):
+        api.ws.send(json.dumps({"m": method, "p": params, "i": req_id}))
+    seen = []
+    while len(seen) < len(requests):
+        message = api.read()
+        assert message["E"] is None, message
+        seen.append(message["i"])
+    assert sorted(seen) == list(range(1, len(requests) + 1))
+    for client in spread:
+        assert [client.recv() for _ in range(2000 // len(spread))] == ["x"] * (2000 // len(spread))
+
+
+def test_a_reader_that_stops_is_closed_at_its_limit_and_the_others_lose_nothing(pair, spread):
+    """Bursts of publishes to a client that does not read: closed 1008 at its limit; the readers get every frame."""
+    api = pair.api()
+    slow = pair.client(sockopt=[(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)])
+    [slow_id] = _learn_ids(pair, [slow])
+    name = f"slow-{uuid.uuid4().hex[:8]}"
+    _subscribe(api, spread, name)
+    assert api.request("conn.call", {"c": slow_id, "f": "subscribe", "a": [name]})["E"] is None
+    payload = "y" * 20000   # a few of them pass CORK_BYTES: corked and at-once writes both happen
+    sent, burst = 0, 50
+    for _ in range(16):   # 1 MB bursts until the slow client is refused (the kernel's buffers fill first)
+        replies = _pipeline(api, [("mesh.publish", {"c": name, "d": f"{sent + n}:{payload}"}) for n in range(burst)])
+        sent += burst
+        for client in spread:
+            assert [client.recv().split(":")[0] for _ in range(burst)] == [str(n) for n in range(sent - burst, sent)]
+        if any(reply["r"]["f"] for reply in replies.values()):
+            break
+    assert any(reply["r"]["f"] == 1 for reply in replies.values()), "the slow reader was never refused"
+    assert slow.close_code() == 1008
+    wait_until(lambda: pair.status()["totals"].get("slow_closed", 0) >= 1, what="slow_closed in status")
+
+
+def _learn_ids(cluster, clients) -> list:
+    consumer = cluster.api()
+    assert consumer.request("queue.pop", {"t": ["default"]})["E"] is None
+    ids = []
+    for client in clients:
+        marker = f"who-{uuid.uuid4().hex[:8]}"
+        client.ws.send(marker)
+        while True:
+            event = consumer.event(WAIT)
+            if event["p"]["d"]["frame"]["data"] == marker:
+                ids.append(event["p"]["c"])
+                break
+    consumer.ws.close()
+    return ids
