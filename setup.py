@@ -18,6 +18,8 @@ setup(
         "PyJWT>=2.8,<3",
         # ... and RS*, PS*, ES* and EdDSA signatures need the cryptography backend.
         "cryptography>=41",
+        # The event loop of the node processes where it builds (cluster/event_loop.py falls back to asyncio's).
+        "uvloop>=0.17; sys_platform != 'win32' and platform_python_implementation == 'CPython'",
     ],
     extras_require={
         "test": [

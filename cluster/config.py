@@ -163,6 +163,8 @@ class NodeConfig:
     advertise: str = field(default="127.0.0.1", metadata=_meta(nonempty=True, host=True))
     workers: int = field(default=0, metadata=_meta(min=0, max=1023))
     forward_timeout: float = field(default=2.0, metadata=_meta(min=0.01))
+    # auto: uvloop when it is installed (cluster/event_loop.py), else asyncio's own loop
+    event_loop: str = field(default="auto", metadata=_meta(choices=("auto", "uvloop", "asyncio")))
     mesh: MeshConfig = field(default_factory=MeshConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)

@@ -17,7 +17,7 @@ import zmq
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
-from cluster import live, logs, tls
+from cluster import event_loop, live, logs, tls
 from cluster.http_server import BUDGET, BoundedHTTPServer, raise_file_limit
 from cluster.supervisor import SUPERVISED_ENV, watch_parent
 from cluster.token_keys import TokenKeyError
@@ -137,9 +137,9 @@ async def _serve(config, worker: int, key) -> int:
                                    idle_connection_timeout=handshake_s, body_timeout=handshake_s))
         sweeper = tornado.ioloop.PeriodicCallback(lambda: _expire_idle(node), 500)
         sweeper.start()
-        log.info("node %d ready: api %s:%d, clients %s, mesh point %s", node.node_id, config.node.api.bind,
+        log.info("node %d ready: api %s:%d, clients %s, mesh point %s, %s", node.node_id, config.node.api.bind,
                  config.node.api.port, ", ".join(f"{s.bind}:{s.port}{s.path}" for s in config.node.servers),
-                 node.mesh_address)
+                 node.mesh_address, event_loop.name())
         while not stop.is_set() and not node.link.fatal:
             try:
                 await asyncio.wait_for(stop.wait(), 0.5)
@@ -191,4 +191,8 @@ def run(config, worker: int, key) -> int:
     """Runs one node process until SIGTERM/SIGINT; returns its exit code (`key`: the ClusterKey)."""
     logs.setup(config.logging.level, config.logging.format, f"node-w{worker}")
     log.debug("this process may hold %d connections", raise_file_limit())
-    return asyncio.run(_serve(config, worker, key))
+    try:
+        return event_loop.run(_serve(config, worker, key), config.node.event_loop)
+    except event_loop.LoopUnavailable as exc:
+        log.error("cannot start: %s", exc)
+        return 2

@@ -212,6 +212,7 @@ def test_bool_is_not_a_number(raw, prefix):
     ({"node": {"servers": [{"write_buffer_limit": 100}]}}, "node.servers[0].write_buffer_limit: must be at least 1024"),
     ({"node": {"advertise": ""}}, "node.advertise: must not be empty"),
     ({"logging": {"level": "verbose"}}, "logging.level: must be one of debug, info, warning, error"),
+    ({"node": {"event_loop": "trio"}}, "node.event_loop: must be one of auto, uvloop, asyncio"),
     ({"logging": {"format": "xml"}}, "logging.format: must be one of text, json"),
     ({"access": {"users": [{"username": ""}]}}, "access.users[0].username: must not be empty"),
     ({"access": {"users": [{"username": "u", "roles": ["admin"]}]}}, "access.users[0].roles[0]: must be one of read, write"),
