@@ -178,6 +178,21 @@ class Users:
     def open(self) -> bool:
         return not self.by_name
 
+    def known(self, authorization: Optional[str], peer: str) -> Optional[User]:
+        """The user these credentials name when that is known without waiting: the API is open, or
+        they were verified before and the user may connect from `peer`. None: `authenticate` decides."""
+        if self.open:
+            return OPEN
+        try:
+            name, password = _credentials(authorization)
+        except Denied:
+            return None
+        user = self.by_name.get(name)
+        if user is None or not user.host.matches(peer):
+            return None
+        digest = hashlib.sha256(name.encode("utf-8") + b"\0" + password.encode("utf-8")).digest()
+        return user if self._verified.get(digest) is user else None
+
     async def authenticate(self, authorization: Optional[str], peer: str) -> User:
         """The user these credentials (the `Authorization` header) name, if they may connect from `peer`.
 
@@ -264,6 +279,14 @@ class Access:
         self.users = Users(config.access.users, getattr(self, "users", None))
         self.allowed_origins = frozenset(config.node.api.allowed_origins)
         self.allowed_hosts = frozenset(config.node.api.allowed_hosts)
+
+    def check_now(self, request) -> Optional[User]:
+        """The user making `request` when `check` would let it in without waiting; else None (call `check`)."""
+        headers = request.headers
+        if browser_problem(headers.get("Origin"), headers.get("Host"), request.protocol,
+                           self.allowed_origins, self.allowed_hosts, self.users.open) is not None:
+            return None
+        return self.users.known(headers.get("Authorization"), request.remote_ip)
 
     async def check(self, request, role: str = None, credentials: bool = True) -> User:
         """The user making `request` (a Tornado HTTP request: headers, remote_ip, protocol).

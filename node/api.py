@@ -108,16 +108,15 @@ class Api:
 
     # --- methods (docs/protocol.md, each under its name) ------------------------------
 
-    async def mesh_send(self, params: protocol.SendParams, caller: Caller) -> dict:
+    def mesh_send(self, params: protocol.SendParams, caller: Caller):
         payload = params.payload
-        await self.node.forward.send(params.client_id, protocol.encode_ws_frame(payload.data, payload.binary))
-        return {"s": True}
+        waiting = self.node.forward.send(params.client_id, protocol.encode_ws_frame(payload.data, payload.binary))
+        return _SENT if waiting is None else _after(waiting, _SENT)
 
-    async def mesh_publish(self, params: protocol.PublishParams, caller: Caller) -> dict:
+    def mesh_publish(self, params: protocol.PublishParams, caller: Caller):
         payload = params.payload
-        written, failed = await self.node.forward.publish(
-            params.channels, protocol.encode_ws_frame(payload.data, payload.binary))
-        return {"s": written, "f": failed}
+        counts = self.node.forward.publish(params.channels, protocol.encode_ws_frame(payload.data, payload.binary))
+        return _counts(counts) if type(counts) is tuple else _counted(counts)
 
     def conn_call(self, params: protocol.CallParams, caller: Caller):
         return self.node.forward.call(params.client_id, params.function, params.args)
@@ -154,6 +153,23 @@ class Api:
         if inspect.isawaitable(result):
             result = await result
         return result if isinstance(result, dict) else {"s": True}
+
+
+# What mesh.send and mesh.publish answer: the local path answers at once, without a task.
+_SENT = {"s": True}
+
+
+def _counts(counts: tuple) -> dict:
+    return {"s": counts[0], "f": counts[1]}
+
+
+async def _counted(awaitable) -> dict:
+    return _counts(await awaitable)
+
+
+async def _after(awaitable, result):
+    await awaitable
+    return result
 
 
 def _consumer(caller: Caller, method: str):

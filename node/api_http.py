@@ -4,11 +4,21 @@ Errors become envelopes here and nowhere else on the HTTP edge
 (docs/protocol.md, HTTP status codes): 400 for 101/103, 401/403 for 102,
 404/405 with 101, 503 for 501. Every request is checked by the node's
 `cluster.access.Access` first, unknown paths included.
+
+Most requests are a POST of a small JSON body by a caller already known.
+`ApiRouter` gives those a lean path (`_Call`: Tornado's HTTP/1.1 connection,
+no RequestHandler, no coroutine of its own); anything else, or anything the
+lean path is not sure of, goes through the Tornado application and its
+handlers below, which answer every case.
 """
 
 import logging
+import time
+from email.utils import formatdate
 
+import tornado.routing
 import tornado.web
+from tornado import httputil
 
 from cluster import protocol
 from cluster.access import Denied, refuse
@@ -19,6 +29,87 @@ log = logging.getLogger("meshgate.access")
 
 # docs/protocol.md, HTTP API: path -> method of the executor
 ROUTES = {"/v1/mesh/send": "mesh.send", "/v1/mesh/publish": "mesh.publish"}
+
+
+def json_type(content_type) -> bool:
+    """JSON or nothing: a browser can send form and text/plain bodies to any site without asking
+    first, so accepting them would let any web page drive the API."""
+    return content_type is None or content_type.split(";")[0].strip().lower() == "application/json"
+
+
+class ApiRouter(tornado.routing.Router):
+    """The API port's router: the lean path for what it is sure of, the application for the rest.
+
+    Args:
+        app: the Tornado application of the API port (node/app.py api_app).
+        api: the node's executor.
+        max_body: node.api.max_body.
+    """
+
+    def __init__(self, app: tornado.web.Application, api, max_body: int):
+        self.app, self.api, self.max_body = app, api, max_body
+
+    def find_handler(self, request, **kwargs):
+        method = ROUTES.get(request.path)
+        if method is not None and request.method == "POST":
+            headers = request.headers
+            length = headers.get("Content-Length")
+            if (length is not None and length.isdigit() and int(length) <= self.max_body
+                    and "Transfer-Encoding" not in headers and json_type(headers.get("Content-Type"))):
+                user = self.api.node.access.check_now(request)
+                if user is not None:
+                    request.connection.set_max_body_size(self.max_body)
+                    return _Call(self.api, method, user.roles, request.connection)
+        return self.app.find_handler(request, **kwargs)
+
+
+class _Date:
+    """The Date header, formatted once a second."""
+    second, text = 0, ""
+
+    @classmethod
+    def now(cls) -> str:
+        second = int(time.time())
+        if second != cls.second:
+            cls.second, cls.text = second, formatdate(second, usegmt=True)
+        return cls.text
+
+
+class _Call(httputil.HTTPMessageDelegate):
+    """One POST to one of ROUTES by a known caller with a JSON body within max_body."""
+
+    def __init__(self, api, method: str, roles, connection):
+        self.api, self.method, self.roles, self.connection = api, method, roles, connection
+        self.chunks = []
+        self.running = None   # the executor's task, if the call waits (a reference keeps it alive)
+        self.gone = False
+
+    def data_received(self, chunk: bytes) -> None:
+        self.chunks.append(chunk)
+
+    def finish(self) -> None:
+        try:
+            params = protocol.parse_http_body(b"".join(self.chunks))
+        except ApiError as exc:
+            self.reply(exc.code, protocol.error_body(exc.code, exc.message).encode("utf-8"))
+            return
+        self.running = self.api.execute(self.method, params, Caller("", False, roles=self.roles), None, self.reply)
+
+    def on_connection_close(self) -> None:
+        self.gone = True
+
+    def reply(self, code, envelope: bytes) -> None:
+        if self.gone:
+            return
+        status = 200 if code is None else protocol.http_status(code)
+        headers = httputil.HTTPHeaders({"Content-Type": "application/json", "Content-Length": str(len(envelope)),
+                                        "Date": _Date.now()})
+        if self.api.node.node_id:
+            headers["X-Meshgate-Node"] = str(self.api.node.node_id)
+        self.connection.write_headers(
+            httputil.ResponseStartLine("HTTP/1.1", status, httputil.responses.get(status, "Unknown")),
+            headers, envelope)
+        self.connection.finish()
 
 
 class _EnvelopeHandler(tornado.web.RequestHandler):
@@ -88,10 +179,8 @@ class CallHandler(_EnvelopeHandler):
         if self.request.method != "POST":
             raise tornado.web.HTTPError(405)
         self.request.connection.set_max_body_size(2 ** 40)
-        # JSON or nothing: a browser can send form and text/plain bodies to any site
-        # without asking first, so accepting them would let any web page drive the API.
         content_type = self.request.headers.get("Content-Type")
-        if content_type is not None and content_type.split(";")[0].strip().lower() != "application/json":
+        if not json_type(content_type):
             self._wrong_type = content_type
         length = self.request.headers.get("Content-Length")
         if length and length.isdigit() and int(length) > self.max_body:

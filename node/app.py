@@ -22,7 +22,7 @@ from cluster.http_server import BUDGET, BoundedHTTPServer, raise_file_limit
 from cluster.supervisor import SUPERVISED_ENV, watch_parent
 from cluster.token_keys import TokenKeyError
 from node import entry as entries, hooks
-from node.api_http import ROUTES, CallHandler, NotFoundHandler
+from node.api_http import ROUTES, ApiRouter, CallHandler, NotFoundHandler
 from node.api_ws import ApiSocket
 from node.client_limits import ServerGate, log_request
 from node.client_ws import ClientHandler
@@ -122,7 +122,8 @@ async def _serve(config, worker: int, key) -> int:
             pass
     servers = []
     if node.ready.is_set() and not stop.is_set() and not node.link.fatal:
-        servers.append(_listen(api_app(node), config.node.api.bind, config.node.api.port,
+        servers.append(_listen(ApiRouter(api_app(node), node.api, config.node.api.max_body),
+                               config.node.api.bind, config.node.api.port,
                                ssl_options=ssl_by_port.get(config.node.api.port), max_body_size=_API_EARLY_BODY,
                                idle_connection_timeout=_API_IDLE_S, body_timeout=_API_BODY_S))
         for port, group in servers_by_port(config.node.servers).items():

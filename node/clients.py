@@ -67,7 +67,7 @@ def write_frame(conn, frame: bytes, counters: Counters) -> bool:
         size = len(waiting) + len(frame)
     else:
         size = waiting.size + len(frame)
-    backlog = len(stream._write_buffer)
+    backlog = stream._write_buffer._size   # tornado's queue (what the kernel did not take yet)
     if backlog and stream.max_write_buffer_size is not None and backlog + size > stream.max_write_buffer_size:
         counters.slow_closed += 1
         close_slow(conn)
@@ -90,6 +90,33 @@ def write_frame(conn, frame: bytes, counters: Counters) -> bool:
             return flush(conn) and _counted(counters)
     counters.out_total += 1
     return True
+
+
+def write_to_all(conns, frame: bytes, counters: Counters) -> int:
+    """`write_frame` of one frame to each of `conns` (a publish); returns how many took it.
+
+    The common case, a connection with nothing corked and nothing queued, is
+    handled inline: this loop runs once per subscriber.
+    """
+    if len(frame) > CORK_BYTES:
+        return sum(1 for conn in conns if write_frame(conn, frame, counters))
+    written = corked_here = 0
+    corked = _corked
+    for conn in conns:
+        stream = conn.stream
+        if stream is not None and conn.corked is None and not stream._write_buffer._size:
+            conn.corked = frame
+            corked.append(conn)
+            corked_here += 1
+        elif write_frame(conn, frame, counters):
+            written += 1
+    if corked_here:
+        counters.out_total += corked_here
+        global _flush_scheduled
+        if not _flush_scheduled:
+            _flush_scheduled = True
+            asyncio.get_running_loop().call_soon(flush_corked)
+    return written + corked_here
 
 
 def _counted(counters: Counters) -> bool:
@@ -124,7 +151,7 @@ def flush(conn) -> bool:
     if type(data) is not bytes:
         data = b"".join(data)
     try:
-        if not stream._write_buffer:   # tornado's queue; empty means the socket is ours
+        if not stream._write_buffer._size:   # tornado's queue; empty means the socket is ours
             try:
                 sent = stream.socket.send(data)
             except BlockingIOError:
@@ -229,9 +256,5 @@ class Hub:
                 if members:
                     seen.update(members)
             targets = list(seen)
-        written = 0
-        counters = self.counters
-        for conn in targets:
-            if write_frame(conn, frame, counters):
-                written += 1
+        written = write_to_all(targets, frame, self.counters)
         return written, len(targets) - written

@@ -64,9 +64,17 @@ class Mesh:
         payload, binary = encode_data(data, type)
         node = self._node
 
+        try:   # now, not in a task: what an entry sends keeps its order with what it publishes
+            waiting = node.forward.send(int(client_id), protocol.encode_ws_frame(payload, binary))
+        except ApiError:
+            waiting = False
+
         async def deliver():
+            if waiting is False:
+                return False
             try:
-                await node.forward.send(int(client_id), protocol.encode_ws_frame(payload, binary))
+                if waiting is not None:
+                    await waiting
             except ApiError:
                 return False
             return True
@@ -78,7 +86,12 @@ class Mesh:
         for name in channels:
             check_name(name, "channel")
         payload, binary = encode_data(data, type)
-        return _background(self._node.forward.publish(channels, protocol.encode_ws_frame(payload, binary)))
+        counts = self._node.forward.publish(channels, protocol.encode_ws_frame(payload, binary))
+        if isinstance(counts, tuple):   # no peer to wait for
+            done = asyncio.get_running_loop().create_future()
+            done.set_result(counts)
+            return done
+        return _background(counts)
 
 
 class Queue:

@@ -9,8 +9,6 @@ request a peer forwards here is served locally only, never sent on
 IOLoop.
 """
 
-import asyncio
-
 from cluster import mesh
 from cluster.ids import node_id_of
 from cluster.protocol import ApiError, ErrorCode
@@ -42,36 +40,43 @@ class Forwarder:
 
     # --- outbound ----------------------------------------------------------------------
 
-    async def send(self, client_id: int, frame: bytes) -> None:
+    def send(self, client_id: int, frame: bytes):
         """Delivers one encoded frame to a client anywhere in the mesh.
+
+        Returns None when it was written here, or an awaitable that ends
+        when the client's node wrote it (nothing to wait for on the local path).
 
         Raises:
             ApiError(401): not connected anywhere, owner dead or silent, or the write failed.
         """
         owner = node_id_of(client_id)
         if owner == self.routing.node_id:
-            written = self.hub.send(client_id, frame)
-        elif owner not in self.routing.nodes:
-            written = None
-        else:
-            try:
-                written = await self.mesh_point.request(owner, mesh.send_request(client_id, frame))
-            except PeerUnavailable:
-                written = None
-            except PeerTimeout:
-                raise ApiError(ErrorCode.SEND_FAILED,
-                               f"client {client_id}: its node {owner} did not answer within the forward timeout")
-            except (BadReply, TooLarge) as exc:
-                raise ApiError(ErrorCode.SEND_FAILED, f"client {client_id}: {exc}") from None
-            if isinstance(written, mesh.Failure):
-                raise ApiError(ErrorCode.SEND_FAILED, f"client {client_id}: its node {owner} failed: {written.message}")
-        if written is None:
-            raise ApiError(ErrorCode.SEND_FAILED, f"client {client_id} is not connected")
-        if not written:
-            raise ApiError(ErrorCode.SEND_FAILED, f"client {client_id}: write failed")
+            return _check_written(client_id, self.hub.send(client_id, frame))
+        if owner not in self.routing.nodes:
+            return _check_written(client_id, None)
+        # Asked now, not when a task first runs: requests keep the order they were made in.
+        return self._sent_remote(owner, client_id, self.mesh_point.request(owner, mesh.send_request(client_id, frame)))
 
-    async def publish(self, channels: list, frame: bytes) -> tuple:
-        """Delivers one encoded frame to every subscriber of `channels` in the mesh, once each; returns `(s, f)`."""
+    @staticmethod
+    async def _sent_remote(owner: int, client_id: int, reply) -> None:
+        try:
+            written = await reply
+        except PeerUnavailable:
+            written = None
+        except PeerTimeout:
+            raise ApiError(ErrorCode.SEND_FAILED,
+                           f"client {client_id}: its node {owner} did not answer within the forward timeout")
+        except (BadReply, TooLarge) as exc:
+            raise ApiError(ErrorCode.SEND_FAILED, f"client {client_id}: {exc}") from None
+        if isinstance(written, mesh.Failure):
+            raise ApiError(ErrorCode.SEND_FAILED, f"client {client_id}: its node {owner} failed: {written.message}")
+        _check_written(client_id, written)
+
+    def publish(self, channels: list, frame: bytes):
+        """Delivers one encoded frame to every subscriber of `channels` in the mesh, once each.
+
+        Returns `(s, f)` when no peer has subscribers, else an awaitable of it.
+        """
         peers = self.routing.interested_peers(channels)
         # Peers first: ZeroMQ sends on its own thread, so they fan out while this node does.
         pending = [self.mesh_point.request(peer, mesh.publish_request(peer_channels, frame))
@@ -79,29 +84,41 @@ class Forwarder:
         written, failed = self.hub.publish(channels, frame)
         if not pending:
             return written, failed
-        results = await asyncio.gather(*pending, return_exceptions=True)
-        for (peer, peer_channels), result in zip(peers.items(), results):
+        return self._count_peers(peers, pending, written, failed)
+
+    async def _count_peers(self, peers: dict, pending: list, written: int, failed: int) -> tuple:
+        for (peer, peer_channels), future in zip(peers.items(), pending):
+            try:
+                result = await future
+            except Exception:   # a PeerError: no answer, or no usable one
+                result = None
             if isinstance(result, mesh.Delivered):
                 written += result.written
                 failed += result.failed
-            else:   # no answer, or no usable one: its subscribers as last advertised
+            else:   # its subscribers as last advertised
                 failed += self.routing.interest_count(peer, peer_channels)
         return written, failed
 
-    async def call(self, client_id: int, function: str, args: list) -> dict:
-        """Runs a conn.call function on a client anywhere in the mesh; returns the result `r`.
+    def call(self, client_id: int, function: str, args: list):
+        """Runs a conn.call function on a client anywhere in the mesh; returns an awaitable of the result `r`.
 
-        Raises:
+        Raises (from the awaitable):
             ApiError(301): client not connected anywhere, or the function failed.
             ApiError(501): the owner did not answer in time.
         """
         owner = node_id_of(client_id)
         if owner == self.routing.node_id:
-            return await self.call_local(client_id, function, args)
+            return self.call_local(client_id, function, args)
         if owner not in self.routing.nodes:
-            raise ApiError(ErrorCode.CALL_FAILED, f"client {client_id} is not connected")
+            return _fail(ApiError(ErrorCode.CALL_FAILED, f"client {client_id} is not connected"))
+        # Asked now, not when a task first runs: requests keep the order they were made in.
+        return self._called_remote(owner, client_id,
+                                   self.mesh_point.request(owner, mesh.call_request(client_id, function, args)))
+
+    @staticmethod
+    async def _called_remote(owner: int, client_id: int, reply) -> dict:
         try:
-            result = await self.mesh_point.request(owner, mesh.call_request(client_id, function, args))
+            result = await reply
         except PeerUnavailable:
             raise ApiError(ErrorCode.CALL_FAILED, f"client {client_id} is not connected") from None
         except PeerTimeout:
@@ -138,3 +155,15 @@ class Forwarder:
     def handle_peer_advert(self, advert: mesh.PeerAdvert) -> bytes:
         self.queues.drain_all(self.adverts.handle_peer_advert(advert))
         return mesh.advert_result()
+
+
+def _check_written(client_id: int, written) -> None:
+    """A send's outcome (True written, False failed, None no such client) as the protocol's error."""
+    if written is None:
+        raise ApiError(ErrorCode.SEND_FAILED, f"client {client_id} is not connected")
+    if not written:
+        raise ApiError(ErrorCode.SEND_FAILED, f"client {client_id}: write failed")
+
+
+async def _fail(error: Exception):
+    raise error

@@ -126,6 +126,17 @@ def test_origin_of_another_site_is_refused_even_with_credentials(cluster, origin
         assert "Origin" in assert_error((status, body), 102, http_status=403)
 
 
+def test_remembered_credentials_still_meet_every_rule(cluster):
+    """Once credentials were verified (and remembered), a wrong password, a missing role, a host
+    pattern and a cross-site Origin are still refused, on every node, request after request."""
+    for _ in range(4):   # fresh connections: both node processes, each one's cache warm after the first
+        assert _http(cluster, "/v1/mesh/publish", ADMIN)[0] == 200
+        assert _http(cluster, "/v1/mesh/publish", READER)[0] == 403
+        assert _http(cluster, "/v1/mesh/publish", headers=_basic(ADMIN[0], ADMIN[1] + "x"))[0] == 401
+        assert _http(cluster, "/v1/mesh/publish", FAR)[0] == 403
+        assert _http(cluster, "/v1/mesh/publish", ADMIN, headers={"Origin": "http://evil.example"})[0] == 403
+
+
 def test_the_requests_own_origin_is_not_cross_site(cluster):
     """An Origin equal to the request's own scheme, host and port is the same site, not refused."""
     own = f"http://127.0.0.1:{cluster.api_port}"

@@ -341,3 +341,79 @@ def test_json_content_type_with_charset_is_accepted(cluster):
     status, body = cluster.http("/v1/mesh/publish", raw=b'{"c": "ch", "d": "x"}',
                                 headers={"Content-Type": "application/json; charset=utf-8"})
     assert (status, body) == (200, {"E": None, "r": {"s": 0, "f": 0}})
+
+
+# --- one connection, many requests (the lean path and the handlers take turns) -------------
+
+def _raw_request(body: bytes, path: str = "/v1/mesh/publish", version: str = "HTTP/1.1", headers: str = "") -> bytes:
+    return (f"POST {path} {version}\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n{headers}\r\n").encode() + body
+
+
+def _read_responses(sock, count: int) -> list:
+    """`(status, headers, body)` of `count` responses read off a raw socket (Content-Length bodies)."""
+    data, responses = b"", []
+    sock.settimeout(10)
+    while len(responses) < count:
+        end = data.find(b"\r\n\r\n")
+        if end >= 0:
+            head = data[:end].decode("latin-1").split("\r\n")
+            fields = {line.split(":", 1)[0].lower(): line.split(":", 1)[1].strip() for line in head[1:]}
+            size = int(fields["content-length"])
+            if len(data) >= end + 4 + size:
+                responses.append((int(head[0].split()[1]), fields, json.loads(data[end + 4:end + 4 + size])))
+                data = data[end + 4 + size:]
+                continue
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed after {len(responses)} responses"
+        data += chunk
+    return responses
+
+
+def test_keep_alive_serves_many_requests_with_refusals_between(cluster):
+    """One keep-alive connection: good requests, a refused Content-Type and a bad body between them, all answered."""
+    conn = http.client.HTTPConnection("127.0.0.1", cluster.api_port, timeout=10)
+    try:
+        for n in range(60):
+            if n == 20:
+                conn.request("POST", "/v1/mesh/publish", b'{"c":"x","d":"y"}', {"Content-Type": "text/plain"})
+                response = conn.getresponse()
+                assert assert_error((response.status, json.loads(response.read())), 101).startswith("Content-Type")
+                continue
+            body = b'{"c": 5}' if n == 40 else json.dumps({"c": channel(), "d": f"m{n}"}).encode()
+            conn.request("POST", "/v1/mesh/publish", body, {"Content-Type": "application/json"})
+            response = conn.getresponse()
+            reply = json.loads(response.read())
+            if n == 40:
+                assert_error((response.status, reply), 101, "c")
+                continue
+            assert (response.status, reply) == (200, {"E": None, "r": {"s": 0, "f": 0}})
+            assert response.getheader("Content-Type") == "application/json"
+            assert response.getheader("X-Meshgate-Node", "").isdigit()
+            assert response.getheader("Date", "").endswith(" GMT")
+    finally:
+        conn.close()
+
+
+def test_pipelined_requests_are_answered_in_order(cluster):
+    """Three requests written at once on one connection: three responses, in the order asked."""
+    import socket
+    with socket.create_connection(("127.0.0.1", cluster.api_port), timeout=10) as sock:
+        sock.sendall(_raw_request(json.dumps({"c": UNKNOWN_ID, "d": "x"}).encode(), "/v1/mesh/send")
+                     + _raw_request(json.dumps({"c": channel(), "d": "x"}).encode())
+                     + _raw_request(b'{"c": ""}'))
+        first, second, third = _read_responses(sock, 3)
+    assert (first[0], first[2]["E"]["c"]) == (200, 401)
+    assert (second[0], second[2]) == (200, {"E": None, "r": {"s": 0, "f": 0}})
+    assert (third[0], third[2]["E"]["c"]) == (400, 101)
+
+
+def test_http_1_0_request_is_answered_then_closed(cluster):
+    """An HTTP/1.0 request without keep-alive gets its response, then the server closes the connection."""
+    import socket
+    with socket.create_connection(("127.0.0.1", cluster.api_port), timeout=10) as sock:
+        sock.sendall(_raw_request(json.dumps({"c": channel(), "d": "x"}).encode(), version="HTTP/1.0"))
+        [(status, _, reply)] = _read_responses(sock, 1)
+        assert (status, reply) == (200, {"E": None, "r": {"s": 0, "f": 0}})
+        sock.settimeout(10)
+        assert sock.recv(1) == b""
