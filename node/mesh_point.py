@@ -272,6 +272,8 @@ class MeshPoint:
             self.refused += 1
             self._bad_log.warning("dropped a bad mesh request from %r: %s", peer[:64], exc)
             return
+        # Replies leave before what the requests wrote to clients: the flush is queued first.
+        self._schedule_flush()
         for frame in frames:
             self._on_request(peer, frame)
 
