@@ -23,8 +23,6 @@ _PONG = protocol.encode_ws_frame(b"pong")
 
 
 class ApiSocket(tornado.websocket.WebSocketHandler):
-    corked = None   # replies and queue events waiting for the end of the loop turn (node/clients.py)
-
     def initialize(self, api, node, max_body: int):
         self.api = api
         self.node = node

@@ -32,7 +32,6 @@ class ClientHandler(tornado.websocket.WebSocketHandler):
 
     client_id = 0
     stream = None
-    corked = None                # frames waiting for the end of the loop turn (node/clients.py)
     channels = NO_CHANNELS       # a set once it subscribes (node/clients.py)
     _context = None              # the context dict, made on first use (see `context`)
     last_seen = 0.0

@@ -41,26 +41,26 @@ class _Frames(list):
 # Past this many corked bytes a connection's frames leave at once: coalescing is for small frames.
 CORK_BYTES = 65536
 
-# Connections with corked frames, flushed once at the end of the loop turn.
-_corked = []
+# Connection -> its corked frame (bytes) or frames (_Frames), flushed once at the end of the loop turn.
+# Kept here, not on the connection: an attribute set once would grow every connection's __dict__.
+_corked = {}
 _flush_scheduled = False
 
 
 def write_frame(conn, frame: bytes, counters: Counters) -> bool:
     """Hands one pre-encoded frame to a connection; returns False when it cannot take it.
 
-    `conn` is a WebSocket handler with `stream` set when it opened, `node`
-    (for its counters) and `corked` (None when nothing waits). The frame
-    leaves at the end of this loop turn with whatever else the connection got
-    in the turn, or at once past CORK_BYTES. When the kernel already refuses
-    the connection's bytes (its stream holds a backlog) and the backlog plus
-    what waits would pass the stream's `max_write_buffer_size`, the
-    connection is closed as a slow reader.
+    `conn` is a WebSocket handler with `stream` set when it opened and `node`
+    (for its counters). The frame leaves at the end of this loop turn with
+    whatever else the connection got in the turn, or at once past
+    CORK_BYTES. When the kernel already refuses the connection's bytes (its
+    stream holds a backlog) and the backlog plus what waits would pass the
+    stream's `max_write_buffer_size`, the connection is closed as a slow reader.
     """
     stream = conn.stream
     if stream is None:
         return False
-    waiting = conn.corked
+    waiting = _corked.get(conn)
     if waiting is None:
         size = len(frame)
     elif type(waiting) is bytes:
@@ -73,17 +73,13 @@ def write_frame(conn, frame: bytes, counters: Counters) -> bool:
         close_slow(conn)
         return False
     if waiting is None:
-        conn.corked = frame
         if size > CORK_BYTES:
-            return flush(conn) and _counted(counters)
-        _corked.append(conn)
-        global _flush_scheduled
-        if not _flush_scheduled:
-            _flush_scheduled = True
-            asyncio.get_running_loop().call_soon(flush_corked)
+            return _write(conn, frame) and _counted(counters)
+        _corked[conn] = frame
+        _schedule_flush()
     else:
         if type(waiting) is bytes:
-            waiting = conn.corked = _Frames((waiting,))
+            waiting = _corked[conn] = _Frames((waiting,))
         waiting.append(frame)
         waiting.size = size
         if size > CORK_BYTES:
@@ -104,19 +100,22 @@ def write_to_all(conns, frame: bytes, counters: Counters) -> int:
     corked = _corked
     for conn in conns:
         stream = conn.stream
-        if stream is not None and conn.corked is None and not stream._write_buffer._size:
-            conn.corked = frame
-            corked.append(conn)
+        if stream is not None and conn not in corked and not stream._write_buffer._size:
+            corked[conn] = frame
             corked_here += 1
         elif write_frame(conn, frame, counters):
             written += 1
     if corked_here:
         counters.out_total += corked_here
-        global _flush_scheduled
-        if not _flush_scheduled:
-            _flush_scheduled = True
-            asyncio.get_running_loop().call_soon(flush_corked)
+        _schedule_flush()
     return written + corked_here
+
+
+def _schedule_flush() -> None:
+    global _flush_scheduled
+    if not _flush_scheduled:
+        _flush_scheduled = True
+        asyncio.get_running_loop().call_soon(flush_corked)
 
 
 def _counted(counters: Counters) -> bool:
@@ -128,23 +127,25 @@ def flush_corked() -> None:
     """The end of the turn: every corked connection gets its frames in one write."""
     global _corked, _flush_scheduled
     _flush_scheduled = False
-    conns, _corked = _corked, []
-    for conn in conns:
-        flush(conn)
+    corked, _corked = _corked, {}
+    for conn, data in corked.items():
+        _write(conn, data)
 
 
 def flush(conn) -> bool:
-    """Writes a connection's corked frames now (before a close frame, past CORK_BYTES, at the end of the turn).
+    """Writes a connection's corked frames now (before a close frame, past CORK_BYTES); False when it could not."""
+    data = _corked.pop(conn, None)
+    return True if data is None else _write(conn, data)
+
+
+def _write(conn, data) -> bool:
+    """Writes a frame or frames to a connection's stream.
 
     When its stream has nothing queued, the bytes go straight to the socket
     (no Future, no buffer); only what the kernel does not take is queued on
     the stream, whose bound (`max_write_buffer_size`) closes a slow reader.
     Returns False when the bytes could not be written.
     """
-    data = conn.corked
-    if data is None:
-        return True
-    conn.corked = None
     stream = conn.stream
     if stream is None:
         return False
@@ -173,7 +174,7 @@ def close_slow(conn) -> None:
     """Closes a connection whose write buffer is full (docs/protocol.md, Client WebSocket server: close 1008)."""
     stream = conn.stream
     conn.stream = None
-    conn.corked = None
+    _corked.pop(conn, None)
     log.info("closing %s: write buffer over its limit", conn.describe())
     if stream is not None:
         stream.max_write_buffer_size = None   # room for the close frame
