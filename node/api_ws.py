@@ -15,6 +15,7 @@ from cluster import protocol
 from cluster.access import OPEN, Denied, refuse
 from cluster.protocol import ApiError, CloseCode, ErrorCode
 from node.api import Caller
+from node.client_protocol import ClientProtocol
 from node.clients import flush, write_frame
 
 log = logging.getLogger("meshgate.access")
@@ -23,6 +24,8 @@ _PONG = protocol.encode_ws_frame(b"pong")
 
 
 class ApiSocket(tornado.websocket.WebSocketHandler):
+    _closed_by_server = None   # (code, reason) of our own close (ClientProtocol sets it)
+
     def initialize(self, api, node, max_body: int):
         self.api = api
         self.node = node
@@ -35,6 +38,16 @@ class ApiSocket(tornado.websocket.WebSocketHandler):
 
     def check_origin(self, origin: str) -> bool:
         return True   # checked in get(), by the same rules as HTTP (cluster/access.py)
+
+    def get_websocket_protocol(self):
+        """The client servers' strict reader, which also reads many pipelined requests per system call."""
+        if self.request.headers.get("Sec-WebSocket-Version") != "13":
+            return None
+        params = tornado.websocket._WebSocketParams(max_message_size=self.max_message_size, compression_options=None)
+        return ClientProtocol(self, False, params)
+
+    def on_frame(self) -> bool:
+        return True   # no rate limit on the backend API
 
     async def get(self, *args, **kwargs):
         try:

@@ -3,8 +3,8 @@
 docs/protocol.md, Client WebSocket server, Limits. Tornado drops a connection
 that breaks RFC 6455 without saying why, does not insist that client frames
 are masked, and lets a fragmented message wait forever. `ClientProtocol`
-replaces its frame reader (`_receive_frame`) with one that checks every
-frame and closes with the code the RFC names:
+replaces its frame reader with one that reads whatever the socket has, checks
+every frame and closes with the code the RFC names:
 
 - 1002: reserved bits set (no extension is ever negotiated), an unknown
   opcode, a fragmented or longer than 125 bytes control frame, an unmasked
@@ -20,10 +20,12 @@ Everything else (close handshake, pings and pongs, callbacks) is Tornado's.
 Owned by the node's IOLoop.
 """
 
+import asyncio
 import struct
 import time
 
 import tornado.websocket
+from tornado.iostream import StreamClosedError
 from tornado.util import _websocket_mask
 
 from cluster.protocol import CloseCode, valid_close_code
@@ -33,6 +35,9 @@ _FIN, _RSV, _OPCODE, _MASKED = 0x80, 0x70, 0x0F, 0x80
 _CONTINUATION, _TEXT, _BINARY, _CLOSE = 0x0, 0x1, 0x2, 0x8
 _KNOWN = frozenset((0x0, 0x1, 0x2, 0x8, 0x9, 0xA))
 _CONTROL_MAX = 125
+_SHORT, _LONG = struct.Struct("!H"), struct.Struct("!Q")
+_CHUNK = 65536               # bytes read from the socket at a time
+_TURN_S = 0.01               # one connection's frames hold the loop at most about this long
 
 
 def frame_problem(first: int, second: int, in_message: bool):
@@ -78,6 +83,7 @@ class ClientProtocol(tornado.websocket.WebSocketProtocol13):
     """Tornado's protocol with a strict frame reader, telling the handler the code of its own closes."""
 
     fragment_started = 0.0    # time.monotonic() of a fragmented message's first frame; 0 when none is open
+    _header = None            # the checked header of a frame whose payload has not all arrived
 
     def close(self, code=None, reason=None):
         handler = self.handler
@@ -93,53 +99,115 @@ class ClientProtocol(tornado.websocket.WebSocketProtocol13):
         self.close(int(code), what)
         self._abort()
 
-    async def _receive_frame(self) -> None:
-        first, second = await self._read_bytes(2)
+    async def _receive_frame_loop(self) -> None:
+        """Reads what the socket has (up to _CHUNK bytes at a time) and handles every whole frame in it.
+
+        One read and one pass for many small frames (pipelined requests, a
+        burst of client messages), where Tornado's reader awaits each frame's
+        header, length, mask and payload in turn. A frame's header is checked
+        as soon as it is whole, once, before its payload is waited for.
+        """
+        data = bytearray()
+        began = time.monotonic()
+        try:
+            while not self.client_terminated:
+                reading = self.stream.read_bytes(_CHUNK, partial=True)
+                if reading.done():   # it was buffered already: no other work ran meanwhile
+                    data += reading.result()
+                else:
+                    data += await reading
+                    began = time.monotonic()
+                pos = frames = 0
+                while not self.client_terminated:
+                    step = self._next_frame(data, pos)
+                    if step is None:   # the rest is not a whole frame yet
+                        break
+                    pos, waiting = step
+                    if waiting is not None:   # a callback's awaitable: the next frame waits for it
+                        await waiting
+                    frames += 1
+                    if not frames % 4 and time.monotonic() - began > _TURN_S:
+                        # A fast sender must not hold the loop: each request may fan out widely.
+                        del data[:pos]
+                        pos = 0
+                        await asyncio.sleep(0)
+                        began = time.monotonic()
+                del data[:pos]
+        except StreamClosedError:
+            self._abort()
+        finally:
+            self.handler.on_ws_connection_close(self.close_code, self.close_reason)
+
+    def _next_frame(self, data: bytearray, pos: int):
+        """Handles the frame at `data[pos:]` if it is whole: `(next pos, awaitable or None)`; else None."""
+        header = self._header
+        if header is None:
+            header = self._read_header(data, pos)
+            if header is None:
+                return None
+            self._header = header
+        opcode, final, start, length, keep = header
+        start += pos   # the header keeps offsets from the frame's first byte: bytes before it are dropped
+        end = start + 4 + length
+        if len(data) < end:
+            return None
+        self._header = None
+        if not keep:
+            return end, None
+        payload = _websocket_mask(bytes(data[start:start + 4]), bytes(data[start + 4:end])) if length else b""
         buffer = self._fragmented_message_buffer
-        problem = frame_problem(first, second, buffer is not None)
-        if problem is not None:
-            return self.fail(CloseCode.PROTOCOL_ERROR, problem)
-        if self.server_terminated and first & _OPCODE != _CLOSE:
-            return await self._discard(second)   # closing: read on (no reset) until the client's close frame
-        if not self.handler.on_frame():   # every frame counts: pings and fragments cost as messages do
-            report_broken(self.handler, CloseCode.POLICY_VIOLATION, "rate limit")
-            self.close(int(CloseCode.POLICY_VIOLATION), "rate limit")
-            return await self._discard(second)
-        opcode, final, length = first & _OPCODE, first & _FIN, second & 0x7F
-        if length == 126:
-            length = struct.unpack("!H", await self._read_bytes(2))[0]
-        elif length == 127:
-            length = struct.unpack("!Q", await self._read_bytes(8))[0]
-        if opcode < _CLOSE and length + (len(buffer) if buffer is not None else 0) > self.params.max_message_size:
-            return self.fail(CloseCode.MESSAGE_TOO_BIG, "message too big")
-        mask = await self._read_bytes(4)
-        data = _websocket_mask(mask, await self._read_bytes(length)) if length else b""
         if opcode == _CONTINUATION:
-            buffer.extend(data)
+            buffer.extend(payload)
             if not final:
-                return
-            opcode, data = self._fragmented_message_opcode, bytes(buffer)
+                return end, None
+            opcode, payload = self._fragmented_message_opcode, bytes(buffer)
             self._fragmented_message_buffer = None
             self.fragment_started = 0.0
         elif not final:   # the first frame of a fragmented message
             self._fragmented_message_opcode = opcode
-            self._fragmented_message_buffer = bytearray(data)
+            self._fragmented_message_buffer = bytearray(payload)
             self.fragment_started = time.monotonic()
-            return
-        handled = self._handle_message(opcode, data)
-        if handled is not None:
-            await handled
+            return end, None
+        return end, self._handle_message(opcode, payload)
 
-    async def _discard(self, second: int) -> None:
-        """Reads the rest of a frame whose header was read, and drops it (up to max_message_size)."""
-        length = second & 0x7F
+    def _read_header(self, data: bytearray, pos: int):
+        """Checks a frame's header once it is whole: `(opcode, final, mask offset, length, keep)`, or None.
+
+        `keep` is False for a frame read only to be dropped (after our close, or
+        over the rate limit). A frame that breaks the rules fails the
+        connection here, before its payload is waited for.
+        """
+        if len(data) - pos < 2:
+            return None
+        first, second = data[pos], data[pos + 1]
+        length, start = second & 0x7F, pos + 2
         if length == 126:
-            length = struct.unpack("!H", await self._read_bytes(2))[0]
+            if len(data) - pos < 4:
+                return None
+            length, start = _SHORT.unpack_from(data, pos + 2)[0], pos + 4
         elif length == 127:
-            length = struct.unpack("!Q", await self._read_bytes(8))[0]
-        if length > self.params.max_message_size:
-            return self._abort()
-        await self._read_bytes(4 + length)
+            if len(data) - pos < 10:
+                return None
+            length, start = _LONG.unpack_from(data, pos + 2)[0], pos + 10
+        buffer = self._fragmented_message_buffer
+        problem = frame_problem(first, second, buffer is not None)
+        if problem is not None:
+            self.fail(CloseCode.PROTOCOL_ERROR, problem)
+            return None
+        opcode, keep = first & _OPCODE, True
+        if self.server_terminated and opcode != _CLOSE:
+            keep = False   # closing: read on (no reset) until the client's close frame
+        elif not self.handler.on_frame():   # every frame counts: pings and fragments cost as messages do
+            report_broken(self.handler, CloseCode.POLICY_VIOLATION, "rate limit")
+            self.close(int(CloseCode.POLICY_VIOLATION), "rate limit")
+            keep = False
+        elif opcode < _CLOSE and length + (len(buffer) if buffer is not None else 0) > self.params.max_message_size:
+            self.fail(CloseCode.MESSAGE_TOO_BIG, "message too big")
+            return None
+        if not keep and length > self.params.max_message_size:
+            self._abort()
+            return None
+        return opcode, first & _FIN, start - pos, length, keep
 
     def _handle_message(self, opcode: int, data: bytes):
         if self.client_terminated:

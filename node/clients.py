@@ -67,7 +67,10 @@ def write_frame(conn, frame: bytes, counters: Counters) -> bool:
         size = len(waiting) + len(frame)
     else:
         size = waiting.size + len(frame)
-    backlog = stream._write_buffer._size   # tornado's queue (what the kernel did not take yet)
+    buffer = stream._write_buffer   # tornado's queue (what the kernel did not take yet); None once closed
+    if buffer is None:
+        return False
+    backlog = buffer._size
     if backlog and stream.max_write_buffer_size is not None and backlog + size > stream.max_write_buffer_size:
         counters.slow_closed += 1
         close_slow(conn)
@@ -100,7 +103,8 @@ def write_to_all(conns, frame: bytes, counters: Counters) -> int:
     corked = _corked
     for conn in conns:
         stream = conn.stream
-        if stream is not None and conn not in corked and not stream._write_buffer._size:
+        if stream is not None and conn not in corked and stream._write_buffer is not None \
+                and not stream._write_buffer._size:
             corked[conn] = frame
             corked_here += 1
         elif write_frame(conn, frame, counters):
@@ -152,7 +156,7 @@ def _write(conn, data) -> bool:
     if type(data) is not bytes:
         data = b"".join(data)
     try:
-        if not stream._write_buffer._size:   # tornado's queue; empty means the socket is ours
+        if not stream._write_buffer:   # tornado's queue (falsy when empty); empty means the socket is ours
             try:
                 sent = stream.socket.send(data)
             except BlockingIOError:

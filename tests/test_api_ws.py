@@ -664,3 +664,46 @@ def test_cross_origin_upgrade_is_refused(cluster):
     bare.send("ping")
     assert bare.recv() == "pong"
     bare.close()
+
+
+def _raw_api(cluster):
+    """A raw socket upgraded to /ws/v1 (to send frames no client library would)."""
+    import socket
+    sock = socket.create_connection(("127.0.0.1", cluster.api_port), timeout=WAIT)
+    sock.sendall(b"GET /ws/v1 HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(4096)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock, head.split(b"\r\n\r\n", 1)[1]
+
+
+def _close_code_of(sock, data: bytes) -> int:
+    """Reads frames until the server's close frame; returns its code."""
+    while True:
+        while len(data) < 2 or len(data) < 2 + (data[1] & 0x7F):
+            chunk = sock.recv(4096)
+            assert chunk, "closed without a close frame"
+            data += chunk
+        opcode, length = data[0] & 0x0F, data[1] & 0x7F
+        if opcode == 0x8:
+            return int.from_bytes(data[2:4], "big")
+        data = data[2 + length:]
+
+
+@pytest.mark.parametrize("frame, code", [
+    (b"\x81\x05hello", 1002),                                                # not masked
+    (b"\xc1\x85" + b"\x00" * 4 + b"hello", 1002),                            # a reserved bit
+    (websocket.ABNF.create_frame(b"\xff\xfe", websocket.ABNF.OPCODE_TEXT).format(), 1007),   # not UTF-8
+])
+def test_ws_frames_that_break_the_rfc_close_with_its_code(cluster, frame, code):
+    """/ws/v1 reads frames as strictly as the client servers: 1002 for a protocol violation, 1007 for bad UTF-8."""
+    sock, rest = _raw_api(cluster)
+    try:
+        sock.sendall(frame)
+        assert _close_code_of(sock, rest) == code
+    finally:
+        sock.close()
+    api = cluster.api()
+    assert api.request("mesh.publish", {"c": channel(), "d": "still serving"})["E"] is None

@@ -124,7 +124,8 @@ def test_a_reader_that_stops_is_closed_at_its_limit_and_the_others_lose_nothing(
         if any(reply["r"]["f"] for reply in replies.values()):
             break
     assert any(reply["r"]["f"] == 1 for reply in replies.values()), "the slow reader was never refused"
-    assert slow.close_code() == 1008
+    # Its close frame waits behind megabytes it does not read: it may be cut off before it sees it.
+    assert slow.close_code() in (1008, None)
     wait_until(lambda: pair.status()["totals"].get("slow_closed", 0) >= 1, what="slow_closed in status")
 
 
@@ -142,3 +143,43 @@ def _learn_ids(cluster, clients) -> list:
                 break
     consumer.ws.close()
     return ids
+
+
+def test_frames_split_anywhere_are_read_whole(pair):
+    """Pipelined /ws/v1 frames (7-, 16- and 64-bit lengths) sent in pieces cut anywhere: every request is read whole."""
+    import random
+    import time
+
+    import websocket
+    sizes = [10, 125, 126, 127, 5000, 65535, 65536, 70000] * 5
+    wire = b"".join(websocket.ABNF.create_frame(json.dumps(
+        {"m": "mesh.publish", "p": {"c": "split-" + "x" * 8, "d": "y" * size}, "i": n}), websocket.ABNF.OPCODE_TEXT
+    ).format() for n, size in enumerate(sizes))
+    sock = socket.create_connection(("127.0.0.1", pair.api_port), timeout=WAIT)
+    sock.sendall(b"GET /ws/v1 HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(4096)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    rest = head.split(b"\r\n\r\n", 1)[1]
+    cut = random.Random(7)
+    at = 0
+    while at < len(wire):
+        step = cut.choice([1, 2, 3, 7, 64, 1000, 40000])
+        sock.sendall(wire[at:at + step])
+        at += step
+        if cut.random() < 0.05:
+            time.sleep(0.002)   # let the node read what came so far: the next piece lands in a new read
+    got, data = set(), rest
+    while len(got) < len(sizes):
+        while len(data) < 2 or len(data) < 2 + (data[1] & 0x7F if data[1] & 0x7F < 126 else 0):
+            data += sock.recv(65536)
+        length = data[1] & 0x7F
+        assert length < 126, "replies are short"
+        reply = json.loads(data[2:2 + length])
+        data = data[2 + length:]
+        assert reply["E"] is None and reply["r"] == {"s": 0, "f": 0}, reply
+        got.add(reply["i"])
+    assert got == set(range(len(sizes)))
+    sock.close()
