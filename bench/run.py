@@ -394,6 +394,7 @@ def fanout_round(server, count: int, args) -> dict:
         health = server_health(server)
     finally:
         server.stop(keep_log=log_path(args, server, count))
+    health.update(declared_dead(server, log_path(args, server, count)))
     result.update({
         "subscribers": count, "note": note, "connect_seconds": receivers.connect_seconds, "warmups": warmups,
         "rss_before": idle["rss"], "rss_after": loaded["rss"], "pss_before": idle["pss"], "pss_after": loaded["pss"],
@@ -414,6 +415,18 @@ def server_health(server) -> dict:
     keys = ("slow_closed", "forward_timeouts", "queue_dropped", "hook_errors", "limit_closed")
     try:
         return {key: sum(node.get(key, 0) for node in server.nodes()) for key in keys}
+    except OSError:
+        return {}
+
+
+def declared_dead(server, log: Path) -> dict:
+    """How often meshgate's coordinator declared a live node dead (no heartbeat within node_timeout):
+    a node whose event loop is held that long by fan-out work on a starved CPU is dropped from the
+    routing tables until it registers again, and publishes meanwhile skip its subscribers."""
+    if server.name != "meshgate":
+        return {}
+    try:
+        return {"declared_dead": log.read_text(errors="replace").count("removed: no heartbeat")}
     except OSError:
         return {}
 
@@ -440,6 +453,7 @@ def publish_round(server, args) -> dict:
         result["server_health"] = server_health(server)
     finally:
         server.stop(keep_log=log_path(args, server, count))
+    result["server_health"].update(declared_dead(server, log_path(args, server, count)))
     return result
 
 
@@ -606,6 +620,8 @@ def parse_args():
     parser.add_argument("--servers", nargs="+", default=["meshgate", "nchan", "baseline"],
                         choices=["meshgate", "nchan", "baseline"])
     parser.add_argument("--workers", type=int, default=2, help="meshgate node processes")
+    parser.add_argument("--node-timeout", type=float, default=3.0,
+                        help="meshgate's coordinator.node_timeout (3 s, its default)")
     parser.add_argument("--deliveries", type=int, default=200_000,
                         help="fan-out messages per round M = this / K (at least 10)")
     parser.add_argument("--size", type=int, default=100, help="payload bytes of every message")
@@ -631,7 +647,8 @@ def servers_to_run(args, skipped: dict) -> list:
             skipped[name] = nchan_missing()
             print(f"Nchan skipped: {nchan_missing()}. The other servers still run.")
             continue
-        chosen.append({"meshgate": lambda: Meshgate(args.workers), "nchan": Nchan, "baseline": Baseline}[name]())
+        chosen.append({"meshgate": lambda: Meshgate(args.workers, args.node_timeout), "nchan": Nchan,
+                       "baseline": Baseline}[name]())
     return chosen
 
 

@@ -108,18 +108,20 @@ class Meshgate:
 
     name, label = "meshgate", "meshgate"
 
-    def __init__(self, workers: int = 2):
+    def __init__(self, workers: int = 2, node_timeout: float = 3.0):
         self.workers = workers
+        self.node_timeout = node_timeout
         self.cluster = None
         self.tmp = None
         self.last_log = ""
 
     def describe(self) -> str:
-        return f"meshgate, {self.workers} node processes (+ coordinator, supervisor)"
+        return (f"meshgate, {self.workers} node processes (+ coordinator, supervisor), "
+                f"node_timeout {self.node_timeout:g} s")
 
     def start(self) -> "Meshgate":
         self.tmp = Path(tempfile.mkdtemp(prefix="bench-meshgate-"))
-        self.cluster = Cluster(self.tmp, workers=self.workers,
+        self.cluster = Cluster(self.tmp, workers=self.workers, node_timeout=self.node_timeout,
                                server={"entry": str(HERE / "entry.py"), "read_timeout": 600})
         self.cluster.start_options = {"start_new_session": True}   # Ctrl-C reaches run.py only (it stops us)
         self.cluster.start()
