@@ -1,6 +1,6 @@
 """meshgate against Nchan and a hand-written `websockets` server, same run, same load generator.
 
-    make bench                                   # everything, about 6 minutes on 2 cores
+    make bench                                   # everything, about 5 minutes on 2 cores
     .venv/bin/python bench/run.py --subscribers 1000 5000 20000
     make bench BENCH_ARGS="--subscribers 1000 --servers meshgate nchan"
 
