@@ -40,9 +40,20 @@ browser:
 	    echo "meshgate: chromium is not installed and apt-get needs root; the browser test will be skipped"; \
 	  fi; }
 
+# meshgate against Nchan and a websockets baseline (bench/README.md); never part of `make test`.
+# Nchan comes from Debian's nginx-light and libnginx-mod-nchan; when they cannot be installed the
+# Nchan round is skipped and says why. Flags go through: make bench BENCH_ARGS="--subscribers 1000".
 bench: $(VENV)/.installed-test
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
-	$(BIN)/python bench/fanout.py
+	@if [ -x /usr/sbin/nginx ] && [ -f /usr/lib/nginx/modules/ngx_nchan_module.so ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing nginx-light and libnginx-mod-nchan for the Nchan round"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light libnginx-mod-nchan >/dev/null; } \
+	    || echo "meshgate bench: nginx-light and libnginx-mod-nchan could not be installed; the Nchan round will be skipped"; \
+	else \
+	  echo "meshgate bench: Nchan is not installed and apt-get needs root; the Nchan round will be skipped"; \
+	fi
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

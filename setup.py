@@ -33,7 +33,8 @@ setup(
             # property-based tests of the protocol parsers and the mesh readers.
             "hypothesis>=6.80,<7",
         ],
-        # bench/: the hand-written `websockets` broadcast server is the baseline.
+        # bench/: the hand-written `websockets` broadcast server is the baseline (bench/baseline_server.py
+        # uses websockets.asyncio, new in 13); websocket-client runs the Nchan smoke test.
         "bench": ["websockets>=13,<16", "websocket-client>=1.5,<2"],
     },
     entry_points={"console_scripts": ["meshgate = cluster.cli:main"]},
