@@ -634,7 +634,7 @@ def kind_name(kind: type) -> str:
 
 
 def send_request(client_id: int, frame: bytes) -> Outbound:
-    return Outbound(Send, _dumps({"c": client_id}), frame)
+    return Outbound(Send, b'{"c":%d}' % client_id, frame)   # the JSON of {"c": client_id}, made per send
 
 
 def publish_request(channels: list, frame: bytes) -> Outbound:
@@ -706,13 +706,16 @@ class Failure(NamedTuple):
     message: str
 
 
+_SEND_RESULTS = {True: b'{"s":true}', False: b'{"s":false}', None: b'{"s":null}'}
+
+
 def send_result(written: Optional[bool]) -> bytes:
     """True written, False the write failed, None: no such client on that node."""
-    return _dumps({"s": written})
+    return _SEND_RESULTS[written]
 
 
 def publish_result(written: int, failed: int) -> bytes:
-    return _dumps({"s": written, "f": failed})
+    return b'{"s":%d,"f":%d}' % (written, failed)
 
 
 def call_result(result: dict) -> bytes:

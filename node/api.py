@@ -15,11 +15,13 @@ node/forward.py decides whether a call runs here or on the client's owner.
 import asyncio
 import inspect
 import logging
+from functools import partial
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 from cluster import protocol
 from cluster.access import ALL_ROLES, READ, WRITE
 from cluster.protocol import ApiError, ErrorCode
+from node.forward import Deferred
 from node.queues import AlreadyConsuming, TooManyTopics
 
 log = logging.getLogger("meshgate.access")
@@ -80,6 +82,9 @@ class Api:
             if role not in caller.roles:
                 raise ApiError(ErrorCode.NOT_AUTHORIZED, f"{method}: this user lacks the {role} role")
             result = spec.run(self, parsed, caller)
+            if type(result) is Deferred:   # waits for a peer: settled from the future's callback, no task
+                result.future.add_done_callback(partial(self._settle, method, result.finish, caller, req_id, reply))
+                return result.future
             if inspect.isawaitable(result):
                 return asyncio.ensure_future(self._finish(method, result, caller, req_id, reply))
             envelope = protocol.ok_body(result, req_id, caller.ws).encode("utf-8")
@@ -92,6 +97,14 @@ class Api:
     async def _finish(self, method: str, awaitable, caller: Caller, req_id, reply) -> None:
         try:
             envelope = protocol.ok_body(await awaitable, req_id, caller.ws).encode("utf-8")
+        except Exception as exc:
+            reply(*self._failed(method, exc, caller, req_id))
+            return
+        reply(None, envelope)
+
+    def _settle(self, method: str, finish, caller: Caller, req_id, reply, future) -> None:
+        try:
+            envelope = protocol.ok_body(finish(future), req_id, caller.ws).encode("utf-8")
         except Exception as exc:
             reply(*self._failed(method, exc, caller, req_id))
             return
@@ -111,12 +124,16 @@ class Api:
     def mesh_send(self, params: protocol.SendParams, caller: Caller):
         payload = params.payload
         waiting = self.node.forward.send(params.client_id, protocol.encode_ws_frame(payload.data, payload.binary))
-        return _SENT if waiting is None else _after(waiting, _SENT)
+        return _SENT if waiting is None else Deferred(waiting.future, partial(_sent, waiting.finish))
 
     def mesh_publish(self, params: protocol.PublishParams, caller: Caller):
         payload = params.payload
         counts = self.node.forward.publish(params.channels, protocol.encode_ws_frame(payload.data, payload.binary))
-        return _counts(counts) if type(counts) is tuple else _counted(counts)
+        if type(counts) is tuple:
+            return _counts(counts)
+        if type(counts) is Deferred:
+            return Deferred(counts.future, partial(_counted_now, counts.finish))
+        return _counted(counts)
 
     def conn_call(self, params: protocol.CallParams, caller: Caller):
         return self.node.forward.call(params.client_id, params.function, params.args)
@@ -159,17 +176,21 @@ class Api:
 _SENT = {"s": True}
 
 
+def _sent(finish, future) -> dict:
+    finish(future)
+    return _SENT
+
+
 def _counts(counts: tuple) -> dict:
     return {"s": counts[0], "f": counts[1]}
 
 
+def _counted_now(finish, future) -> dict:
+    return _counts(finish(future))
+
+
 async def _counted(awaitable) -> dict:
     return _counts(await awaitable)
-
-
-async def _after(awaitable, result):
-    await awaitable
-    return result
 
 
 def _consumer(caller: Caller, method: str):

@@ -12,6 +12,7 @@ lean path is not sure of, goes through the Tornado application and its
 handlers below, which answer every case.
 """
 
+import asyncio
 import logging
 import time
 from email.utils import formatdate
@@ -209,7 +210,7 @@ class CallHandler(_EnvelopeHandler):
             return
         running = self.api.execute(self.method, params, Caller("", False, roles=self.user.roles), None, self.reply)
         if running is not None:
-            await running
+            await asyncio.wait([running])   # the executor replies (an error included); only wait for it
 
     def _unsupported(self, *args):
         raise tornado.web.HTTPError(405)

@@ -15,6 +15,7 @@ import logging
 from cluster import protocol
 from cluster.entry_spec import EntryError
 from cluster.protocol import ApiError
+from node.forward import Deferred
 from node.queues import QueueFull
 
 log = logging.getLogger("meshgate.entry")
@@ -72,11 +73,12 @@ class Mesh:
         async def deliver():
             if waiting is False:
                 return False
-            try:
-                if waiting is not None:
-                    await waiting
-            except ApiError:
-                return False
+            if waiting is not None:   # a Deferred: the owner's answer
+                await asyncio.wait([waiting.future])
+                try:
+                    waiting.finish(waiting.future)
+                except ApiError:
+                    return False
             return True
         return _background(deliver())
 
@@ -87,11 +89,11 @@ class Mesh:
             check_name(name, "channel")
         payload, binary = encode_data(data, type)
         counts = self._node.forward.publish(channels, protocol.encode_ws_frame(payload, binary))
-        if isinstance(counts, tuple):   # no peer to wait for
+        if isinstance(counts, tuple) and not isinstance(counts, Deferred):   # no peer to wait for
             done = asyncio.get_running_loop().create_future()
             done.set_result(counts)
             return done
-        return _background(counts)
+        return _background(_counted(counts) if isinstance(counts, Deferred) else counts)
 
 
 class Queue:
@@ -132,6 +134,11 @@ def check_name(name, kind: str) -> str:
         return protocol.parse_name(name, kind, kind)
     except ApiError as exc:
         raise ValueError(exc.message) from None
+
+
+async def _counted(deferred) -> tuple:
+    await asyncio.wait([deferred.future])
+    return deferred.finish(deferred.future)
 
 
 def _background(awaitable) -> asyncio.Future:

@@ -9,10 +9,21 @@ request a peer forwards here is served locally only, never sent on
 IOLoop.
 """
 
+import asyncio
+from functools import partial
+from typing import Callable, NamedTuple
+
 from cluster import mesh
 from cluster.ids import node_id_of
 from cluster.protocol import ApiError, ErrorCode
 from node.mesh_point import BadReply, PeerTimeout, PeerUnavailable, TooLarge
+
+
+class Deferred(NamedTuple):
+    """A call that waits for a peer, without a task of its own: `finish(future)` is its result
+    once `future` is done (or raises its ApiError). Run `finish` from a done callback of `future`."""
+    future: asyncio.Future
+    finish: Callable
 
 
 class Forwarder:
@@ -43,8 +54,8 @@ class Forwarder:
     def send(self, client_id: int, frame: bytes):
         """Delivers one encoded frame to a client anywhere in the mesh.
 
-        Returns None when it was written here, or an awaitable that ends
-        when the client's node wrote it (nothing to wait for on the local path).
+        Returns None when it was written here, or a `Deferred` that ends when
+        the client's node wrote it (nothing to wait for on the local path).
 
         Raises:
             ApiError(401): not connected anywhere, owner dead or silent, or the write failed.
@@ -55,27 +66,13 @@ class Forwarder:
         if owner not in self.routing.nodes:
             return _check_written(client_id, None)
         # Asked now, not when a task first runs: requests keep the order they were made in.
-        return self._sent_remote(owner, client_id, self.mesh_point.request(owner, mesh.send_request(client_id, frame)))
-
-    @staticmethod
-    async def _sent_remote(owner: int, client_id: int, reply) -> None:
-        try:
-            written = await reply
-        except PeerUnavailable:
-            written = None
-        except PeerTimeout:
-            raise ApiError(ErrorCode.SEND_FAILED,
-                           f"client {client_id}: its node {owner} did not answer within the forward timeout")
-        except (BadReply, TooLarge) as exc:
-            raise ApiError(ErrorCode.SEND_FAILED, f"client {client_id}: {exc}") from None
-        if isinstance(written, mesh.Failure):
-            raise ApiError(ErrorCode.SEND_FAILED, f"client {client_id}: its node {owner} failed: {written.message}")
-        _check_written(client_id, written)
+        return Deferred(self.mesh_point.request(owner, mesh.send_request(client_id, frame)),
+                        partial(_sent_remote, owner, client_id))
 
     def publish(self, channels: list, frame: bytes):
         """Delivers one encoded frame to every subscriber of `channels` in the mesh, once each.
 
-        Returns `(s, f)` when no peer has subscribers, else an awaitable of it.
+        Returns `(s, f)` when no peer has subscribers, a `Deferred` of it for one peer, else an awaitable.
         """
         peers = self.routing.interested_peers(channels)
         # Peers first: ZeroMQ sends on its own thread, so they fan out while this node does.
@@ -84,25 +81,27 @@ class Forwarder:
         written, failed = self.hub.publish(channels, frame)
         if not pending:
             return written, failed
+        if len(pending) == 1:
+            [(peer, peer_channels)] = peers.items()
+            return Deferred(pending[0], partial(self._count_peer, peer, peer_channels, written, failed))
         return self._count_peers(peers, pending, written, failed)
 
+    def _count_peer(self, peer: int, peer_channels: list, written: int, failed: int, reply) -> tuple:
+        result = None if reply.exception() is not None else reply.result()   # a PeerError: no usable answer
+        if isinstance(result, mesh.Delivered):
+            return written + result.written, failed + result.failed
+        return written, failed + self.routing.interest_count(peer, peer_channels)   # as last advertised
+
     async def _count_peers(self, peers: dict, pending: list, written: int, failed: int) -> tuple:
-        for (peer, peer_channels), future in zip(peers.items(), pending):
-            try:
-                result = await future
-            except Exception:   # a PeerError: no answer, or no usable one
-                result = None
-            if isinstance(result, mesh.Delivered):
-                written += result.written
-                failed += result.failed
-            else:   # its subscribers as last advertised
-                failed += self.routing.interest_count(peer, peer_channels)
+        for (peer, peer_channels), reply in zip(peers.items(), pending):
+            await asyncio.wait([reply])
+            written, failed = self._count_peer(peer, peer_channels, written, failed, reply)
         return written, failed
 
     def call(self, client_id: int, function: str, args: list):
-        """Runs a conn.call function on a client anywhere in the mesh; returns an awaitable of the result `r`.
+        """Runs a conn.call function on a client anywhere in the mesh: an awaitable, or a `Deferred`, of `r`.
 
-        Raises (from the awaitable):
+        Raises (from the awaitable, or the Deferred's `finish`):
             ApiError(301): client not connected anywhere, or the function failed.
             ApiError(501): the owner did not answer in time.
         """
@@ -112,23 +111,8 @@ class Forwarder:
         if owner not in self.routing.nodes:
             return _fail(ApiError(ErrorCode.CALL_FAILED, f"client {client_id} is not connected"))
         # Asked now, not when a task first runs: requests keep the order they were made in.
-        return self._called_remote(owner, client_id,
-                                   self.mesh_point.request(owner, mesh.call_request(client_id, function, args)))
-
-    @staticmethod
-    async def _called_remote(owner: int, client_id: int, reply) -> dict:
-        try:
-            result = await reply
-        except PeerUnavailable:
-            raise ApiError(ErrorCode.CALL_FAILED, f"client {client_id} is not connected") from None
-        except PeerTimeout:
-            raise ApiError(ErrorCode.MESH_UNAVAILABLE,
-                           f"client {client_id}: its node {owner} did not answer within the forward timeout") from None
-        except (BadReply, TooLarge) as exc:
-            raise ApiError(ErrorCode.MESH_UNAVAILABLE, f"client {client_id}: {exc}") from None
-        if isinstance(result, mesh.Failure):
-            raise ApiError(result.code, result.message)
-        return result
+        return Deferred(self.mesh_point.request(owner, mesh.call_request(client_id, function, args)),
+                        partial(_called_remote, owner, client_id))
 
     # --- inbound -----------------------------------------------------------------------
 
@@ -167,3 +151,33 @@ def _check_written(client_id: int, written) -> None:
 
 async def _fail(error: Exception):
     raise error
+
+
+def _sent_remote(owner: int, client_id: int, reply) -> None:
+    """The outcome of a forwarded send (a done future of MeshPoint.request)."""
+    error = reply.exception()
+    if isinstance(error, PeerTimeout):
+        raise ApiError(ErrorCode.SEND_FAILED,
+                       f"client {client_id}: its node {owner} did not answer within the forward timeout")
+    if isinstance(error, (BadReply, TooLarge)):
+        raise ApiError(ErrorCode.SEND_FAILED, f"client {client_id}: {error}")
+    written = None if error is not None else reply.result()   # PeerUnavailable: not connected
+    if isinstance(written, mesh.Failure):
+        raise ApiError(ErrorCode.SEND_FAILED, f"client {client_id}: its node {owner} failed: {written.message}")
+    _check_written(client_id, written)
+
+
+def _called_remote(owner: int, client_id: int, reply) -> dict:
+    """The outcome of a forwarded conn.call."""
+    error = reply.exception()
+    if isinstance(error, PeerUnavailable):
+        raise ApiError(ErrorCode.CALL_FAILED, f"client {client_id} is not connected")
+    if isinstance(error, PeerTimeout):
+        raise ApiError(ErrorCode.MESH_UNAVAILABLE,
+                       f"client {client_id}: its node {owner} did not answer within the forward timeout")
+    if error is not None:   # BadReply, TooLarge
+        raise ApiError(ErrorCode.MESH_UNAVAILABLE, f"client {client_id}: {error}")
+    result = reply.result()
+    if isinstance(result, mesh.Failure):
+        raise ApiError(result.code, result.message)
+    return result

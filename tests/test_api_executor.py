@@ -16,6 +16,7 @@ import pytest
 from cluster import protocol
 from node import api as api_module
 from node.api import ALL_ROLES, Api, Caller, HTTP_CALLER
+from node.forward import Deferred
 from node.queues import AlreadyConsuming, TooManyTopics
 from conftest import names_field
 
@@ -33,10 +34,11 @@ class Parts:
         self.queues = SimpleNamespace(consume=self._consume, stop_consuming=self._stop,
                                       consumers=SimpleNamespace(max_topics_per_consumer=3))
 
-    async def _send(self, client_id, frame):
+    # As node/forward.py answers for the local path: at once (a Deferred when a peer must answer).
+    def _send(self, client_id, frame):
         self.calls.append(("send", client_id, frame))
 
-    async def _publish(self, channels, frame):
+    def _publish(self, channels, frame):
         self.calls.append(("publish", channels, frame))
         return 2, 1
 
@@ -158,7 +160,7 @@ def test_queue_pop_refusals_keep_their_codes(error, expected):
 def test_api_error_from_a_running_call_keeps_its_code():
     """An ApiError raised while a call runs (here a failed send) is answered with its own code and message."""
     parts = Parts()
-    parts.forward.send = async_raiser(protocol.ApiError(protocol.ErrorCode.SEND_FAILED, "client 1 is not connected"))
+    parts.forward.send = raiser(protocol.ApiError(protocol.ErrorCode.SEND_FAILED, "client 1 is not connected"))
     code, envelope, _ = run("mesh.send", {"c": "1", "d": "x"}, parts=parts)
     assert code == protocol.ErrorCode.SEND_FAILED
     assert envelope == {"E": {"c": 401, "m": "client 1 is not connected"}, "i": 5}
@@ -167,7 +169,7 @@ def test_api_error_from_a_running_call_keeps_its_code():
 @pytest.mark.parametrize("method, params, break_it", [
     ("queue.pop", {"t": ["a"]}, lambda parts: setattr(parts.queues, "consume", raiser(RuntimeError("bug")))),
     ("queue.unpop", {}, lambda parts: setattr(parts.queues, "stop_consuming", raiser(KeyError("bug")))),
-    ("mesh.send", {"c": CLIENT, "d": "x"}, lambda parts: setattr(parts.forward, "send", async_raiser(ValueError("bug")))),
+    ("mesh.send", {"c": CLIENT, "d": "x"}, lambda parts: setattr(parts.forward, "send", raiser(ValueError("bug")))),
     ("mesh.publish", {"c": "a", "d": "x"}, lambda parts: setattr(parts.forward, "publish", raiser(TypeError("bug")))),
     ("conn.call", {"c": CLIENT, "f": "get_context"},
      lambda parts: setattr(parts.forward, "call", async_raiser(RuntimeError("bug")))),
@@ -182,6 +184,32 @@ def test_unexpected_errors_are_logged_and_answered_501_for_every_method(method, 
     assert envelope == {"E": {"c": 501, "m": "internal error"}, "i": 5}
     [record] = [r for r in caplog.records if r.name == "meshgate.access"]
     assert record.getMessage() == f"{method} failed" and record.exc_info is not None
+
+
+def _deferred(outcome, finish):
+    """A stand-in for what node/forward.py hands back while a peer answers: a Deferred settled on the next turn."""
+    def start(*args):
+        future = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_soon(future.set_result, outcome)
+        return Deferred(future, finish)
+    return start
+
+
+@pytest.mark.parametrize("method, params, attribute, finish, expected", [
+    ("mesh.send", {"c": CLIENT, "d": "x"}, "send", lambda future: None, (None, {"s": True})),
+    ("mesh.send", {"c": CLIENT, "d": "x"}, "send",
+     raiser(protocol.ApiError(protocol.ErrorCode.SEND_FAILED, "client 1: its node 2 did not answer")), (401, None)),
+    ("mesh.publish", {"c": "a", "d": "x"}, "publish", lambda future: (3, future.result()), (None, {"s": 3, "f": 4})),
+    ("conn.call", {"c": CLIENT, "f": "get_context"}, "call", lambda future: {"s": True, "d": {}},
+     (None, {"s": True, "d": {}})),
+    ("conn.call", {"c": CLIENT, "f": "get_context"}, "call", raiser(KeyError("bug")), (501, None)),
+])
+def test_calls_that_wait_for_a_peer_are_settled_from_the_future(method, params, attribute, finish, expected):
+    """A Deferred (no task): its finish gives the result, or the ApiError's code, or 501 for a bug; one reply."""
+    parts = Parts()
+    setattr(parts.forward, attribute, _deferred(4, finish))
+    code, envelope, _ = run(method, params, parts=parts)
+    assert (code, envelope.get("r")) == expected
 
 
 def test_a_result_that_cannot_be_encoded_is_501_not_a_broken_reply(caplog):
