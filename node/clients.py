@@ -133,6 +133,21 @@ def flush_corked() -> None:
     _flush_scheduled = False
     corked, _corked = _corked, {}
     for conn, data in corked.items():
+        # The common case inline (this loop runs once per subscriber): one frame, nothing queued,
+        # and the kernel takes it all. What it does not take goes on through _write.
+        stream = conn.stream
+        if stream is not None and type(data) is bytes:
+            buffer = stream._write_buffer
+            if buffer is not None and not buffer._size:
+                try:
+                    sent = stream.socket.send(data)
+                except BlockingIOError:
+                    sent = 0
+                except (OSError, AttributeError):
+                    continue   # the connection is gone; its close is on its way
+                if sent == len(data):
+                    continue
+                data = memoryview(data)[sent:]
         _write(conn, data)
 
 
@@ -153,7 +168,7 @@ def _write(conn, data) -> bool:
     stream = conn.stream
     if stream is None:
         return False
-    if type(data) is not bytes:
+    if type(data) is _Frames:
         data = b"".join(data)
     try:
         if not stream._write_buffer:   # tornado's queue (falsy when empty); empty means the socket is ours
