@@ -16,14 +16,24 @@ frame and closes with the code the RFC names:
 
 It also remembers when a fragmented message began (`fragment_started`), so
 the handler can close one that is not complete within `read_timeout`.
+
+Between frames a connection waits on the stream's read Future alone, with a
+callback (`_wait_frame`): Tornado's loop would keep a Task and a stack of
+suspended coroutines per connection (the handshake's own among them, with
+the request's headers), most of the memory an idle connection costs. A frame
+that arrives is read by a short-lived coroutine (`_frames`), which reads on
+while the client's bytes are already there.
 Everything else (close handshake, pings and pongs, callbacks) is Tornado's.
 Owned by the node's IOLoop.
 """
 
+import asyncio
 import struct
 import time
 
 import tornado.websocket
+from tornado.iostream import StreamClosedError
+from tornado.log import gen_log
 from tornado.util import _websocket_mask
 
 from cluster.protocol import CloseCode, valid_close_code
@@ -93,8 +103,77 @@ class ClientProtocol(tornado.websocket.WebSocketProtocol13):
         self.close(int(code), what)
         self._abort()
 
-    async def _receive_frame(self) -> None:
-        first, second = await self._read_bytes(2)
+    async def _receive_frame_loop(self) -> None:
+        """Tornado's loop reads until the connection ends; this one returns once the first read waits.
+
+        The handshake's coroutines (RequestHandler._execute, get, accept_connection) end with it.
+        """
+        self._wait_frame()
+
+    def _wait_frame(self) -> None:
+        """Waits for the next frame's two header bytes without a coroutine (`_frame_arrived` gets them)."""
+        if self.client_terminated:
+            return self._ended(None)
+        try:
+            future = self.stream.read_bytes(2)
+        except Exception as exc:
+            return self._ended(exc)
+        future.add_done_callback(self._frame_arrived)
+
+    def _frame_arrived(self, future) -> None:
+        try:
+            header = future.result()
+        except (Exception, asyncio.CancelledError) as exc:   # StreamClosedError, mostly
+            return self._ended(exc)
+        self._wire_bytes_in += 2
+        asyncio.ensure_future(self._frames(header))
+
+    async def _frames(self, header: bytes) -> None:
+        """Reads frames, the first one's header read, until none is buffered; then `_wait_frame` again.
+
+        As Tornado's loop does, it gives the loop a turn every _YIELD_THRESHOLD bytes.
+        """
+        try:
+            work = 0
+            while True:
+                start = self._wire_bytes_in - 2
+                await self._receive_frame(header)
+                if self.client_terminated:
+                    break
+                work += tornado.websocket._FRAME_YIELD_COST + self._wire_bytes_in - start
+                if work >= tornado.websocket._YIELD_THRESHOLD:
+                    work = 0
+                    await asyncio.sleep(0)
+                    if self.client_terminated:
+                        break
+                future = self.stream.read_bytes(2)
+                if not future.done():   # nothing buffered: wait without this coroutine
+                    future.add_done_callback(self._frame_arrived)
+                    return
+                header = future.result()
+                self._wire_bytes_in += 2
+        except (Exception, asyncio.CancelledError) as exc:
+            return self._ended(exc)
+        self._ended(None)
+
+    def _ended(self, error) -> None:
+        """No more frames: what Tornado's loop and the handshake's coroutine did when reading stopped.
+
+        A closed stream or a cancelled read is the connection's end; a ValueError is logged as a
+        malformed request and anything else as the handler's exception; then the connection is
+        torn down and the handler told, once.
+        """
+        if error is not None:
+            if isinstance(error, ValueError):
+                gen_log.debug("Malformed WebSocket request received", exc_info=error)
+            elif not isinstance(error, (StreamClosedError, asyncio.CancelledError)):
+                self.handler.log_exception(type(error), error, error.__traceback__)
+            self._abort()
+        self.handler.on_ws_connection_close(self.close_code, self.close_reason)
+
+    async def _receive_frame(self, header: bytes) -> None:
+        """One frame, its two header bytes read."""
+        first, second = header
         buffer = self._fragmented_message_buffer
         problem = frame_problem(first, second, buffer is not None)
         if problem is not None:
