@@ -15,7 +15,7 @@ import tornado.websocket
 from cluster import protocol
 from cluster.protocol import CloseCode
 from node.client_limits import report_broken, take_token
-from node.client_protocol import ClientProtocol
+from node.client_protocol import ClientProtocol, slim_stream
 from node.clients import NO_CHANNELS, flush, write_frame
 from node.entry import ConnectionGone, ContextTimeout, check_name, encode_data
 
@@ -126,6 +126,7 @@ class ClientHandler(tornado.websocket.WebSocketHandler):
         self._release_request()
         self.stream = self.ws_connection.stream
         self.stream.max_write_buffer_size = self.server.write_buffer_limit
+        slim_stream(self.stream)
         self.last_seen = time.monotonic()
         self._opened = True
         node.client_opened(self)
