@@ -5,6 +5,7 @@ connection API" are what entries (docs/entries.md) and `conn.call` use.
 """
 
 import asyncio
+import functools
 import logging
 import time
 import types
@@ -24,6 +25,14 @@ log = logging.getLogger("meshgate.node")
 
 # A connection's token claims until it has some (most never do).
 NO_CLAIMS = types.MappingProxyType({})
+NO_KWARGS = types.MappingProxyType({})
+
+
+@functools.lru_cache(maxsize=None)
+def _params(ping_interval, ping_timeout, max_message_size: int) -> tornado.websocket._WebSocketParams:
+    """One (read-only) settings object per server, not one per connection."""
+    return tornado.websocket._WebSocketParams(ping_interval=ping_interval, ping_timeout=ping_timeout,
+                                              max_message_size=max_message_size, compression_options=None)
 
 
 class ClientHandler(tornado.websocket.WebSocketHandler):
@@ -71,10 +80,7 @@ class ClientHandler(tornado.websocket.WebSocketHandler):
     def get_websocket_protocol(self):
         if self.request.headers.get("Sec-WebSocket-Version") != "13":
             return None
-        params = tornado.websocket._WebSocketParams(
-            ping_interval=self.ping_interval, ping_timeout=self.ping_timeout,
-            max_message_size=self.max_message_size, compression_options=None)
-        return ClientProtocol(self, False, params)
+        return ClientProtocol(self, False, _params(self.ping_interval, self.ping_timeout, self.max_message_size))
 
     @property
     def max_message_size(self) -> int:
@@ -176,11 +182,17 @@ class ClientHandler(tornado.websocket.WebSocketHandler):
             self.entry.submit(self, "on_close", code, reason)
 
     def _release_request(self) -> None:
-        """Drops what only the handshake needed: an idle connection should cost little memory."""
+        """Drops what only the handshake needed: an idle connection should cost little memory.
+
+        Tornado's response buffer and transforms serve only write/flush/finish, which the
+        upgrade disabled; open's arguments were used.
+        """
         self.request = None
         self.ui = None
         self._headers = None
         self.path_args = self.path_kwargs = None
+        self._write_buffer = self._transforms = self.open_args = ()
+        self.open_kwargs = NO_KWARGS
 
     def log_exception(self, typ, value, tb) -> None:
         if isinstance(value, tornado.web.HTTPError):
