@@ -30,6 +30,7 @@ Owned by the node's IOLoop.
 import asyncio
 import collections
 import struct
+import sys
 import time
 
 import tornado.websocket
@@ -83,6 +84,10 @@ def close_frame_problem(payload: bytes):
     except UnicodeDecodeError:
         return CloseCode.INVALID_DATA, "close reason not UTF-8"
     return None
+
+
+# The frame readers running now: the loop holds Tasks only weakly.
+_reading = set()
 
 
 class OnDemandDeque:
@@ -179,7 +184,9 @@ class ClientProtocol(tornado.websocket.WebSocketProtocol13):
         except (Exception, asyncio.CancelledError) as exc:   # StreamClosedError, mostly
             return self._ended(exc)
         self._wire_bytes_in += 2
-        asyncio.ensure_future(self._frames(header))
+        task = asyncio.ensure_future(self._frames(header))
+        _reading.add(task)
+        task.add_done_callback(_reading.discard)
 
     async def _frames(self, header: bytes) -> None:
         """Reads frames, the first one's header read, until none is buffered; then `_wait_frame` again.
@@ -222,7 +229,10 @@ class ClientProtocol(tornado.websocket.WebSocketProtocol13):
             elif not isinstance(error, (StreamClosedError, asyncio.CancelledError)):
                 self.handler.log_exception(type(error), error, error.__traceback__)
             self._abort()
-        self.handler.on_ws_connection_close(self.close_code, self.close_reason)
+        try:
+            self.handler.on_ws_connection_close(self.close_code, self.close_reason)
+        except Exception:
+            self.handler.log_exception(*sys.exc_info())
 
     async def _receive_frame(self, header: bytes) -> None:
         """One frame, its two header bytes read."""
