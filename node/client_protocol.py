@@ -16,16 +16,31 @@ every frame and closes with the code the RFC names:
 
 It also remembers when a fragmented message began (`fragment_started`), so
 the handler can close one that is not complete within `read_timeout`.
+
+Between reads a connection waits on the stream's read Future alone, with a
+callback (`_read_more`): Tornado's loop would keep a Task and a stack of
+suspended coroutines per connection (the handshake's own among them, with
+the request's headers), most of the memory an idle connection costs. What a
+read brings (up to _CHUNK bytes) is parsed in one pass, every whole frame
+in it handled in order (`_parse`): one read for many pipelined frames where
+Tornado's reader awaits each frame's header, length, mask and payload in
+turn. A frame's header is checked once, as soon as it is whole, before its
+payload is waited for. One connection's frames hold the loop at most about
+_TURN_S; one request may fan out to thousands of connections, so a byte
+count would not be a fair measure.
 Everything else (close handshake, pings and pongs, callbacks) is Tornado's.
 Owned by the node's IOLoop.
 """
 
 import asyncio
+import collections
 import struct
+import sys
 import time
 
 import tornado.websocket
 from tornado.iostream import StreamClosedError
+from tornado.log import gen_log
 from tornado.util import _websocket_mask
 
 from cluster.protocol import CloseCode, valid_close_code
@@ -79,11 +94,64 @@ def close_frame_problem(payload: bytes):
     return None
 
 
+class OnDemandDeque:
+    """The deque operations IOStream uses, with a deque only while something is queued.
+
+    An empty `collections.deque` holds a 64-slot block: 760 bytes, twice per
+    IOStream (its write futures and its write buffer's chunks), and an open
+    connection's are empty nearly all the time (node/clients.py writes to the
+    socket itself when nothing is queued). This costs 48 bytes when empty; the
+    deque it makes for a backlog is dropped once the backlog drained.
+    """
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: collections.deque = None):
+        self._items = items or None
+
+    def append(self, item) -> None:
+        if self._items is None:
+            self._items = collections.deque()
+        self._items.append(item)
+
+    def popleft(self):
+        if self._items is None:
+            raise IndexError("pop from an empty deque")
+        item = self._items.popleft()
+        if not self._items:
+            self._items = None
+        return item
+
+    def clear(self) -> None:
+        self._items = None
+
+    def __getitem__(self, index):
+        if self._items is None:
+            raise IndexError("deque index out of range")
+        return self._items[index]
+
+    def __len__(self) -> int:
+        return len(self._items) if self._items is not None else 0
+
+    def __iter__(self):
+        return iter(self._items) if self._items is not None else iter(())
+
+
+def slim_stream(stream) -> None:
+    """Gives an upgraded connection's IOStream on-demand deques in place of its two (what they hold stays)."""
+    if type(stream._write_futures) is collections.deque:
+        stream._write_futures = OnDemandDeque(stream._write_futures)
+    buffer = stream._write_buffer
+    if type(buffer._buffers) is collections.deque:
+        buffer._buffers = OnDemandDeque(buffer._buffers)
+
+
 class ClientProtocol(tornado.websocket.WebSocketProtocol13):
     """Tornado's protocol with a strict frame reader, telling the handler the code of its own closes."""
 
     fragment_started = 0.0    # time.monotonic() of a fragmented message's first frame; 0 when none is open
     _header = None            # the checked header of a frame whose payload has not all arrived
+    _unread = None            # bytes read and not handled yet (part of a frame); None when there are none
 
     def close(self, code=None, reason=None):
         handler = self.handler
@@ -100,43 +168,82 @@ class ClientProtocol(tornado.websocket.WebSocketProtocol13):
         self._abort()
 
     async def _receive_frame_loop(self) -> None:
-        """Reads what the socket has (up to _CHUNK bytes at a time) and handles every whole frame in it.
+        """Tornado's loop reads until the connection ends; this one returns once the first read waits.
 
-        One read and one pass for many small frames (pipelined requests, a
-        burst of client messages), where Tornado's reader awaits each frame's
-        header, length, mask and payload in turn. A frame's header is checked
-        as soon as it is whole, once, before its payload is waited for.
+        The handshake's coroutines (RequestHandler._execute, get, accept_connection) end with it.
         """
-        data = bytearray()
+        self._read_more()
+
+    def _read_more(self) -> None:
+        """Waits for the client's next bytes without a coroutine (`_arrived` gets them).
+
+        A read already done (bytes were buffered) still reaches `_arrived` through the loop, so
+        other work runs between two reads of a fast sender.
+        """
+        if self.client_terminated:
+            return self._ended(None)
+        try:
+            future = self.stream.read_bytes(_CHUNK, partial=True)
+        except Exception as exc:
+            return self._ended(exc)
+        future.add_done_callback(self._arrived)
+
+    def _arrived(self, future) -> None:
+        try:
+            chunk = future.result()
+        except (Exception, asyncio.CancelledError) as exc:   # StreamClosedError, mostly
+            return self._ended(exc)
+        self._wire_bytes_in += len(chunk)
+        if self._unread is None:
+            self._unread = bytearray(chunk)
+        else:
+            self._unread += chunk
+        self._parse()
+
+    def _parse(self, *_) -> None:
+        """Handles every whole frame of what was read, in order; then reads on (or waits for a callback)."""
+        data = self._unread
+        pos = frames = 0
         began = time.monotonic()
         try:
             while not self.client_terminated:
-                reading = self.stream.read_bytes(_CHUNK, partial=True)
-                if reading.done():   # it was buffered already: no other work ran meanwhile
-                    data += reading.result()
-                else:
-                    data += await reading
-                    began = time.monotonic()
-                pos = frames = 0
-                while not self.client_terminated:
-                    step = self._next_frame(data, pos)
-                    if step is None:   # the rest is not a whole frame yet
-                        break
-                    pos, waiting = step
-                    if waiting is not None:   # a callback's awaitable: the next frame waits for it
-                        await waiting
-                    frames += 1
-                    if not frames % 4 and time.monotonic() - began > _TURN_S:
-                        # A fast sender must not hold the loop: each request may fan out widely.
-                        del data[:pos]
-                        pos = 0
-                        await asyncio.sleep(0)
-                        began = time.monotonic()
-                del data[:pos]
-        except StreamClosedError:
+                step = self._next_frame(data, pos)
+                if step is None:   # the rest is not a whole frame yet
+                    break
+                pos, waiting = step
+                frames += 1
+                if waiting is not None:   # a callback's awaitable: the next frame waits for it
+                    del data[:pos]
+                    asyncio.ensure_future(waiting).add_done_callback(self._parse)
+                    return
+                if not frames % 4 and time.monotonic() - began > _TURN_S:
+                    del data[:pos]
+                    asyncio.get_running_loop().call_soon(self._parse)   # let other work run first
+                    return
+        except Exception as exc:
+            return self._ended(exc)
+        del data[:pos]
+        if not data:
+            self._unread = None   # an idle connection keeps no buffer
+        self._read_more()
+
+    def _ended(self, error) -> None:
+        """No more frames: what Tornado's loop and the handshake's coroutine did when reading stopped.
+
+        A closed stream or a cancelled read is the connection's end; a ValueError is logged as a
+        malformed request and anything else as the handler's exception; then the connection is
+        torn down and the handler told, once.
+        """
+        if error is not None:
+            if isinstance(error, ValueError):
+                gen_log.debug("Malformed WebSocket request received", exc_info=error)
+            elif not isinstance(error, (StreamClosedError, asyncio.CancelledError)):
+                self.handler.log_exception(type(error), error, error.__traceback__)
             self._abort()
-        finally:
+        try:
             self.handler.on_ws_connection_close(self.close_code, self.close_reason)
+        except Exception:
+            self.handler.log_exception(*sys.exc_info())
 
     def _next_frame(self, data: bytearray, pos: int):
         """Handles the frame at `data[pos:]` if it is whole: `(next pos, awaitable or None)`; else None."""

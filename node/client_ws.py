@@ -5,6 +5,7 @@ connection API" are what entries (docs/entries.md) and `conn.call` use.
 """
 
 import asyncio
+import functools
 import logging
 import time
 import types
@@ -15,55 +16,70 @@ import tornado.websocket
 from cluster import protocol
 from cluster.protocol import CloseCode
 from node.client_limits import report_broken, take_token
-from node.client_protocol import ClientProtocol
+from node.client_protocol import ClientProtocol, slim_stream
 from node.clients import NO_CHANNELS, flush, write_frame
 from node.entry import ConnectionGone, ContextTimeout, check_name, encode_data
 
 log = logging.getLogger("meshgate.node")
 
 
-# An idle connection should cost little memory: what most connections never
-# change is a class attribute until an instance sets its own.
+# A connection's token claims until it has some (most never do).
 NO_CLAIMS = types.MappingProxyType({})
+NO_KWARGS = types.MappingProxyType({})
+
+
+@functools.lru_cache(maxsize=None)
+def _params(ping_interval, ping_timeout, max_message_size: int) -> tornado.websocket._WebSocketParams:
+    """One (read-only) settings object per server, not one per connection."""
+    return tornado.websocket._WebSocketParams(ping_interval=ping_interval, ping_timeout=ping_timeout,
+                                              max_message_size=max_message_size, compression_options=None)
 
 
 class ClientHandler(tornado.websocket.WebSocketHandler):
-    """One client connection. Its mutable state is owned by the node's IOLoop."""
+    """One client connection. Its mutable state is owned by the node's IOLoop.
 
-    client_id = 0
-    stream = None
-    channels = NO_CHANNELS       # a set once it subscribes (node/clients.py)
-    _context = None              # the context dict, made on first use (see `context`)
-    last_seen = 0.0
-    remote_addr = ""
-    path = query = ""
-    headers = None
-    hook_busy = False            # an async hook of this connection is running (node/hooks.py)
-    hook_pending = None          # events waiting for it
-    hook_pending_bytes = 0       # client data in those events
-    _waiters = None              # context key -> futures of wait_context_value
-    _opened = False
-    _closed_by_server = None     # (code, reason) of whichever side closed first, if this side
-    claims = NO_CLAIMS           # the token's claims (auth.jwt), kept when the entry is custom
-    expires_at = 0.0             # time.monotonic() when the token expires (close 4001); 0 = never
-    holds_slot = False           # counted in its server's max_connections (node/client_limits.py)
-    bucket_tokens = None         # the rate_limit bucket, once the first message took from it
-    bucket_time = 0.0
-    _token_channels = ()         # the token's `channels`, from the handshake until open() subscribes
+    Its own attributes are slots, all set in initialize(): Tornado's handler
+    classes already give an instance 27 attributes, and CPython keeps an
+    instance's attributes in a shared-key table (about 0.3 KiB) only up to
+    29 names; past them the instance gets a dict of its own (1.6 KiB). A slot
+    costs 8 bytes.
+    """
+
+    __slots__ = ("node", "server", "entry", "gate", "client_id", "stream", "channels", "_context",
+                 "last_seen", "remote_addr", "path", "query", "headers", "hook_busy", "hook_pending",
+                 "hook_pending_bytes", "_waiters", "_opened", "_closed_by_server", "claims", "expires_at",
+                 "holds_slot", "bucket_tokens", "bucket_time", "_token_channels")
 
     def initialize(self, node, server, entry, gate):
         self.node = node
         self.server = server
         self.entry = entry
         self.gate = gate
+        self.client_id = 0
+        self.stream = None           # the IOStream once open, None again once closing
+        self.channels = NO_CHANNELS  # a set once it subscribes (node/clients.py)
+        self._context = None         # the context dict, made on first use (see `context`)
+        self.last_seen = 0.0
+        self.remote_addr = ""
+        self.path = self.query = ""  # the handshake's, kept when the entry is custom
+        self.headers = None
+        self.hook_busy = False       # an async hook of this connection is running (node/hooks.py)
+        self.hook_pending = None     # events waiting for it
+        self.hook_pending_bytes = 0  # client data in those events
+        self._waiters = None         # context key -> futures of wait_context_value
+        self._opened = False
+        self._closed_by_server = None   # (code, reason) of whichever side closed first, if this side
+        self.claims = NO_CLAIMS      # the token's claims (auth.jwt), kept when the entry is custom
+        self.expires_at = 0.0        # time.monotonic() when the token expires (close 4001); 0 = never
+        self.holds_slot = False      # counted in its server's max_connections (node/client_limits.py)
+        self.bucket_tokens = None    # the rate_limit bucket, once the first message took from it
+        self.bucket_time = 0.0
+        self._token_channels = ()    # the token's `channels`, from the handshake until open() subscribes
 
     def get_websocket_protocol(self):
         if self.request.headers.get("Sec-WebSocket-Version") != "13":
             return None
-        params = tornado.websocket._WebSocketParams(
-            ping_interval=self.ping_interval, ping_timeout=self.ping_timeout,
-            max_message_size=self.max_message_size, compression_options=None)
-        return ClientProtocol(self, False, params)
+        return ClientProtocol(self, False, _params(self.ping_interval, self.ping_timeout, self.max_message_size))
 
     @property
     def max_message_size(self) -> int:
@@ -115,6 +131,7 @@ class ClientHandler(tornado.websocket.WebSocketHandler):
         self._release_request()
         self.stream = self.ws_connection.stream
         self.stream.max_write_buffer_size = self.server.write_buffer_limit
+        slim_stream(self.stream)
         self.last_seen = time.monotonic()
         self._opened = True
         node.client_opened(self)
@@ -126,7 +143,7 @@ class ClientHandler(tornado.websocket.WebSocketHandler):
     async def _open_subscribed(self) -> None:
         """Subscribes the token's channels mesh-wide, then runs on_open; Tornado reads no frame before."""
         channels = self._token_channels
-        del self._token_channels
+        self._token_channels = ()
         await self.node.subscribe(self, channels)
         if self.entry.custom and self.stream is not None:
             self.entry.submit(self, "on_open")
@@ -164,11 +181,17 @@ class ClientHandler(tornado.websocket.WebSocketHandler):
             self.entry.submit(self, "on_close", code, reason)
 
     def _release_request(self) -> None:
-        """Drops what only the handshake needed: an idle connection should cost little memory."""
+        """Drops what only the handshake needed: an idle connection should cost little memory.
+
+        Tornado's response buffer and transforms serve only write/flush/finish, which the
+        upgrade disabled; open's arguments were used.
+        """
         self.request = None
         self.ui = None
         self._headers = None
         self.path_args = self.path_kwargs = None
+        self._write_buffer = self._transforms = self.open_args = ()
+        self.open_kwargs = NO_KWARGS
 
     def log_exception(self, typ, value, tb) -> None:
         if isinstance(value, tornado.web.HTTPError):
