@@ -33,9 +33,11 @@ the JSON keys are the field names of the classes below:
 
 Mesh messages (node -> node) are one frame each: kind code (1 byte) |
 request id (8 bytes; 0 = no reply wanted) | header length (4 bytes) | header
-JSON | body. A reply is: code 6 | request id | result JSON. One ZeroMQ
-message carries up to `MAX_BATCH` of them, one per frame: what a node has for
-one peer in one loop turn leaves together (`batch`), read in order.
+JSON | body. A reply is: code 6 | request id | result JSON. What a node has
+for one peer in one loop turn leaves together, read in order: packed into one
+frame (`pack`: code 7, then each message's length (4 bytes) and bytes; at
+most `MAX_BATCH` messages, within the mesh's size bound). A ZeroMQ message
+may also carry up to `MAX_BATCH` frames, each a message or a batch (`batch`).
 
 | kind | code | class | header | body | result |
 | --- | --- | --- | --- | --- | --- |
@@ -74,7 +76,8 @@ from cluster.protocol import MAX_CLIENT_ID, ApiError, ErrorCode
 
 # A registration's full state or a cluster's snapshot: tens of bytes per channel, consumer and client.
 MAX_CONTROL_BYTES = 256 * 1024 * 1024
-# Mesh messages (requests or replies) in one ZeroMQ message; each frame is still bounded by max_mesh_bytes.
+# Mesh messages (requests or replies) in one batch or one ZeroMQ message; each frame is still bounded by
+# max_mesh_bytes.
 MAX_BATCH = 1024
 _MESH_SLACK = 64 * 1024
 
@@ -624,6 +627,9 @@ _REQUESTS = {
 }
 _BY_CODE = {code: (cls, name, read) for cls, (code, name, read) in _REQUESTS.items()}
 _REPLY_CODE = 6
+_BATCH_CODE = 7   # a frame that packs several messages (pack, unpack)
+_BATCH_MARK = bytes((_BATCH_CODE,))
+_LENGTH = struct.Struct("!I")
 _REQUEST_HEAD = struct.Struct("!BQI")
 _REPLY_HEAD = struct.Struct("!BQ")
 
@@ -709,6 +715,9 @@ class Failure(NamedTuple):
 _SEND_RESULTS = {True: b'{"s":true}', False: b'{"s":false}', None: b'{"s":null}'}
 
 
+_SEND_READ = {raw: written for written, raw in _SEND_RESULTS.items()}
+
+
 def send_result(written: Optional[bool]) -> bytes:
     """True written, False the write failed, None: no such client on that node."""
     return _SEND_RESULTS[written]
@@ -736,14 +745,64 @@ def failure(code: ErrorCode, message: str) -> bytes:
 
 
 def batch(frames: list) -> list:
-    """The frames of one ZeroMQ message from a peer, each one mesh message (without a ROUTER's routing id).
+    """The mesh messages of one ZeroMQ message from a peer (without a ROUTER's routing id), in order.
+
+    Each frame is one mesh message, or a packed batch of them (`pack`).
 
     Raises:
-        FrameError: no frame, or more than MAX_BATCH.
+        FrameError: no frame, more than MAX_BATCH frames or messages, or a batch that is cut short.
     """
     if not frames or len(frames) > MAX_BATCH:
         raise FrameError(f"a mesh message has {len(frames)} frames, expected 1 to {MAX_BATCH}")
-    return frames
+    if len(frames) == 1:
+        return unpack(frames[0])
+    return [message for frame in frames for message in unpack(frame)]
+
+
+def pack(messages: list) -> bytes:
+    """Mesh messages (requests or replies) as one frame: one message as it is, several as a batch.
+
+    A batch is code 7 | (length (4 bytes) | message) for each: one frame for ZeroMQ to carry, where
+    a frame per message costs pyzmq several microseconds each way. Keep it under max_mesh_bytes.
+    """
+    if len(messages) == 1:
+        return messages[0]
+    parts = [_BATCH_MARK]
+    for message in messages:
+        parts.append(_LENGTH.pack(len(message)))
+        parts.append(message)
+    return b"".join(parts)
+
+
+def packed_size(size: int) -> int:
+    """What a message of `size` bytes adds to a batch."""
+    return size + _LENGTH.size
+
+
+def unpack(frame) -> list:
+    """The mesh messages of one frame: itself, or those of a batch (`pack`), in order.
+
+    Raises:
+        FrameError: an empty or cut short batch, an empty message in it, or more than MAX_BATCH.
+    """
+    if not frame or frame[0] != _BATCH_CODE:
+        return [frame]
+    frame = bytes(frame)
+    messages, at, end = [], 1, len(frame)
+    while at < end:
+        if at + _LENGTH.size > end:
+            raise FrameError("mesh batch is cut short")
+        size = _LENGTH.unpack_from(frame, at)[0]
+        at += _LENGTH.size
+        if not size or at + size > end:
+            raise FrameError("mesh batch is cut short" if size else "mesh batch holds an empty message")
+        messages.append(frame[at:at + size])
+        at += size
+        if len(messages) > MAX_BATCH:
+            raise FrameError(f"mesh batch holds more than {MAX_BATCH} messages")
+    if not messages:
+        raise FrameError("mesh batch is empty")
+    return messages
 
 
 def frame_reply(request_id: int, result: bytes) -> list:
@@ -810,6 +869,10 @@ def read_result(kind: type, raw: bytes):
     Raises:
         FrameError: not a result of that kind.
     """
+    if kind is Send:   # the commonest result, exactly as send_result writes it: no JSON to read
+        known = _SEND_READ.get(bytes(raw), _MISSING)
+        if known is not _MISSING:
+            return known
     result = _loads(raw, "mesh result")
     if type(result) is not dict:
         raise FrameError("mesh result must be a JSON object")

@@ -124,7 +124,7 @@ class Api:
     def mesh_send(self, params: protocol.SendParams, caller: Caller):
         payload = params.payload
         waiting = self.node.forward.send(params.client_id, protocol.encode_ws_frame(payload.data, payload.binary))
-        return _SENT if waiting is None else Deferred(waiting.future, partial(_sent, waiting.finish))
+        return _SENT if waiting is None else waiting.then(_sent)
 
     def mesh_publish(self, params: protocol.PublishParams, caller: Caller):
         payload = params.payload
@@ -132,7 +132,7 @@ class Api:
         if type(counts) is tuple:
             return _counts(counts)
         if type(counts) is Deferred:
-            return Deferred(counts.future, partial(_counted_now, counts.finish))
+            return counts.then(_counts)
         return _counted(counts)
 
     def conn_call(self, params: protocol.CallParams, caller: Caller):
@@ -176,17 +176,12 @@ class Api:
 _SENT = {"s": True}
 
 
-def _sent(finish, future) -> dict:
-    finish(future)
+def _sent(_) -> dict:
     return _SENT
 
 
 def _counts(counts: tuple) -> dict:
     return {"s": counts[0], "f": counts[1]}
-
-
-def _counted_now(finish, future) -> dict:
-    return _counts(finish(future))
 
 
 async def _counted(awaitable) -> dict:

@@ -89,7 +89,7 @@ class Mesh:
             check_name(name, "channel")
         payload, binary = encode_data(data, type)
         counts = self._node.forward.publish(channels, protocol.encode_ws_frame(payload, binary))
-        if isinstance(counts, tuple) and not isinstance(counts, Deferred):   # no peer to wait for
+        if isinstance(counts, tuple):   # no peer to wait for
             done = asyncio.get_running_loop().create_future()
             done.set_result(counts)
             return done

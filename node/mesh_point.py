@@ -5,9 +5,10 @@ forwarded request ends within its timeout, as a reply, `PeerTimeout`,
 `PeerUnavailable` or `BadReply`. Deadlines sit in a heap checked by one
 periodic sweep, not a timer per request. Every frame in or out goes through
 cluster/mesh.py. What goes to one peer during one loop turn, requests or
-replies, leaves as one ZeroMQ message at the end of the turn (`mesh.batch`):
-one hand-over to ZeroMQ's I/O thread instead of one per message. Owned by
-the node's IOLoop.
+replies, leaves packed into one ZeroMQ frame at the end of the turn
+(`mesh.pack`, within the mesh's size bound): one hand-over to ZeroMQ's I/O
+thread, and one frame for pyzmq, instead of one per message. Owned by the
+node's IOLoop.
 """
 
 import asyncio
@@ -70,6 +71,7 @@ class MeshPoint:
         self.timeout = timeout
         self.max_pending_bytes, self.max_bytes = max_pending_bytes, max_bytes
         self.handle_request = None
+        self._loop = asyncio.get_running_loop()   # once: on Python 3.11 each lookup is a getpid() system call
         self.refused = 0          # requests and replies dropped by the readers of cluster/mesh.py
         self._bad_log = Throttled(log)
         socket = new_socket(context, zmq.ROUTER, _HWM, key, max_bytes)
@@ -86,6 +88,7 @@ class MeshPoint:
         self._peer_bytes = {}   # node_id -> bytes of its pending requests
         self._out = {}          # node_id -> [frame, ...] for the end of this turn
         self._out_ids = {}      # node_id -> [request id, ...] in those frames (to fail if the link is full)
+        self._out_bytes = {}    # node_id -> size of those frames packed into one (mesh.pack)
         self._replies = {}      # peer routing id -> [frame, ...] for the end of this turn
         self._flush_scheduled = False
         self._counter = 0
@@ -116,6 +119,7 @@ class MeshPoint:
             stream.close()
         self._out.pop(node_id, None)
         self._out_ids.pop(node_id, None)
+        self._out_bytes.pop(node_id, None)
         for request_id, (future, _, owner, _, _) in list(self._pending.items()):
             if owner == node_id:   # their heap entries are skipped when they come up
                 del self._pending[request_id]
@@ -145,7 +149,7 @@ class MeshPoint:
         full, too much unanswered, peer dropped), PeerTimeout (no reply within
         `timeout`), BadReply, or TooLarge.
         """
-        future = asyncio.get_running_loop().create_future()
+        future = self._loop.create_future()
         stream = self._peers.get(node_id)
         if stream is None:
             future.set_exception(PeerUnavailable(f"node {node_id} is not in the mesh"))
@@ -171,10 +175,15 @@ class MeshPoint:
 
     def _queue(self, node_id: int, frame: bytes, request_id: int) -> None:
         out = self._out.get(node_id)
+        if out is not None and self._out_bytes[node_id] + mesh.packed_size(len(frame)) > self.max_bytes:
+            self._send_batch(node_id)   # a batch is one frame: it stays within what the peer takes
+            out = None
         if out is None:
             out = self._out[node_id] = []
             self._out_ids[node_id] = []
+            self._out_bytes[node_id] = 1
         out.append(frame)
+        self._out_bytes[node_id] += mesh.packed_size(len(frame))
         if request_id:
             self._out_ids[node_id].append(request_id)
         if len(out) >= mesh.MAX_BATCH:
@@ -185,7 +194,7 @@ class MeshPoint:
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
+            self._loop.call_soon(self.flush)
 
     def flush(self) -> None:
         """The end of the turn: each peer's requests, and each peer's replies, leave as one message."""
@@ -199,8 +208,9 @@ class MeshPoint:
     def _send_batch(self, node_id: int) -> None:
         frames = self._out.pop(node_id)
         request_ids = self._out_ids.pop(node_id)
+        del self._out_bytes[node_id]
         try:
-            self._peers[node_id].send(frames)
+            self._peers[node_id].send([mesh.pack(frames)])
         except zmq.Again:
             log.warning("mesh link to node %d is full; %d messages not sent", node_id, len(frames))
             for request_id in request_ids:
@@ -309,22 +319,28 @@ class MeshPoint:
         if len(frames[0]) > self.max_bytes:   # a context an entry filled beyond what the mesh carries
             frames = mesh.frame_reply(request_id, mesh.failure(
                 ErrorCode.CALL_FAILED, f"the reply ({len(result)} bytes) is larger than the mesh carries"))
+        frame = frames[0]
         out = self._replies.get(peer)
+        if out is not None and out[0] + mesh.packed_size(len(frame)) > self.max_bytes:
+            self._send_replies(peer, self._replies.pop(peer))
+            out = None
         if out is None:
-            out = self._replies[peer] = [peer]
-        out.append(frames[0])
+            out = self._replies[peer] = [1]   # [packed size, reply frames...]
+        out.append(frame)
+        out[0] += mesh.packed_size(len(frame))
         if len(out) > mesh.MAX_BATCH:
             self._send_replies(peer, self._replies.pop(peer))
         else:
             self._schedule_flush()
 
-    def _send_replies(self, peer: bytes, frames: list) -> None:
+    def _send_replies(self, peer: bytes, out: list) -> None:
+        """Sends a peer's queued replies (`out`: their packed size, then the reply frames) as one frame."""
         try:
-            self.router.send(frames)
+            self.router.send([peer, mesh.pack(out[1:])])
         except zmq.Again:
-            log.warning("%d mesh replies dropped: peer link full", len(frames) - 1)
+            log.warning("%d mesh replies dropped: peer link full", len(out) - 1)
         except zmq.ZMQError as exc:
-            log.warning("%d mesh replies dropped: %s", len(frames) - 1, exc)
+            log.warning("%d mesh replies dropped: %s", len(out) - 1, exc)
 
 
 _INTERNAL_ERROR = mesh.failure(ErrorCode.MESH_UNAVAILABLE, "internal error on the peer")

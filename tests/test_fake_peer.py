@@ -72,7 +72,7 @@ def _replies(socket, count: int) -> dict:
     """`{request_id: result bytes}` of the next `count` replies, however the node batched them."""
     got = {}
     while len(got) < count:
-        for frame in socket.recv_multipart():
+        for frame in mesh.batch(socket.recv_multipart()):
             request_id, raw = mesh.read_reply([frame])
             assert request_id not in got
             got[request_id] = raw
@@ -101,3 +101,15 @@ def test_a_batch_over_the_frame_bound_is_refused_whole(peer):
     request = mesh.frame_request(mesh.publish_request(["too-many"], FRAME), 21)[0]
     socket.send_multipart([request] * (mesh.MAX_BATCH + 1))
     assert _ask(socket, mesh.publish_request(["still-alive"], FRAME), request_id=22) == mesh.Delivered(0, 0)
+
+
+def test_a_packed_batch_is_served_and_a_cut_one_refused_whole(peer):
+    """Requests packed into one frame (mesh.pack) each get their reply; a batch cut short gets none."""
+    node, socket = peer
+    requests = [mesh.frame_request(mesh.publish_request([f"packed-{n}"], FRAME), 30 + n)[0] for n in range(5)]
+    socket.send_multipart([mesh.pack(requests)])
+    got = _replies(socket, 5)
+    assert sorted(got) == list(range(30, 35))
+    assert all(mesh.read_result(mesh.Publish, raw) == mesh.Delivered(0, 0) for raw in got.values())
+    socket.send_multipart([mesh.pack(requests)[:-3]])
+    assert _ask(socket, mesh.publish_request(["still-alive"], FRAME), request_id=40) == mesh.Delivered(0, 0)

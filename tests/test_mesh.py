@@ -1302,3 +1302,41 @@ def test_batch_refuses_no_frame_and_too_many(count):
 def test_batch_keeps_every_frame_in_order(count):
     frames = [mesh.frame_request(mesh.publish_request([f"c{n}"], b"\x81\x00"), n + 1)[0] for n in range(count)]
     assert [mesh.read_request([frame]).request_id for frame in mesh.batch(frames)] == list(range(1, count + 1))
+
+
+
+def _messages(count: int) -> list:
+    return [mesh.frame_request(mesh.publish_request([f"c{n}"], b"\x81\x00"), n + 1)[0] for n in range(count)]
+
+
+@pytest.mark.parametrize("count", [1, 2, 17, mesh.MAX_BATCH])
+def test_pack_and_unpack_keep_every_message_in_order(count):
+    messages = _messages(count)
+    packed = mesh.pack(messages)
+    assert (packed == messages[0]) if count == 1 else packed[0] == 7
+    assert mesh.unpack(packed) == messages
+    assert mesh.batch([packed]) == messages
+    assert mesh.batch([packed, packed]) == messages + messages
+
+
+@pytest.mark.parametrize("frame, problem", [
+    (b"\x07", "mesh batch is empty"),
+    (b"\x07\x00\x00", "mesh batch is cut short"),
+    (b"\x07\x00\x00\x00\x05abc", "mesh batch is cut short"),
+    (b"\x07\x00\x00\x00\x00", "mesh batch holds an empty message"),
+])
+def test_unpack_refuses_a_bad_batch(frame, problem):
+    with pytest.raises(mesh.FrameError, match=problem):
+        mesh.unpack(frame)
+
+
+def test_unpack_refuses_more_than_max_batch_messages():
+    with pytest.raises(mesh.FrameError, match=f"more than {mesh.MAX_BATCH}"):
+        mesh.unpack(mesh.pack(_messages(mesh.MAX_BATCH + 1)))
+
+
+def test_a_batch_inside_a_batch_is_not_a_request():
+    inner = mesh.pack(_messages(2))
+    [message] = mesh.unpack(b"\x07" + len(inner).to_bytes(4, "big") + inner)
+    with pytest.raises(mesh.FrameError, match="unknown mesh kind code 7"):
+        mesh.read_request([message])
