@@ -140,6 +140,11 @@ def _credentials(authorization: Optional[str]):
     return name, password
 
 
+def _digest(name: str, password: str) -> bytes:
+    """What a verified credential is remembered by (never the password itself)."""
+    return hashlib.sha256(name.encode("utf-8") + b"\0" + password.encode("utf-8")).digest()
+
+
 class Users:
     """The users of one configuration (rebuilt on SIGHUP).
 
@@ -190,7 +195,7 @@ class Users:
         user = self.by_name.get(name)
         if user is None or not user.host.matches(peer):
             return None
-        digest = hashlib.sha256(name.encode("utf-8") + b"\0" + password.encode("utf-8")).digest()
+        digest = _digest(name, password)
         return user if self._verified.get(digest) is user else None
 
     async def authenticate(self, authorization: Optional[str], peer: str) -> User:
@@ -204,7 +209,7 @@ class Users:
             return OPEN
         name, password = _credentials(authorization)
         user = self.by_name.get(name)
-        digest = hashlib.sha256(name.encode("utf-8") + b"\0" + password.encode("utf-8")).digest()
+        digest = _digest(name, password)
         if user is None or self._verified.get(digest) is not user:
             state = self._admit(peer)
             state[2] += 1
@@ -280,13 +285,16 @@ class Access:
         self.allowed_origins = frozenset(config.node.api.allowed_origins)
         self.allowed_hosts = frozenset(config.node.api.allowed_hosts)
 
+    def _browser_problem(self, request) -> Optional[str]:
+        headers = request.headers
+        return browser_problem(headers.get("Origin"), headers.get("Host"), request.protocol,
+                               self.allowed_origins, self.allowed_hosts, self.users.open)
+
     def check_now(self, request) -> Optional[User]:
         """The user making `request` when `check` would let it in without waiting; else None (call `check`)."""
-        headers = request.headers
-        if browser_problem(headers.get("Origin"), headers.get("Host"), request.protocol,
-                           self.allowed_origins, self.allowed_hosts, self.users.open) is not None:
+        if self._browser_problem(request) is not None:
             return None
-        return self.users.known(headers.get("Authorization"), request.remote_ip)
+        return self.users.known(request.headers.get("Authorization"), request.remote_ip)
 
     async def check(self, request, role: str = None, credentials: bool = True) -> User:
         """The user making `request` (a Tornado HTTP request: headers, remote_ip, protocol).
@@ -300,15 +308,13 @@ class Access:
             Denied: 403 for a web page of another site, a rebound host name or a missing role,
                 else as Users.authenticate.
         """
-        headers = request.headers
-        problem = browser_problem(headers.get("Origin"), headers.get("Host"), request.protocol,
-                                  self.allowed_origins, self.allowed_hosts, self.users.open)
+        problem = self._browser_problem(request)
         try:
             if problem is not None:
                 raise Denied(403, problem)
             if not credentials:
                 return OPEN
-            user = await self.users.authenticate(headers.get("Authorization"), request.remote_ip)
+            user = await self.users.authenticate(request.headers.get("Authorization"), request.remote_ip)
             if role is not None and role not in user.roles:
                 raise Denied(403, f"user {user.name!r} lacks the {role} role")
             return user

@@ -49,6 +49,16 @@ class TooLarge(PeerError):
     """The request is larger than any mesh socket takes (mesh.max_mesh_bytes)."""
 
 
+class _Batch:
+    """Mesh messages for one peer waiting for the end of the loop turn; `mesh.pack` makes them one frame."""
+    __slots__ = ("messages", "request_ids", "size")
+
+    def __init__(self):
+        self.messages = []
+        self.request_ids = []   # of the requests among them, to fail if the link is full
+        self.size = 1           # packed: the batch code, then each message with its length
+
+
 class MeshPoint:
     """Args:
         context: the process's zmq.Context.
@@ -86,10 +96,8 @@ class MeshPoint:
         self._pending = {}      # request id -> (future, deadline, node_id, size, kind)
         self._deadlines = []    # heap of (deadline, request id); answered ids are skipped when they come up
         self._peer_bytes = {}   # node_id -> bytes of its pending requests
-        self._out = {}          # node_id -> [frame, ...] for the end of this turn
-        self._out_ids = {}      # node_id -> [request id, ...] in those frames (to fail if the link is full)
-        self._out_bytes = {}    # node_id -> size of those frames packed into one (mesh.pack)
-        self._replies = {}      # peer routing id -> [frame, ...] for the end of this turn
+        self._out = {}          # node_id -> _Batch of requests for the end of this turn
+        self._replies = {}      # peer routing id -> _Batch of replies for the end of this turn
         self._flush_scheduled = False
         self._counter = 0
         self.timeouts = 0
@@ -118,8 +126,6 @@ class MeshPoint:
         if stream is not None:
             stream.close()
         self._out.pop(node_id, None)
-        self._out_ids.pop(node_id, None)
-        self._out_bytes.pop(node_id, None)
         for request_id, (future, _, owner, _, _) in list(self._pending.items()):
             if owner == node_id:   # their heap entries are skipped when they come up
                 del self._pending[request_id]
@@ -174,20 +180,22 @@ class MeshPoint:
         return future
 
     def _queue(self, node_id: int, frame: bytes, request_id: int) -> None:
-        out = self._out.get(node_id)
-        if out is not None and self._out_bytes[node_id] + mesh.packed_size(len(frame)) > self.max_bytes:
-            self._send_batch(node_id)   # a batch is one frame: it stays within what the peer takes
-            out = None
-        if out is None:
-            out = self._out[node_id] = []
-            self._out_ids[node_id] = []
-            self._out_bytes[node_id] = 1
-        out.append(frame)
-        self._out_bytes[node_id] += mesh.packed_size(len(frame))
+        self._add(self._out, node_id, frame, request_id, self._send_batch)
+
+    def _add(self, batches: dict, key, frame: bytes, request_id: int, send) -> None:
+        """Adds a message to the batch of `key` (a peer) in `batches`; `send(key, batch)` sends one."""
+        batch = batches.get(key)
+        if batch is not None and batch.size + mesh.packed_size(len(frame)) > self.max_bytes:
+            send(key, batches.pop(key))   # a batch is one frame: it stays within what the peer takes
+            batch = None
+        if batch is None:
+            batch = batches[key] = _Batch()
+        batch.messages.append(frame)
+        batch.size += mesh.packed_size(len(frame))
         if request_id:
-            self._out_ids[node_id].append(request_id)
-        if len(out) >= mesh.MAX_BATCH:
-            self._send_batch(node_id)
+            batch.request_ids.append(request_id)
+        if len(batch.messages) >= mesh.MAX_BATCH:
+            send(key, batches.pop(key))
         else:
             self._schedule_flush()
 
@@ -199,21 +207,19 @@ class MeshPoint:
     def flush(self) -> None:
         """The end of the turn: each peer's requests, and each peer's replies, leave as one message."""
         self._flush_scheduled = False
-        for node_id in list(self._out):
-            self._send_batch(node_id)
+        requests, self._out = self._out, {}
+        for node_id, batch in requests.items():
+            self._send_batch(node_id, batch)
         replies, self._replies = self._replies, {}
-        for peer, frames in replies.items():
-            self._send_replies(peer, frames)
+        for peer, batch in replies.items():
+            self._send_replies(peer, batch)
 
-    def _send_batch(self, node_id: int) -> None:
-        frames = self._out.pop(node_id)
-        request_ids = self._out_ids.pop(node_id)
-        del self._out_bytes[node_id]
+    def _send_batch(self, node_id: int, batch: "_Batch") -> None:
         try:
-            self._peers[node_id].send([mesh.pack(frames)])
+            self._peers[node_id].send([mesh.pack(batch.messages)])
         except zmq.Again:
-            log.warning("mesh link to node %d is full; %d messages not sent", node_id, len(frames))
-            for request_id in request_ids:
+            log.warning("mesh link to node %d is full; %d messages not sent", node_id, len(batch.messages))
+            for request_id in batch.request_ids:
                 entry = self._pending.pop(request_id, None)
                 if entry is not None:   # its heap entry is skipped when it comes up
                     self._settled(node_id, entry[3])
@@ -319,28 +325,15 @@ class MeshPoint:
         if len(frames[0]) > self.max_bytes:   # a context an entry filled beyond what the mesh carries
             frames = mesh.frame_reply(request_id, mesh.failure(
                 ErrorCode.CALL_FAILED, f"the reply ({len(result)} bytes) is larger than the mesh carries"))
-        frame = frames[0]
-        out = self._replies.get(peer)
-        if out is not None and out[0] + mesh.packed_size(len(frame)) > self.max_bytes:
-            self._send_replies(peer, self._replies.pop(peer))
-            out = None
-        if out is None:
-            out = self._replies[peer] = [1]   # [packed size, reply frames...]
-        out.append(frame)
-        out[0] += mesh.packed_size(len(frame))
-        if len(out) > mesh.MAX_BATCH:
-            self._send_replies(peer, self._replies.pop(peer))
-        else:
-            self._schedule_flush()
+        self._add(self._replies, peer, frames[0], 0, self._send_replies)
 
-    def _send_replies(self, peer: bytes, out: list) -> None:
-        """Sends a peer's queued replies (`out`: their packed size, then the reply frames) as one frame."""
+    def _send_replies(self, peer: bytes, batch: "_Batch") -> None:
         try:
-            self.router.send([peer, mesh.pack(out[1:])])
+            self.router.send([peer, mesh.pack(batch.messages)])
         except zmq.Again:
-            log.warning("%d mesh replies dropped: peer link full", len(out) - 1)
+            log.warning("%d mesh replies dropped: peer link full", len(batch.messages))
         except zmq.ZMQError as exc:
-            log.warning("%d mesh replies dropped: %s", len(out) - 1, exc)
+            log.warning("%d mesh replies dropped: %s", len(batch.messages), exc)
 
 
 _INTERNAL_ERROR = mesh.failure(ErrorCode.MESH_UNAVAILABLE, "internal error on the peer")

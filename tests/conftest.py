@@ -161,6 +161,29 @@ def compact(value) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
+def raw_upgrade(port: int, path: str = "/") -> tuple:
+    """A raw socket that did the WebSocket handshake by hand (to send frames no client library would).
+
+    Returns `(socket, bytes that came after the 101 response)`.
+    """
+    sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(4096)
+        assert chunk, head
+        head += chunk
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock, head.split(b"\r\n\r\n", 1)[1]
+
+
+def raw_api(cluster) -> tuple:
+    """`raw_upgrade` to the cluster's /ws/v1."""
+    return raw_upgrade(cluster.api_port, "/ws/v1")
+
+
 def channel() -> str:
     """A channel name no other test uses."""
     return f"ch-{uuid.uuid4().hex[:10]}"

@@ -13,7 +13,7 @@ import uuid
 import pytest
 import websocket
 
-from conftest import WAIT, assert_error, channel, compact, names_field, wait_until
+from conftest import WAIT, assert_error, channel, compact, names_field, raw_api, wait_until
 
 MAX_BODY = 1024 * 1024      # node.api.max_body default
 TOPIC = "default"           # the default entry's topic
@@ -666,19 +666,6 @@ def test_cross_origin_upgrade_is_refused(cluster):
     bare.close()
 
 
-def _raw_api(cluster):
-    """A raw socket upgraded to /ws/v1 (to send frames no client library would)."""
-    import socket
-    sock = socket.create_connection(("127.0.0.1", cluster.api_port), timeout=WAIT)
-    sock.sendall(b"GET /ws/v1 HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                 b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += sock.recv(4096)
-    assert head.startswith(b"HTTP/1.1 101"), head
-    return sock, head.split(b"\r\n\r\n", 1)[1]
-
-
 def _close_code_of(sock, data: bytes) -> int:
     """Reads frames until the server's close frame; returns its code."""
     while True:
@@ -699,7 +686,7 @@ def _close_code_of(sock, data: bytes) -> int:
 ])
 def test_ws_frames_that_break_the_rfc_close_with_its_code(cluster, frame, code):
     """/ws/v1 reads frames as strictly as the client servers: 1002 for a protocol violation, 1007 for bad UTF-8."""
-    sock, rest = _raw_api(cluster)
+    sock, rest = raw_api(cluster)
     try:
         sock.sendall(frame)
         assert _close_code_of(sock, rest) == code

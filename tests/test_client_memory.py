@@ -8,7 +8,6 @@ segment, one frame byte by byte, more than Tornado's yield threshold at once.
 """
 
 import asyncio
-import base64
 import collections
 import os
 import socket
@@ -20,7 +19,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from tornado.iostream import IOStream, StreamClosedError
 
-from conftest import WAIT, Cluster, running
+from conftest import WAIT, Cluster, raw_upgrade, running
 from node.client_protocol import OnDemandDeque, slim_stream
 
 
@@ -40,17 +39,7 @@ def frame(payload: bytes, opcode: int = 0x1) -> bytes:
 
 def upgrade(port: int) -> socket.socket:
     """A client connection that did the WebSocket handshake by hand and sends nothing more."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall(f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                 f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = sock.recv(4096)
-        assert chunk, head
-        head += chunk
-    assert head.startswith(b"HTTP/1.1 101"), head
-    return sock
+    return raw_upgrade(port)[0]
 
 
 @pytest.fixture(scope="module")

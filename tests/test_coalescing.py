@@ -13,7 +13,7 @@ import uuid
 
 import pytest
 
-from conftest import WAIT, Cluster, running, wait_until
+from conftest import WAIT, Cluster, raw_api, running, wait_until
 
 COUNT = 400
 
@@ -155,14 +155,7 @@ def test_frames_split_anywhere_are_read_whole(pair):
     wire = b"".join(websocket.ABNF.create_frame(json.dumps(
         {"m": "mesh.publish", "p": {"c": "split-" + "x" * 8, "d": "y" * size}, "i": n}), websocket.ABNF.OPCODE_TEXT
     ).format() for n, size in enumerate(sizes))
-    sock = socket.create_connection(("127.0.0.1", pair.api_port), timeout=WAIT)
-    sock.sendall(b"GET /ws/v1 HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                 b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += sock.recv(4096)
-    assert head.startswith(b"HTTP/1.1 101"), head
-    rest = head.split(b"\r\n\r\n", 1)[1]
+    sock, rest = raw_api(pair)
     cut = random.Random(7)
     at = 0
     while at < len(wire):

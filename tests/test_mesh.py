@@ -412,7 +412,8 @@ CONTROL_FIELDS = {
 def test_bodies_are_valid():
     """Every base body of the bad-field tables reads as it stands."""
     for kind, (body, allowed) in BODIES.items():
-        mesh.read_control(control(kind, body), allowed)
+        message = mesh.read_control(control(kind, body), allowed)
+        assert type(message) in allowed and mesh.encode_control(message)[0] == kind
 
 
 def json_paths(value, prefix=""):
