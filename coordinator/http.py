@@ -60,7 +60,7 @@ class _JsonHandler(tornado.web.RequestHandler):
 
     def send_json(self, value) -> None:
         self.set_header("Content-Type", "application/json")
-        self.finish(ujson.dumps(value, ensure_ascii=False, allow_nan=False))
+        self.finish(ujson.dumps(value, ensure_ascii=False, escape_forward_slashes=False, allow_nan=False))
 
     def write_error(self, status_code: int, **kwargs) -> None:
         message = (f"{self.request.method} is not allowed on {self.request.path}; use GET" if status_code == 405

@@ -29,7 +29,9 @@ def test_nodes_lists_live_nodes(cluster):
     clients = cluster.clients(6)
     wait_until(lambda: sum(n["clients"] for n in json.loads(_get(cluster, "/v1/nodes")[2])["nodes"]) >= 6,
                what="client counts")
-    nodes = json.loads(_get(cluster, "/v1/nodes")[2])["nodes"]
+    body = _get(cluster, "/v1/nodes")[2]
+    assert "\\/" not in body and '"tcp://' in body   # docs/protocol.md: JSON without escaped slashes
+    nodes = json.loads(body)["nodes"]
     assert len(nodes) == cluster.workers
     for node in nodes:
         assert set(node) == {"node_id", "host", "pid", "api_server", "mesh_point", "clients", "started_at"}
