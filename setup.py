@@ -13,6 +13,8 @@ setup(
         "ujson>=5.4,<7",
         "click>=8.0,<9",
         "psutil>=5.9,<8",
+        # /metrics (docs/operations.md, Metrics): the exposition format from Prometheus' own library.
+        "prometheus-client>=0.17,<1",
         "PyYAML>=6.0,<7",   # the configuration file is YAML (docs/configuration.md)
         # Client servers with auth.jwt check JSON Web Tokens (docs/protocol.md, Client WebSocket server) ...
         "PyJWT>=2.8,<3",

@@ -22,6 +22,7 @@ the JSON keys are the field names of the classes below:
 | --- | --- | --- | --- |
 | `REG` | Register | node | node_id (0: give me one), host, pid, api_server, mesh_point, started_at, state {interest, consumers, clients}, lease |
 | `HB` | Heartbeat | node | node_id, stats {figure: number} |
+| `MT` | Metrics | node | node_id, text (its metrics in Prometheus' text format, at most `MAX_METRICS_BYTES`) |
 | `ADV` | Advert | node | interest, consumers, opened, closed (coalesced changes of this node) |
 | `SYNC` | Sync | node | node_id (a version was skipped: send a snapshot) |
 | `BYE` | Bye | node | node_id (leaving for good) |
@@ -76,6 +77,8 @@ from cluster.protocol import MAX_CLIENT_ID, ApiError, ErrorCode
 
 # A registration's full state or a cluster's snapshot: tens of bytes per channel, consumer and client.
 MAX_CONTROL_BYTES = 256 * 1024 * 1024
+# A node's metrics (node/metrics.py): a few kilobytes, plus a round-trip histogram per peer.
+MAX_METRICS_BYTES = 8 * 1024 * 1024
 # Mesh messages (requests or replies) in one batch or one ZeroMQ message; each frame is still bounded by
 # max_mesh_bytes.
 MAX_BATCH = 1024
@@ -158,6 +161,18 @@ def _text(max_bytes: int, min_bytes: int = 0):
         if (type(value) is not str or _CONTROL_CHARS.search(value)
                 or not min_bytes <= protocol.utf8_size(value) <= max_bytes):
             raise _Bad(f"expected Unicode text of {min_bytes} to {max_bytes} bytes, no control characters")
+        return value
+    return check
+
+
+_CONTROL_BUT_NEWLINE = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]")
+
+
+def _lines(max_bytes: int):
+    """Lines of printable text (newlines, no other control characters) of at most `max_bytes` UTF-8 bytes."""
+    def check(value):
+        if type(value) is not str or _CONTROL_BUT_NEWLINE.search(value) or protocol.utf8_size(value) > max_bytes:
+            raise _Bad(f"expected lines of Unicode text of at most {max_bytes} bytes, no control characters")
         return value
     return check
 
@@ -342,6 +357,12 @@ class Heartbeat(NamedTuple):
     stats: dict
 
 
+class Metrics(NamedTuple):
+    """A node's metrics, as prometheus_client writes them; the coordinator parses them before use."""
+    node_id: int
+    text: str
+
+
 class Advert(NamedTuple):
     """A node's coalesced changes since its last advert."""
     interest: list = ()
@@ -418,6 +439,7 @@ _CONTROL = {
         ("lease", _lease, None),
     ))),
     b"HB": (Heartbeat, _object(Heartbeat, (("node_id", _node_id, _MISSING), ("stats", _stats, {})))),
+    b"MT": (Metrics, _object(Metrics, (("node_id", _node_id, _MISSING), ("text", _lines(MAX_METRICS_BYTES), _MISSING)))),
     b"ADV": (Advert, _object(Advert, (("interest", _interest, ()), ("consumers", _consumers, ()),
                                       ("opened", _client_ids, ()), ("closed", _client_ids, ())))),
     b"SYNC": (Sync, _object(Sync, (("node_id", _node_id, _MISSING),))),
@@ -433,7 +455,7 @@ _CONTROL = {
     b"REFUSED": (Refused, _object(Refused, (("reason", _text(1000), ""), ("retry", _flag, False)))),
 }
 _CONTROL_KIND = {cls: kind for kind, (cls, _) in _CONTROL.items()}
-FROM_NODE = frozenset((Register, Heartbeat, Advert, Sync, Bye))
+FROM_NODE = frozenset((Register, Heartbeat, Metrics, Advert, Sync, Bye))
 FROM_COORDINATOR = frozenset((Welcome, Update, Snapshot, Reregister, Refused))
 
 

@@ -53,6 +53,7 @@ class Control:
         self._sweeper.start()
         self._handlers = {
             mesh.Register: self.handle_register, mesh.Heartbeat: self.handle_heartbeat,
+            mesh.Metrics: self.handle_metrics,
             mesh.Advert: self.handle_advert, mesh.Sync: self.handle_sync, mesh.Bye: self.handle_bye,
         }
 
@@ -95,6 +96,9 @@ class Control:
     def handle_heartbeat(self, routing_id: bytes, message: mesh.Heartbeat) -> None:
         if not self.registry.heartbeat(routing_id, message.node_id, message.stats, time.monotonic()):
             self.send(routing_id, mesh.Reregister())
+
+    def handle_metrics(self, routing_id: bytes, message: mesh.Metrics) -> None:
+        self.registry.metrics(routing_id, message.node_id, message.text)   # a stranger's: its heartbeat says so
 
     def handle_advert(self, routing_id: bytes, message: mesh.Advert) -> None:
         node_id = self.registry.node_for(routing_id)

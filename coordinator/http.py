@@ -1,13 +1,18 @@
-"""Coordinator HTTP (docs/protocol.md, Coordinator HTTP): /version, /v1/nodes, /v1/status, /metrics."""
+"""Coordinator HTTP (docs/protocol.md, Coordinator HTTP): /version, /v1/nodes, /v1/status, /metrics.
+
+/metrics is coordinator/metrics.py's: every node's metrics and the coordinator's, in Prometheus' format.
+"""
 
 import time
 
 import tornado.web
 import ujson
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from cluster import __version__, protocol
 from cluster.access import READ, Denied, refuse
 from cluster.protocol import ErrorCode
+from coordinator.metrics import cluster_metrics
 
 # Per-node figures a node reports in its heartbeat and /v1/status shows (append only).
 NODE_FIGURES = (
@@ -15,9 +20,6 @@ NODE_FIGURES = (
     "queue_dropped", "slow_closed", "forward_timeouts", "hook_errors", "cpu", "rss",
     "mesh_refused", "mesh_handshakes_refused", "handshakes_refused", "limit_closed",
 )
-# Which of them only grow (Prometheus counters, exported with a `_total` suffix).
-COUNTERS = frozenset(("in_total", "out_total", "queue_dropped", "slow_closed", "forward_timeouts", "hook_errors",
-                      "mesh_refused", "mesh_handshakes_refused", "handshakes_refused", "limit_closed"))
 
 
 def status_document(control) -> dict:
@@ -90,19 +92,13 @@ class StatusHandler(_JsonHandler):
 
 
 class MetricsHandler(_JsonHandler):
+    def initialize(self, control, access, metrics):
+        super().initialize(control, access)
+        self.metrics = metrics
+
     def get(self):
-        lines = []
-        document = status_document(self.control)
-        for name in NODE_FIGURES:
-            counter = name in COUNTERS
-            metric = f"meshgate_{name}" if not counter or name.endswith("_total") else f"meshgate_{name}_total"
-            lines.append(f"# TYPE {metric} {'counter' if counter else 'gauge'}")
-            for node in document["nodes"]:
-                lines.append(f'{metric}{{node_id="{node["node_id"]}"}} {node[name]}')
-        lines.append("# TYPE meshgate_nodes gauge")
-        lines.append(f"meshgate_nodes {len(document['nodes'])}")
-        self.set_header("Content-Type", "text/plain; version=0.0.4")
-        self.finish("\n".join(lines) + "\n")
+        self.set_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.finish(self.metrics.text())
 
 
 class NotFoundHandler(_JsonHandler):
@@ -120,5 +116,5 @@ def make_app(control, access) -> tornado.web.Application:
         (r"/version", VersionHandler, args),
         (r"/v1/nodes", NodesHandler, args),
         (r"/v1/status", StatusHandler, args),
-        (r"/metrics", MetricsHandler, args),
+        (r"/metrics", MetricsHandler, {**args, "metrics": cluster_metrics(control)}),
     ], default_handler_class=NotFoundHandler, default_handler_args=args)

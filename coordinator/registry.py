@@ -34,6 +34,7 @@ class NodeInfo:
     started_at: float
     last_seen: float
     stats: dict = field(default_factory=dict)
+    metrics: str = ""          # its latest metrics text (node/metrics.py), parsed when /metrics is read
 
     def entry(self) -> mesh.NodeEntry:
         """What nodes learn of this node (also the `/v1/nodes` form: docs/protocol.md, Coordinator HTTP)."""
@@ -122,6 +123,14 @@ class Registry:
             return False
         info.last_seen = now
         info.stats = stats
+        return True
+
+    def metrics(self, routing_id: bytes, node_id: int, text: str) -> bool:
+        """Keeps a node's latest metrics; False when the sender is not the registered holder of `node_id`."""
+        info = self.nodes.get(node_id)
+        if info is None or info.routing_id != routing_id:
+            return False
+        info.metrics = text
         return True
 
     def remove(self, node_id: int, wall_ms: int) -> Optional[NodeInfo]:

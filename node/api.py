@@ -15,6 +15,7 @@ node/forward.py decides whether a call runs here or on the client's owner.
 import asyncio
 import inspect
 import logging
+import time
 from functools import partial
 from typing import Any, Callable, NamedTuple, Optional, Union
 
@@ -22,6 +23,7 @@ from cluster import protocol
 from cluster.access import ALL_ROLES, READ, WRITE
 from cluster.protocol import ApiError, ErrorCode
 from node.forward import Deferred
+from node.metrics import FORWARDED, LOCAL, Requests
 from node.queues import AlreadyConsuming, TooManyTopics
 
 log = logging.getLogger("meshgate.access")
@@ -65,6 +67,7 @@ class Api:
 
     def __init__(self, node):
         self.node = node
+        self.requests = Requests(protocol.METHODS)
 
     def execute(self, method: str, params, caller: Caller, req_id, reply) -> Optional[asyncio.Future]:
         """Runs one call; `reply(code, envelope)` gets its outcome exactly once.
@@ -72,7 +75,9 @@ class Api:
         `code` is None on success, else the ErrorCode; `envelope` is the
         encoded body. The reply comes now, or when the call completes; then
         the running future is returned (the transport bounds how many it has).
+        Each answer is counted and timed (node/metrics.py `Requests`).
         """
+        started = time.monotonic()
         try:
             spec = METHODS.get(method)
             if spec is None:
@@ -83,32 +88,38 @@ class Api:
                 raise ApiError(ErrorCode.NOT_AUTHORIZED, f"{method}: this user lacks the {role} role")
             result = spec.run(self, parsed, caller)
             if type(result) is Deferred:   # waits for a peer: settled from the future's callback, no task
-                result.future.add_done_callback(partial(self._settle, method, result.finish, caller, req_id, reply))
+                result.future.add_done_callback(
+                    partial(self._settle, method, result.finish, caller, req_id, reply, started))
                 return result.future
             if inspect.isawaitable(result):
-                return asyncio.ensure_future(self._finish(method, result, caller, req_id, reply))
+                route = FORWARDED if method == "mesh.publish" else LOCAL   # several peers; else a local call
+                return asyncio.ensure_future(self._finish(method, result, caller, req_id, reply, started, route))
             envelope = protocol.ok_body(result, req_id, caller.ws).encode("utf-8")
         except Exception as exc:
-            reply(*self._failed(method, exc, caller, req_id))
+            self._answer(method, caller, started, LOCAL, reply, *self._failed(method, exc, caller, req_id))
             return None
-        reply(None, envelope)
+        self._answer(method, caller, started, LOCAL, reply, None, envelope)
         return None
 
-    async def _finish(self, method: str, awaitable, caller: Caller, req_id, reply) -> None:
+    async def _finish(self, method: str, awaitable, caller: Caller, req_id, reply, started, route) -> None:
         try:
             envelope = protocol.ok_body(await awaitable, req_id, caller.ws).encode("utf-8")
         except Exception as exc:
-            reply(*self._failed(method, exc, caller, req_id))
+            self._answer(method, caller, started, route, reply, *self._failed(method, exc, caller, req_id))
             return
-        reply(None, envelope)
+        self._answer(method, caller, started, route, reply, None, envelope)
 
-    def _settle(self, method: str, finish, caller: Caller, req_id, reply, future) -> None:
+    def _settle(self, method: str, finish, caller: Caller, req_id, reply, started, future) -> None:
         try:
             envelope = protocol.ok_body(finish(future), req_id, caller.ws).encode("utf-8")
         except Exception as exc:
-            reply(*self._failed(method, exc, caller, req_id))
+            self._answer(method, caller, started, FORWARDED, reply, *self._failed(method, exc, caller, req_id))
             return
-        reply(None, envelope)
+        self._answer(method, caller, started, FORWARDED, reply, None, envelope)
+
+    def _answer(self, method: str, caller: Caller, started: float, route: str, reply, code, envelope) -> None:
+        self.requests.done(method, caller.ws, code, route, started)
+        reply(code, envelope)
 
     @staticmethod
     def _failed(method: str, exc: Exception, caller: Caller, req_id) -> tuple:

@@ -71,6 +71,7 @@ class ServerGate:
             try:
                 claims = self.tokens.check(request)
             except TokenRefused as refused:
+                self.node.counters.client_auth_refused += 1
                 self._refuse(conn, 401, str(refused))
         if self.max_connections:
             self.open += 1

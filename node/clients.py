@@ -13,16 +13,18 @@ Owned by the node's IOLoop.
 
 import asyncio
 import logging
+import time
 
 from tornado.iostream import StreamBufferFullError, StreamClosedError
 
 from cluster.protocol import CloseCode
+from node.metrics import Timings
 
 log = logging.getLogger("meshgate.node")
 
 
 class Counters:
-    """Figures a node reports in its heartbeat (coordinator/http.py NODE_FIGURES)."""
+    """Figures a node reports in its heartbeat (coordinator/http.py NODE_FIGURES) and metrics (node/metrics.py)."""
 
     def __init__(self):
         self.in_total = 0          # client messages received
@@ -31,6 +33,12 @@ class Counters:
         self.hook_errors = 0
         self.handshakes_refused = 0   # client handshakes refused 401, 431 or 503 (node/client_limits.py)
         self.limit_closed = 0      # client connections closed for breaking a limit or the protocol
+        self.client_auth_refused = 0   # of handshakes_refused: a token refused (401)
+        self.sends = 0             # frames written to one client (mesh.send, here or for a peer)
+        self.publishes = 0         # publishes fanned out to this node's subscribers
+        self.queue_events = 0      # queue events written to a consumer
+        self.fanout = Timings()    # () -> how long handing one publish to the local subscribers took
+        self.hooks = Timings()     # (hook,) -> how long an entry hook took
 
 
 class _Frames(list):
@@ -260,7 +268,10 @@ class Hub:
         conn = self.conns.get(client_id)
         if conn is None:
             return None
-        return write_frame(conn, frame, self.counters)
+        written = write_frame(conn, frame, self.counters)
+        if written:
+            self.counters.sends += 1
+        return written
 
     def publish(self, channels: list, frame: bytes) -> tuple:
         """Writes one frame to every local subscriber of any of `channels`, once each; returns `(s, f)`."""
@@ -276,5 +287,9 @@ class Hub:
                 if members:
                     seen.update(members)
             targets = list(seen)
-        written = write_to_all(targets, frame, self.counters)
+        counters = self.counters
+        started = time.monotonic()
+        written = write_to_all(targets, frame, counters)
+        counters.fanout.observe((), time.monotonic() - started)
+        counters.publishes += 1
         return written, len(targets) - written

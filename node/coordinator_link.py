@@ -27,6 +27,7 @@ _REGISTER_RETRY_S = 0.25       # first retry of an unanswered registration; doub
 _REGISTER_RETRY_MAX_S = 2.0
 _SYNC_RETRY_S = 1.0            # one snapshot request at a time
 _HWM = 10000
+METRICS_S = 1.0                # how often the node's metrics go to the coordinator (its /metrics shows them)
 
 
 class Identity(NamedTuple):
@@ -50,16 +51,19 @@ class CoordinatorLink:
         stats: returns the node's figures (for heartbeats).
         on_changes: called with the `routing.Changes` of every update, snapshot and expiry.
         key: the ClusterKey.
+        metrics: returns the node's metrics in Prometheus' text format (sent every METRICS_S).
 
     After the first WELCOME, `node_id` and `not_before_ms` are set and
     `joined` is True; `fatal` is a message when this process must exit.
     """
 
-    def __init__(self, context: zmq.Context, config, routing, identity: Identity, state, stats, on_changes, key):
+    def __init__(self, context: zmq.Context, config, routing, identity: Identity, state, stats, on_changes, key,
+                 metrics):
         self.config = config
         self.routing = routing
         self.identity = identity
         self._state, self._stats, self._on_changes = state, stats, on_changes   # the node's side, all it sees
+        self._metrics = metrics
         self.node_id = 0
         self.not_before_ms = 0
         self.lease = None      # what proves node_id is this process's (mesh.Welcome)
@@ -78,6 +82,7 @@ class CoordinatorLink:
         self._sync_sent = 0.0
         self._retry = PeriodicCallback(self._register_if_needed, _REGISTER_RETRY_S * 1000)
         self._heartbeat = PeriodicCallback(self.send_heartbeat, self._heartbeat_ms())
+        self._metrics_timer = PeriodicCallback(self.send_metrics, METRICS_S * 1000)
         self._handlers = {
             mesh.Update: self.handle_update, mesh.Snapshot: self.handle_snapshot,
             mesh.Welcome: self.handle_welcome, mesh.Reregister: self.handle_reregister,
@@ -91,10 +96,12 @@ class CoordinatorLink:
         self.register()
         self._retry.start()
         self._heartbeat.start()
+        self._metrics_timer.start()
 
     def close(self) -> None:
         self._retry.stop()
         self._heartbeat.stop()
+        self._metrics_timer.stop()
         self.socket.close()
 
     # --- outbound ----------------------------------------------------------------
@@ -112,6 +119,7 @@ class CoordinatorLink:
         self.registered = False
         self._retry.stop()
         self._heartbeat.stop()
+        self._metrics_timer.stop()
         self.send(mesh.Bye(self.node_id))
 
     def register(self) -> None:
@@ -136,6 +144,16 @@ class CoordinatorLink:
             log.warning("nodes %s did not come back after the coordinator restarted; dropped",
                         ", ".join(map(str, sorted(changes.removed))))
             self._on_changes(changes)
+
+    def send_metrics(self) -> None:
+        if not self.registered:
+            return
+        text = self._metrics()
+        size = len(text.encode("utf-8"))
+        if size > mesh.MAX_METRICS_BYTES:
+            self._bad_log.warning("metrics of this node are %d bytes, over %d; not sent", size, mesh.MAX_METRICS_BYTES)
+            return
+        self.send(mesh.Metrics(self.node_id, text))
 
     # --- inbound -----------------------------------------------------------------
 
@@ -186,6 +204,7 @@ class CoordinatorLink:
             log.info("re-registered as node %d (mesh point %s)", self.node_id, self.identity.mesh_point)
         self._on_changes(changes)
         self.send_heartbeat()
+        self.send_metrics()
 
     def handle_reregister(self, message: mesh.Reregister) -> None:
         if self.registered or time.monotonic() - self._registering_since >= self._retry_s:

@@ -166,6 +166,7 @@ class Entry:
 
     async def _handshake(self, conn, hook, request) -> bool:
         token = current_conn.set(conn)
+        started = time.perf_counter()
         try:
             result = hook(conn, request)
             if inspect.isawaitable(result):
@@ -186,6 +187,7 @@ class Entry:
             return False
         finally:
             current_conn.reset(token)
+            self.node.counters.hooks.observe(("on_handshake",), time.perf_counter() - started)
         return result is not False
 
     def submit(self, conn, hook: str, *args) -> None:
@@ -231,9 +233,11 @@ class Entry:
             self._slow(conn, hook, elapsed)
         if result is not None and inspect.isawaitable(result):
             conn.hook_busy = True
-            asyncio.ensure_future(self._finish(conn, hook, result))
+            asyncio.ensure_future(self._finish(conn, hook, result, started))
+        else:
+            self.node.counters.hooks.observe((hook,), elapsed)
 
-    async def _finish(self, conn, hook: str, awaitable) -> None:
+    async def _finish(self, conn, hook: str, awaitable, started: float) -> None:
         current_conn.set(conn)
         try:
             await _Timed(awaitable, lambda s: self._slow(conn, hook, s))
@@ -242,6 +246,7 @@ class Entry:
         except (Exception, asyncio.CancelledError):
             self._failed(conn, hook)
         finally:
+            self.node.counters.hooks.observe((hook,), time.perf_counter() - started)
             conn.hook_busy = False
             pending = conn.hook_pending
             while pending and not conn.hook_busy:

@@ -23,6 +23,7 @@ from cluster import mesh
 from cluster.logs import Throttled
 from cluster.protocol import ErrorCode
 from cluster.zloop import ZSocket, new_socket
+from node.metrics import Timings
 
 log = logging.getLogger("meshgate.mesh")
 
@@ -93,7 +94,7 @@ class MeshPoint:
             self.address = bind
         self.router = ZSocket(socket, self.on_request)
         self._peers = {}        # node_id -> ZSocket (DEALER)
-        self._pending = {}      # request id -> (future, deadline, node_id, size, kind)
+        self._pending = {}      # request id -> (future, time sent, node_id, size, kind)
         self._deadlines = []    # heap of (deadline, request id); answered ids are skipped when they come up
         self._peer_bytes = {}   # node_id -> bytes of its pending requests
         self._out = {}          # node_id -> _Batch of requests for the end of this turn
@@ -101,6 +102,7 @@ class MeshPoint:
         self._flush_scheduled = False
         self._counter = 0
         self.timeouts = 0
+        self.round_trips = Timings()   # (peer node id,) -> request to reply (node/metrics.py)
         self._sweeper = PeriodicCallback(self.sweep, max(10, min(100, timeout * 250)))
         self._sweeper.start()
 
@@ -172,8 +174,9 @@ class MeshPoint:
             future.set_exception(TooLarge(f"a {len(frames[0])}-byte request is larger than the mesh takes "
                                           f"({self.max_bytes} bytes)"))
             return future
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        self._pending[request_id] = (future, deadline, node_id, size, message.kind)
+        now = time.monotonic()
+        deadline = now + (self.timeout if timeout is None else timeout)
+        self._pending[request_id] = (future, now, node_id, size, message.kind)
         heapq.heappush(self._deadlines, (deadline, request_id))
         self._peer_bytes[node_id] = waiting + size
         self._queue(node_id, frames[0], request_id)
@@ -240,10 +243,11 @@ class MeshPoint:
             self.refused += 1
             self._bad_log.warning("dropped a bad mesh reply: %s", exc)
             return
+        now = time.monotonic()
         for frame in frames:
-            self._on_reply(frame)
+            self._on_reply(frame, now)
 
-    def _on_reply(self, frame) -> None:
+    def _on_reply(self, frame, now: float) -> None:
         try:
             request_id, raw = mesh.read_reply([frame])
         except mesh.FrameError as exc:
@@ -253,8 +257,9 @@ class MeshPoint:
         entry = self._pending.pop(request_id, None)
         if entry is None:
             return
-        future, _, node_id, size, kind = entry
+        future, sent, node_id, size, kind = entry
         self._settled(node_id, size)
+        self.round_trips.observe((str(node_id),), now - sent)
         if future.done():
             return
         try:

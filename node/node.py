@@ -26,6 +26,7 @@ from node.clients import Counters, Hub
 from node.coordinator_link import CoordinatorLink, Identity
 from node.forward import Forwarder
 from node.mesh_point import MeshPoint
+from node.metrics import node_metrics
 from node.queue_dispatch import QueueDispatch
 from node.routing import Routing
 
@@ -63,7 +64,7 @@ class Node:
         self.api_server = f"{host}:{settings.api.port}"
         identity = Identity(socket.gethostname(), os.getpid(), self.api_server, self.mesh_address, self.started_at)
         self.link = CoordinatorLink(context, config, self.routing, identity, self._full_state, self.stats,
-                                    self.on_changes, key)
+                                    self.on_changes, key, self.exposition)
         self.adverts = Adverts(self.routing, self.mesh_point, settings.forward_timeout, self.link.send)
         self.queues = QueueDispatch(settings.queue, self.routing, self.mesh_point, self.adverts, self.counters)
         self.api = Api(self)
@@ -73,6 +74,8 @@ class Node:
         self._process = psutil.Process()
         self._process.cpu_percent(None)
         self._last_stats = (time.monotonic(), 0, 0)
+        self.connections_by_server = {}   # server path -> open client connections
+        self.metrics = node_metrics(self)
 
     def close(self) -> None:
         self.link.close()
@@ -107,9 +110,12 @@ class Node:
     def client_opened(self, conn) -> None:
         self.hub.add(conn)
         self.adverts.client_opened(conn.client_id)
+        by_server, path = self.connections_by_server, conn.server.path
+        by_server[path] = by_server.get(path, 0) + 1
 
     def client_closed(self, conn) -> None:
         if self.hub.conns.get(conn.client_id) is conn:
+            self.connections_by_server[conn.server.path] -= 1
             self.adverts.interest_changed(self.hub.remove(conn))
             self.adverts.client_closed(conn.client_id)
 
@@ -132,6 +138,10 @@ class Node:
         self.adverts.interest_changed(self.hub.unsubscribe(conn, channels))
 
     # --- figures -----------------------------------------------------------------------
+
+    def exposition(self) -> str:
+        """This node's metrics in Prometheus' text format (node/metrics.py), sent to the coordinator."""
+        return self.metrics.text().decode("utf-8")
 
     def stats(self) -> dict:
         """This node's figures, sent with every heartbeat (coordinator/http.py, NODE_FIGURES)."""

@@ -82,7 +82,10 @@ class QueueDispatch:
 
     def write_local(self, consumer_id: int, topic: str, event: bytes) -> bool:
         conn = self.consumers.connection(consumer_id, topic)
-        return conn is not None and write_frame(conn, protocol.encode_ws_frame(event), self.counters)
+        if conn is None or not write_frame(conn, protocol.encode_ws_frame(event), self.counters):
+            return False
+        self.counters.queue_events += 1
+        return True
 
     def _on_event_reply(self, future, topic: str, item: tuple, origin: int, consumer_id: int) -> None:
         error = future.exception()

@@ -25,6 +25,11 @@ class TooManyTopics(Exception):
     """The consumer would consume more topics than its limit."""
 
 
+# Topics whose drops are counted by name (node/metrics.py shows the top ones); a bound, as topics come
+# from entries and clients.
+_DROP_TOPICS = 1000
+
+
 class Buffers:
     """Args:
         topic_size: items per topic.
@@ -42,9 +47,20 @@ class Buffers:
         self._topics = {}
         self.bytes = 0
         self.dropped = 0
+        self.dropped_by = {}   # topic -> drops (the first _DROP_TOPICS topics by name; later ones as "other")
 
     def depth(self) -> int:
         return sum(len(queue) for queue in self._topics.values())
+
+    def depths(self) -> dict:
+        return {topic: len(queue) for topic, queue in self._topics.items()}
+
+    def _drop(self, topic: str) -> None:
+        self.dropped += 1
+        by = self.dropped_by
+        if topic not in by and len(by) >= _DROP_TOPICS:
+            topic = "other"
+        by[topic] = by.get(topic, 0) + 1
 
     def waiting(self, topic: str) -> bool:
         queue = self._topics.get(topic)
@@ -58,16 +74,16 @@ class Buffers:
         """
         size = self._size_of(item)
         if self.bytes + size > self.max_bytes:
-            self.dropped += 1
+            self._drop(topic)
             raise QueueFull(f"topic {topic!r}: the node's buffers hold {self.max_bytes} bytes already")
         queue = self._topics.get(topic)
         if queue is None:
             if len(self._topics) >= self.max_topics:
-                self.dropped += 1
+                self._drop(topic)
                 raise QueueFull(f"topic {topic!r}: node already buffers {self.max_topics} topics")
             queue = self._topics[topic] = deque()
         elif len(queue) >= self.topic_size:
-            self.dropped += 1
+            self._drop(topic)
             raise QueueFull(f"topic {topic!r}: buffer full ({self.topic_size} messages)")
         queue.append(item)
         self.bytes += size

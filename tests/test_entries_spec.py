@@ -416,11 +416,14 @@ def test_exception_in_on_open_keeps_the_connection_and_is_counted(spec):
     wait_until(lambda: hook_errors(spec) > before, what="hook_errors to count the on_open failure")
     log = full_log(spec)
     assert "on_open failed for client" in log and "RuntimeError: on_open failure on purpose" in log
-    with urllib.request.urlopen(f"http://127.0.0.1:{spec.coordinator_port}/metrics", timeout=WAIT) as response:
-        metrics = response.read().decode()
-    total = sum(float(line.split()[-1]) for line in metrics.splitlines()
-                if line.startswith("meshgate_hook_errors_total{"))
-    assert total >= before + 1
+
+    def counted() -> float:   # each node's metrics reach the coordinator once a second
+        with urllib.request.urlopen(f"http://127.0.0.1:{spec.coordinator_port}/metrics", timeout=WAIT) as response:
+            metrics = response.read().decode()
+        return sum(float(line.split()[-1]) for line in metrics.splitlines()
+                   if line.startswith("meshgate_hook_errors_total{"))
+
+    wait_until(lambda: counted() >= before + 1, what="meshgate_hook_errors_total to count it")
     client.ws.close()
 
 

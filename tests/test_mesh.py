@@ -13,7 +13,7 @@ import pytest
 from cluster import mesh, protocol
 from cluster.ids import MAX_NODE_ID
 from cluster.mesh import (
-    FROM_COORDINATOR, FROM_NODE, Advert, Bye, Call, Delivered, Failure, FrameError, Heartbeat,
+    FROM_COORDINATOR, FROM_NODE, Advert, Bye, Call, Delivered, Failure, FrameError, Heartbeat, Metrics,
     NodeEntry, NodeState, PeerAdvert, Publish, QueueEvent, Refused, Register, Reregister, Request,
     Send, Snapshot, Sync, Update, Welcome,
 )
@@ -235,8 +235,8 @@ def test_control_kind_outside_allowed(message, allowed):
 
 
 def test_direction_sets():
-    """FROM_NODE and FROM_COORDINATOR split the ten control classes between them."""
-    assert FROM_NODE == {Register, Heartbeat, Advert, Sync, Bye}
+    """FROM_NODE and FROM_COORDINATOR split the eleven control classes between them."""
+    assert FROM_NODE == {Register, Heartbeat, Metrics, Advert, Sync, Bye}
     assert FROM_COORDINATOR == {Welcome, Update, Snapshot, Reregister, Refused}
 
 
@@ -252,6 +252,8 @@ CONTROL_WIRE = [
               "started_at": 1.5, "state": {"interest": [["news", 2, 7]], "consumers": [["jobs", 3, 1, 9]],
                                            "clients": [MAX_ID]}}),
     (Heartbeat(3, {"clients": 2, "load": 0.5}), b"HB", {"node_id": 3, "stats": {"clients": 2, "load": 0.5}}),
+    (Metrics(3, "# TYPE meshgate_a gauge\nmeshgate_a 1.0\n"), b"MT",
+     {"node_id": 3, "text": "# TYPE meshgate_a gauge\nmeshgate_a 1.0\n"}),
     (Advert([["news", 0, 3]], [["jobs", 4, 0, 2]], [5], [6]), b"ADV",
      {"interest": [["news", 0, 3]], "consumers": [["jobs", 4, 0, 2]], "opened": [5], "closed": [6]}),
     (Sync(3), b"SYNC", {"node_id": 3}),
