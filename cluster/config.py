@@ -97,6 +97,8 @@ class ApiConfig:
     # Host names (besides IP addresses and localhost) an open API (no users) answers to.
     allowed_hosts: list = field(default_factory=list, metadata=_meta(items=str))
     tls: Optional[TlsConfig] = None
+    # One line per API request at info on `meshgate.access.requests` (docs/operations.md, Logs).
+    access_log: bool = False
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,13 @@ import ujson
 
 
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_role = "meshgate"   # what every line of this process is prefixed with (setup, rename)
+
+
+class _Role(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.role = _role
+        return True
 
 
 class _TextFormatter(logging.Formatter):
@@ -25,13 +32,9 @@ class _TextFormatter(logging.Formatter):
 
 
 class _JsonFormatter(logging.Formatter):
-    def __init__(self, role: str):
-        super().__init__()
-        self.role = role
-
     def format(self, record: logging.LogRecord) -> str:
         entry = {
-            "ts": round(record.created, 3), "level": record.levelname.lower(), "role": self.role,
+            "ts": round(record.created, 3), "level": record.levelname.lower(), "role": _role,
             "logger": record.name, "msg": record.getMessage(),
         }
         if record.exc_info:
@@ -40,17 +43,25 @@ class _JsonFormatter(logging.Formatter):
 
 
 def setup(level: str, fmt: str, role: str) -> None:
-    """Configures the root logger of this process; every line names `role` (e.g. `node-2`)."""
+    """Configures the root logger of this process; every line names `role` (e.g. `node-w2`)."""
+    rename(role)
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_Role())
     if fmt == "json":
-        handler.setFormatter(_JsonFormatter(role))
+        handler.setFormatter(_JsonFormatter())
     else:
-        formatter = _TextFormatter(f"%(asctime)s {role}[%(process)d] %(levelname)s %(name)s: %(message)s")
+        formatter = _TextFormatter("%(asctime)s %(role)s[%(process)d] %(levelname)s %(name)s: %(message)s")
         formatter.converter = time.gmtime
         handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     set_level(level)
+
+
+def rename(role: str) -> None:
+    """Names this process anew in every line from now on (a node, once it knows its id: `node3-w2`)."""
+    global _role
+    _role = role
 
 
 def set_level(level: str) -> None:

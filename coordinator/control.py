@@ -119,7 +119,7 @@ class Control:
     def handle_bye(self, routing_id: bytes, message: mesh.Bye) -> None:
         node_id = self.registry.node_for(routing_id)
         if node_id is not None:
-            self.drop(node_id, "said goodbye")
+            self.drop(node_id, "said goodbye", logging.INFO)   # asked for: nothing to worry about
 
     # --- liveness ----------------------------------------------------------
 
@@ -127,13 +127,13 @@ class Control:
         for node_id in self.registry.expired(time.monotonic(), self.node_timeout):
             self.drop(node_id, f"no heartbeat for {self.node_timeout:g} s")
 
-    def drop(self, node_id: int, why: str) -> None:
+    def drop(self, node_id: int, why: str, level: int = logging.WARNING) -> None:
         info = self.registry.remove(node_id, now_ms())
         if info is None:
             return
         self.tables.drop_node(node_id)
         self.broadcast(self.tables.next_update(nodes=self.registry.entries(), dead=[node_id]))
-        log.warning("node %d (pid %d) removed: %s", node_id, info.pid, why)
+        log.log(level, "node %d (pid %d) removed: %s", node_id, info.pid, why)
 
     # --- outbound ----------------------------------------------------------
 

@@ -27,6 +27,7 @@ from node.metrics import FORWARDED, LOCAL, Requests
 from node.queues import AlreadyConsuming, TooManyTopics
 
 log = logging.getLogger("meshgate.access")
+access_log = logging.getLogger("meshgate.access.requests")
 
 
 class Caller(NamedTuple):
@@ -35,12 +36,15 @@ class Caller(NamedTuple):
     `prefix` is how fields are named in error messages ("p." over `/ws/v1`, ""
     for an HTTP body), `ws` whether envelopes carry `i`, `consumer` the
     `/ws/v1` connection that receives queue events (None over HTTP), `roles`
-    what the caller may do (docs/protocol.md, Access control: roles).
+    what the caller may do (docs/protocol.md, Access control: roles), `user`
+    and `peer` who and where it is (for the access log).
     """
     prefix: str
     ws: bool
     consumer: Any = None
     roles: frozenset = ALL_ROLES
+    user: str = ""
+    peer: str = ""
 
 
 HTTP_CALLER = Caller("", False)
@@ -68,6 +72,7 @@ class Api:
     def __init__(self, node):
         self.node = node
         self.requests = Requests(protocol.METHODS)
+        self.access_log = node.config.node.api.access_log
 
     def execute(self, method: str, params, caller: Caller, req_id, reply) -> Optional[asyncio.Future]:
         """Runs one call; `reply(code, envelope)` gets its outcome exactly once.
@@ -118,8 +123,17 @@ class Api:
         self._answer(method, caller, started, FORWARDED, reply, None, envelope)
 
     def _answer(self, method: str, caller: Caller, started: float, route: str, reply, code, envelope) -> None:
-        self.requests.done(method, caller.ws, code, route, started)
+        seconds = self.requests.done(method, caller.ws, code, route, started)
+        if self.access_log:
+            _log_access(method, caller, code, seconds)
         reply(code, envelope)
+
+    def refused(self, method: str, caller: Caller, code) -> None:
+        """Counts (and logs, with the access log on) a request its transport answered with an error
+        before it reached `execute`: a body that is not JSON, too large, no credentials."""
+        self.requests.refused(method, caller.ws, code)
+        if self.access_log:
+            _log_access(method or "-", caller, code, None)
 
     @staticmethod
     def _failed(method: str, exc: Exception, caller: Caller, req_id) -> tuple:
@@ -181,6 +195,13 @@ class Api:
         if inspect.isawaitable(result):
             result = await result
         return result if isinstance(result, dict) else {"s": True}
+
+
+def _log_access(method: str, caller: Caller, code, seconds) -> None:
+    """One line of the access log (node.api.access_log): what, who, from where, the result, how long."""
+    took = "" if seconds is None else f" {seconds * 1000:.2f} ms"
+    access_log.info("%s %s user=%s from=%s result=%s%s", "ws" if caller.ws else "http", method,
+                    caller.user or "-", caller.peer or "-", "ok" if code is None else int(code), took)
 
 
 # What mesh.send and mesh.publish answer: the local path answers at once, without a task.

@@ -60,7 +60,8 @@ class ApiRouter(tornado.routing.Router):
                 user = self.api.node.access.check_now(request)
                 if user is not None:
                     request.connection.set_max_body_size(self.max_body)
-                    return _Call(self.api, method, user.roles, request.connection)
+                    caller = Caller("", False, roles=user.roles, user=user.name, peer=request.remote_ip)
+                    return _Call(self.api, method, caller, request.connection)
         return self.app.find_handler(request, **kwargs)
 
 
@@ -79,8 +80,8 @@ class _Date:
 class _Call(httputil.HTTPMessageDelegate):
     """One POST to one of ROUTES by a known caller with a JSON body within max_body."""
 
-    def __init__(self, api, method: str, roles, connection):
-        self.api, self.method, self.roles, self.connection = api, method, roles, connection
+    def __init__(self, api, method: str, caller: Caller, connection):
+        self.api, self.method, self.caller, self.connection = api, method, caller, connection
         self.chunks = []
         self.running = None   # the executor's task, if the call waits (a reference keeps it alive)
         self.gone = False
@@ -92,9 +93,10 @@ class _Call(httputil.HTTPMessageDelegate):
         try:
             params = protocol.parse_http_body(b"".join(self.chunks))
         except ApiError as exc:
+            self.api.refused(self.method, self.caller, exc.code)
             self.reply(exc.code, protocol.error_body(exc.code, exc.message).encode("utf-8"))
             return
-        self.running = self.api.execute(self.method, params, Caller("", False, roles=self.roles), None, self.reply)
+        self.running = self.api.execute(self.method, params, self.caller, None, self.reply)
 
     def on_connection_close(self) -> None:
         self.gone = True
@@ -128,7 +130,13 @@ class _EnvelopeHandler(tornado.web.RequestHandler):
         try:
             self.user = await self.api.node.access.check(self.request)
         except Denied as denied:
+            self.api.refused(getattr(self, "method", None), self._caller(), ErrorCode.NOT_AUTHORIZED)
             refuse(self, denied, protocol.error_body(ErrorCode.NOT_AUTHORIZED, denied.message))
+
+    def _caller(self) -> Caller:
+        user = getattr(self, "user", None)
+        return Caller("", False, roles=user.roles if user else frozenset(), user=user.name if user else "",
+                      peer=self.request.remote_ip)
 
     def reply(self, code, envelope: bytes) -> None:
         """Writes an executor's outcome: `code` None for success, else an ErrorCode."""
@@ -137,6 +145,7 @@ class _EnvelopeHandler(tornado.web.RequestHandler):
         self.finish(envelope)
 
     def reply_error(self, code: ErrorCode, message: str) -> None:
+        self.api.refused(getattr(self, "method", None), self._caller(), code)
         self.reply(code, protocol.error_body(code, message).encode("utf-8"))
 
     def write_error(self, status_code: int, **kwargs) -> None:
@@ -208,7 +217,7 @@ class CallHandler(_EnvelopeHandler):
         except ApiError as exc:
             self.reply_error(exc.code, exc.message)
             return
-        running = self.api.execute(self.method, params, Caller("", False, roles=self.user.roles), None, self.reply)
+        running = self.api.execute(self.method, params, self._caller(), None, self.reply)
         if running is not None:
             await asyncio.wait([running])   # the executor replies (an error included); only wait for it
 

@@ -76,7 +76,8 @@ class ApiSocket(tornado.websocket.WebSocketHandler):
         self.stream = self.ws_connection.stream
         self.stream.max_write_buffer_size = self.node.config.node.api.write_buffer_limit
         self.consumer_id = self.node.queues.consumers.new_id()
-        self.caller = Caller("p.", True, consumer=self, roles=self.user.roles)
+        self.caller = Caller("p.", True, consumer=self, roles=self.user.roles, user=self.user.name,
+                             peer=self.request.remote_ip)
         self.node.api_sockets.add(self)
         self.recheck(self.node.access.users)   # the users may have been reloaded while the upgrade went on
 
@@ -87,7 +88,8 @@ class ApiSocket(tornado.websocket.WebSocketHandler):
         """Writes an executor's outcome (or any envelope) to this connection; nothing once it closed."""
         write_frame(self, protocol.encode_ws_frame(envelope), self.node.counters)
 
-    def reply_error(self, code: ErrorCode, message: str, req_id) -> None:
+    def reply_error(self, code: ErrorCode, message: str, req_id, method: str = None) -> None:
+        self.api.refused(method, self.caller, code)
         self.reply(code, protocol.error_body(code, message, req_id, ws=True).encode("utf-8"))
 
     def on_message(self, message):
@@ -106,7 +108,7 @@ class ApiSocket(tornado.websocket.WebSocketHandler):
             return
         if len(self._running) >= self.max_in_flight:
             self.reply_error(ErrorCode.MESH_UNAVAILABLE, f"{method}: {len(self._running)} requests of this "
-                             "connection are still in flight; retry later", req_id)
+                             "connection are still in flight; retry later", req_id, method)
             return
         running = self.api.execute(method, params, self.caller, req_id, self.reply)
         if running is not None:

@@ -61,13 +61,24 @@ class Requests:
         self.counts = {}          # (method, transport, result) -> requests
         self.durations = Timings()  # (method, route)
 
-    def done(self, method: str, ws: bool, code, route: str, started: float) -> None:
-        """One request answered: `code` None (success) or its ErrorCode; `started` its time.monotonic()."""
+    def done(self, method: str, ws: bool, code, route: str, started: float) -> float:
+        """One request answered: `code` None (success) or its ErrorCode; `started` its time.monotonic().
+        Returns how long it took."""
+        seconds = time.monotonic() - started
+        method = self._count(method, ws, code)
+        self.durations.observe((method, route), seconds)
+        return seconds
+
+    def refused(self, method, ws: bool, code) -> None:
+        """One request its transport refused before it ran (not timed)."""
+        self._count(method, ws, code)
+
+    def _count(self, method, ws: bool, code) -> str:
         if method not in self.methods:
             method = "unknown"   # names come from callers: never a label of their own
         key = (method, "ws" if ws else "http", "ok" if code is None else str(int(code)))
         self.counts[key] = self.counts.get(key, 0) + 1
-        self.durations.observe((method, route), time.monotonic() - started)
+        return method
 
 
 def top(figures: dict) -> list:

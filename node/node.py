@@ -16,7 +16,7 @@ import time
 
 import psutil
 
-from cluster import mesh
+from cluster import logs, mesh
 from cluster.access import Access
 from cluster.ids import IdGenerator
 from cluster.zloop import ZapHandler
@@ -89,6 +89,7 @@ class Node:
         if not self.node_id and self.link.joined:
             self.node_id = self.link.node_id
             self.ids = IdGenerator(self.node_id, self.link.not_before_ms)
+            logs.rename(f"node{self.node_id}-w{self.worker}")   # every line from now on names the node id
             self.ready.set()
         for node_id in changes.removed:
             self.mesh_point.disconnect(node_id)

@@ -29,6 +29,7 @@ class Parts:
 
     def __init__(self):
         self.calls = []
+        self.config = SimpleNamespace(node=SimpleNamespace(api=SimpleNamespace(access_log=False)))
         self.hub = SimpleNamespace(conns={})
         self.forward = SimpleNamespace(send=self._send, publish=self._publish, call=self._call)
         self.queues = SimpleNamespace(consume=self._consume, stop_consuming=self._stop,

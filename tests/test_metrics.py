@@ -1,9 +1,12 @@
 """/metrics (docs/operations.md, Metrics): every node in one scrape of the coordinator, named and typed as
 Prometheus expects, counting what really happened; what a node sends is checked before it is shown."""
 
+import json
+import re
 import shutil
 import subprocess
 import urllib.request
+from pathlib import Path
 
 import pytest
 import zmq
@@ -212,3 +215,16 @@ def test_the_metrics_message_is_read_strictly():
             mesh.read_control([b"MT", body], mesh.FROM_NODE)
     with pytest.raises(mesh.FrameError):
         mesh.read_control(good, mesh.FROM_COORDINATOR)
+
+
+@keyed
+def test_the_grafana_dashboard_reads_only_metrics_that_exist(cluster):
+    """docs/grafana-dashboard.json: every metric its queries name is one /metrics has."""
+    dashboard = json.loads((Path(__file__).parent.parent / "docs" / "grafana-dashboard.json").read_text())
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    named = set(re.findall(r"meshgate_[a-z_]+", " ".join(exprs)))
+    wait_until(lambda: "meshgate_node_info" in families(cluster), what="the nodes' metrics")
+    shown = {sample.name for family in families(cluster).values() for sample in family.samples}
+    shown |= {name for name in families(cluster)}   # families with no sample yet (no queue has waited)
+    shown |= {f"{name}_bucket" for name in families(cluster)} | {f"{name}_total" for name in families(cluster)}
+    assert len(exprs) >= 10 and named and not named - shown, named - shown
