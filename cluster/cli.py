@@ -210,18 +210,26 @@ def _duration(seconds: float) -> str:
     return f"{minutes}m{seconds:02d}s"
 
 
-_COLUMNS = ("NODE", "HOST", "PID", "CPU%", "RSS", "CONNS", "CHANNELS", "CONSUMERS", "QUEUE", "IN/s", "OUT/s", "UPTIME")
+# ADDRESS is the node's node.advertise: it tells apart machines that share a host name.
+_COLUMNS = ("NODE", "HOST", "ADDRESS", "PID", "CPU%", "RSS", "CONNS", "CHANNELS", "CONSUMERS", "QUEUE", "IN/s", "OUT/s",
+            "UPTIME")
+
+
+def _advertised(api_server: str) -> str:
+    """The host of a node's `api_server` (`HOST:PORT`, `[IPv6]:PORT`): its `node.advertise`."""
+    host = api_server.rpartition(":")[0] or api_server
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
 
 
 def format_status(document: dict) -> str:
     """The `meshgate status` table (docs/operations.md, meshgate status)."""
     rows = [_COLUMNS]
     for n in document["nodes"]:
-        rows.append((str(n["node_id"]), n["host"], str(n["pid"]), f"{n['cpu']:.1f}", _size(n["rss"]),
-                     str(n["clients"]), str(n["channels"]), str(n["consumers"]), str(n["queue_depth"]),
+        rows.append((str(n["node_id"]), n["host"], _advertised(n["api_server"]), str(n["pid"]), f"{n['cpu']:.1f}",
+                     _size(n["rss"]), str(n["clients"]), str(n["channels"]), str(n["consumers"]), str(n["queue_depth"]),
                      f"{n['in_rate']:.0f}", f"{n['out_rate']:.0f}", _duration(n["uptime"])))
     t = document["totals"]
-    rows.append(("TOTAL", f"{t['nodes']} nodes", "", f"{t['cpu']:.1f}", _size(t["rss"]), str(t["clients"]),
+    rows.append(("TOTAL", f"{t['nodes']} nodes", "", "", f"{t['cpu']:.1f}", _size(t["rss"]), str(t["clients"]),
                  str(t["channels"]), str(t["consumers"]), str(t["queue_depth"]), f"{t['in_rate']:.0f}",
                  f"{t['out_rate']:.0f}", _duration(document["coordinator"]["uptime"])))
     rows = [[_printable(cell) for cell in row] for row in rows]

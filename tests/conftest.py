@@ -47,27 +47,46 @@ _EPHEMERAL_LOW = _ephemeral_low()
 _GIVEN_PORTS = set()
 
 
-def free_port() -> int:
+def free_port(count: int = 1) -> int:
     """A port nothing listens on, below the kernel's ephemeral range, not handed out before in this run.
 
     Asking the kernel for port 0 could give the same port twice in a row (a
     cluster's registry and API ports were once equal), and a node's mesh
     point, bound to port 0, could take a port chosen for a server that has not
-    bound it yet; neither can happen outside the ephemeral range.
+    bound it yet; neither can happen outside the ephemeral range. With
+    `count`, the first of that many such ports in a row (a fixed
+    `node.mesh.port` N: worker k listens on N+k).
     """
     low = min(15000, _EPHEMERAL_LOW - 1000)
     for _ in range(200):
-        port = random.randrange(low, _EPHEMERAL_LOW)
-        if port in _GIVEN_PORTS:
+        port = random.randrange(low, _EPHEMERAL_LOW - count + 1)
+        ports = range(port, port + count)
+        if _GIVEN_PORTS.intersection(ports) or not all(_unused(candidate) for candidate in ports):
             continue
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        _GIVEN_PORTS.add(port)
+        _GIVEN_PORTS.update(ports)
         return port
-    raise AssertionError(f"no free port found in {low}..{_EPHEMERAL_LOW - 1}")
+    raise AssertionError(f"no {count} free port(s) in a row found in {low}..{_EPHEMERAL_LOW - 1}")
+
+
+def _unused(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def stop_process(process: subprocess.Popen, timeout: float = WAIT) -> int:
+    """Stops a process the test started, by its PID: SIGTERM, then SIGKILL if it is still there after `timeout`."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
 
 
 def wait_until(predicate, timeout: float = WAIT, interval: float = 0.02, what: str = "condition"):
@@ -312,6 +331,9 @@ class Cluster:
     certificate made for the run (`cert_path`), which the helpers trust.
     """
 
+    host = "127.0.0.1"               # where the helpers reach the node processes' API and client ports
+    coordinator_host = "127.0.0.1"   # and the coordinator HTTP
+
     def __init__(self, tmp: Path, workers: int = 3, **overrides):
         self.tmp = tmp
         self.workers = workers
@@ -404,13 +426,8 @@ class Cluster:
             except Exception:
                 pass
         self._open.clear()
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=WAIT * 2)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process:
+            stop_process(self.process, WAIT * 2)
         if getattr(self, "_log", None):
             self._log.close()
         return self.process.returncode if self.process else 0
@@ -432,8 +449,8 @@ class Cluster:
         return {"Authorization": f"Basic {token}"}
 
     def status(self) -> dict:
-        request = urllib.request.Request(f"{self.http_scheme}://127.0.0.1:{self.coordinator_port}/v1/status",
-                                         headers=self.auth())
+        url = f"{self.http_scheme}://{self.coordinator_host}:{self.coordinator_port}/v1/status"
+        request = urllib.request.Request(url, headers=self.auth())
         with urllib.request.urlopen(request, timeout=3, context=self.ssl_context) as r:
             return json.loads(r.read())
 
@@ -446,7 +463,7 @@ class Cluster:
         """
         data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
         for attempt in (1, 2):
-            request = urllib.request.Request(f"{self.http_scheme}://127.0.0.1:{self.api_port}{path}", data=data,
+            request = urllib.request.Request(f"{self.http_scheme}://{self.host}:{self.api_port}{path}", data=data,
                                              method=method,
                                              headers={"Content-Type": "application/json", **self.auth(),
                                                       **(headers or {})})
@@ -461,7 +478,7 @@ class Cluster:
                     raise
 
     def api(self, credentials=None) -> ApiConnection:
-        ws = websocket.create_connection(f"{self.ws_scheme}://127.0.0.1:{self.api_port}/ws/v1", timeout=WAIT,
+        ws = websocket.create_connection(f"{self.ws_scheme}://{self.host}:{self.api_port}/ws/v1", timeout=WAIT,
                                          header=self.auth(credentials), sslopt=self.sslopt)
         self._open.append(ws)
         return ApiConnection(ws)
@@ -469,7 +486,7 @@ class Cluster:
     def api_with_timeout(self, seconds: float):
         """An API connection, or None when the handshake is not answered within `seconds` (a frozen node)."""
         try:
-            ws = websocket.create_connection(f"{self.ws_scheme}://127.0.0.1:{self.api_port}/ws/v1", timeout=seconds,
+            ws = websocket.create_connection(f"{self.ws_scheme}://{self.host}:{self.api_port}/ws/v1", timeout=seconds,
                                              header=self.auth(), sslopt=self.sslopt)
         except (websocket.WebSocketTimeoutException, TimeoutError, OSError):
             return None
@@ -478,7 +495,7 @@ class Cluster:
         return ApiConnection(ws)
 
     def client(self, path: str = "/", **options) -> Client:
-        ws = websocket.create_connection(f"{self.ws_scheme}://127.0.0.1:{self.client_port}{path}", timeout=WAIT,
+        ws = websocket.create_connection(f"{self.ws_scheme}://{self.host}:{self.client_port}{path}", timeout=WAIT,
                                          **{"sslopt": self.sslopt, **self.client_options, **options})
         self._open.append(ws)
         return Client(ws)

@@ -20,10 +20,25 @@ def test_status_prints_every_node(cluster):
     result = _run("status", "-c", str(cluster.config_path))
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
-    assert lines[0].split()[:5] == ["NODE", "HOST", "PID", "CPU%", "RSS"]
+    assert lines[0].split()[:6] == ["NODE", "HOST", "ADDRESS", "PID", "CPU%", "RSS"]
     node_ids = {n["node_id"] for n in cluster.status()["nodes"]}
     assert {int(line.split()[0]) for line in lines[1:-1]} == node_ids
+    assert {line.split()[2] for line in lines[1:-1]} == {"127.0.0.1"}   # node.advertise
     assert lines[-1].startswith("TOTAL") and f"{len(node_ids)} nodes" in lines[-1]
+
+
+@pytest.mark.parametrize("api_server, shown", [
+    ("10.0.0.11:6789", "10.0.0.11"), ("web1.internal:6789", "web1.internal"), ("[fd00::11]:6789", "fd00::11"),
+])
+def test_status_address_column_is_the_advertised_host(api_server, shown):
+    """ADDRESS is the host of each node's api_server (its node.advertise), IPv6 without brackets."""
+    from cluster.cli import format_status
+    figures = dict.fromkeys(("cpu", "rss", "clients", "channels", "consumers", "queue_depth", "in_rate", "out_rate"), 0)
+    node = {"node_id": 7, "host": "web1", "pid": 42, "uptime": 1, "api_server": api_server, **figures}
+    header, row, total = format_status({"nodes": [node], "totals": {"nodes": 1, **figures},
+                                        "coordinator": {"uptime": 1}}).splitlines()
+    assert header.split()[2] == "ADDRESS" and row.split()[:4] == ["7", "web1", shown, "42"]
+    assert total.split()[:4] == ["TOTAL", "1", "nodes", "0.0"]   # no address on the total row
 
 
 def test_status_json_and_coordinator_option(cluster):
