@@ -47,6 +47,7 @@ may also carry up to `MAX_BATCH` frames, each a message or a batch (`batch`).
 | `CALL` | 3 | Call | `c` client_id, `f` function, `a` args | (none) | `r` the conn.call result |
 | `QEV` | 4 | QueueEvent | `t` topic, `k` consumer_id | the queue event (JSON) | `ok`: written |
 | `ADV` | 5 | PeerAdvert | `o` origin, `interest`, `consumers` | (none) | `ok` |
+| `PRES` | 8 | Presence | `ch` channel, `x` with contexts, `l` limit | (none) | `n` local subscribers, `c` up to `l` of `[client_id]` or `[client_id, context]` |
 
 Any result may instead be a failure `{"e": code, "m": message}` (an
 `ErrorCode`): the peer could not serve the request.
@@ -532,10 +533,17 @@ class PeerAdvert(NamedTuple):
     consumers: list = ()      # [topic, consumer_id, present, seq]
 
 
+class Presence(NamedTuple):
+    """Who of this node's clients is subscribed to `channel` (docs/protocol.md, Presence)."""
+    channel: str
+    context: bool
+    limit: int
+
+
 class Request(NamedTuple):
     """One request from a peer: reply to `request_id` unless it is 0."""
     request_id: int
-    message: Any              # Send, Publish, Call, QueueEvent or PeerAdvert
+    message: Any              # Send, Publish, Call, QueueEvent, PeerAdvert or Presence
 
 
 class Outbound(NamedTuple):
@@ -639,6 +647,14 @@ def _read_peer_advert(header: dict, body: bytes) -> PeerAdvert:
     return _peer_advert(header)
 
 
+_limit = _int(0, protocol.MAX_PRESENCE_LIMIT)
+
+
+def _read_presence(header: dict, body: bytes) -> Presence:
+    _no_body(body)
+    return Presence(_field(header, "ch", _channel), _field(header, "x", _flag), _field(header, "l", _limit))
+
+
 # class -> (code, kind name, reader of (header, body)); the codes are on the wire: append only
 _REQUESTS = {
     Send: (1, "SEND", _read_send),
@@ -646,6 +662,7 @@ _REQUESTS = {
     Call: (3, "CALL", _read_call),
     QueueEvent: (4, "QEV", _read_queue_event),
     PeerAdvert: (5, "ADV", _read_peer_advert),
+    Presence: (8, "PRES", _read_presence),
 }
 _BY_CODE = {code: (cls, name, read) for cls, (code, name, read) in _REQUESTS.items()}
 _REPLY_CODE = 6
@@ -684,6 +701,10 @@ def advert_request(origin: int, interest=(), consumers=()) -> Outbound:
     if consumers:
         header["consumers"] = consumers
     return Outbound(PeerAdvert, _dumps(header), b"")
+
+
+def presence_request(channel: str, context: bool, limit: int) -> Outbound:
+    return Outbound(Presence, _dumps({"ch": channel, "x": context, "l": limit}), b"")
 
 
 def frame_request(message: Outbound, request_id: int) -> list:
@@ -728,6 +749,12 @@ class Delivered(NamedTuple):
     failed: int
 
 
+class Present(NamedTuple):
+    """Who of one node's clients is subscribed to a channel."""
+    count: int
+    clients: list             # up to the request's limit: (client_id, context or None)
+
+
 class Failure(NamedTuple):
     """The peer could not serve a request (any kind)."""
     code: ErrorCode
@@ -760,6 +787,12 @@ def queue_event_result(written: bool) -> bytes:
 
 def advert_result() -> bytes:
     return _dumps({"ok": True})
+
+
+def presence_result(count: int, clients: list) -> bytes:
+    """`clients`: `[client_id]` or `[client_id, context]` rows. Raises TypeError or OverflowError when a
+    context holds something JSON cannot carry."""
+    return _dumps({"n": count, "c": clients})
 
 
 def failure(code: ErrorCode, message: str) -> bytes:
@@ -864,6 +897,21 @@ def _read_call_result(result: dict) -> dict:
     return value
 
 
+def _present_row(row):
+    if type(row) is not list or len(row) not in (1, 2):
+        raise _Bad("expected [client_id] or [client_id, context]")
+    if len(row) == 2 and type(row[1]) is not dict:
+        raise _Bad("a context must be an object", "[1]")
+    return (_client_id(row[0]), _json_value(row[1]) if len(row) == 2 else None)
+
+
+_present_rows = _list_of(_present_row, protocol.MAX_PRESENCE_LIMIT)
+
+
+def _read_presence_result(result: dict) -> Present:
+    return Present(_field(result, "n", _count), _field(result, "c", _present_rows))
+
+
 def _read_failure(result: dict) -> Failure:
     code = result["e"]
     if type(code) is not int or code not in ErrorCode._value2member_map_:
@@ -877,6 +925,7 @@ _RESULTS = {
     Call: _read_call_result,
     QueueEvent: lambda result: _field(result, "ok", _flag),
     PeerAdvert: lambda result: _field(result, "ok", _flag),
+    Presence: _read_presence_result,
 }
 
 

@@ -354,9 +354,42 @@ def parse_conn_call(params: Any, prefix: str = "p.") -> CallParams:
     return CallParams(client_id, function, parse_call_args(function, args, prefix))
 
 
+# docs/protocol.md, Presence: entries listed by default, and at most.
+PRESENCE_LIMIT = 10000
+MAX_PRESENCE_LIMIT = 100000
+
+
+class PresenceParams(NamedTuple):
+    channel: str
+    context: bool     # each entry also carries the client's context
+    limit: int        # entries listed at most (the count is always whole)
+
+
+def parse_presence(params: Any, prefix: str = "p.") -> PresenceParams:
+    """Parameters of channel.presence: `c` one channel, `context` (false), `limit` (PRESENCE_LIMIT)."""
+    params = _require_object(params, _whole(prefix))
+    channel = parse_count(params, prefix)
+    context = params.get("context", False)
+    if type(context) is not bool:
+        raise _invalid(f"{prefix}context: must be true or false")
+    limit = params.get("limit", PRESENCE_LIMIT)
+    if type(limit) is not int or not 0 <= limit <= MAX_PRESENCE_LIMIT:
+        raise _invalid(f"{prefix}limit: must be an integer from 0 to {MAX_PRESENCE_LIMIT}")
+    return PresenceParams(channel, context, limit)
+
+
+def parse_count(params: Any, prefix: str = "p.") -> str:
+    """The one channel of channel.count (and channel.presence)."""
+    params = _require_object(params, _whole(prefix))
+    if "c" not in params:
+        raise _invalid(f"{prefix}c: channel is required")
+    return parse_name(params["c"], f"{prefix}c")
+
+
 # --- requests ---------------------------------------------------------------
 
-METHODS = ("queue.pop", "queue.unpop", "conn.call", "mesh.send", "mesh.publish")
+METHODS = ("queue.pop", "queue.unpop", "conn.call", "mesh.send", "mesh.publish", "channel.presence",
+           "channel.count")
 
 
 class WsRequest(NamedTuple):

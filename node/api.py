@@ -97,7 +97,7 @@ class Api:
                     partial(self._settle, method, result.finish, caller, req_id, reply, started))
                 return result.future
             if inspect.isawaitable(result):
-                route = FORWARDED if method == "mesh.publish" else LOCAL   # several peers; else a local call
+                route = LOCAL if method == "conn.call" else FORWARDED   # a local conn.call; else waits for peers
                 return asyncio.ensure_future(self._finish(method, result, caller, req_id, reply, started, route))
             envelope = protocol.ok_body(result, req_id, caller.ws).encode("utf-8")
         except Exception as exc:
@@ -163,6 +163,13 @@ class Api:
     def conn_call(self, params: protocol.CallParams, caller: Caller):
         return self.node.forward.call(params.client_id, params.function, params.args)
 
+    def channel_presence(self, params: protocol.PresenceParams, caller: Caller):
+        return self.node.presence.query(params.channel, params.context, params.limit)
+
+    def channel_count(self, channel: str, caller: Caller):
+        result = self.node.presence.query(channel, False, 0)
+        return _count_only(result) if type(result) is dict else _counted_only(result)
+
     def queue_pop(self, topics: list, caller: Caller) -> dict:
         consumer = _consumer(caller, "queue.pop")
         try:
@@ -220,6 +227,16 @@ async def _counted(awaitable) -> dict:
     return _counts(await awaitable)
 
 
+def _count_only(result: dict) -> dict:
+    """channel.count's reply: channel.presence's without the list."""
+    del result["clients"]
+    return result
+
+
+async def _counted_only(awaitable) -> dict:
+    return _count_only(await awaitable)
+
+
 def _consumer(caller: Caller, method: str):
     if caller.consumer is None:
         raise ApiError(ErrorCode.INVALID_PARAMS, f"{method}: only on a /ws/v1 connection")
@@ -252,5 +269,7 @@ METHODS = {
     "conn.call": Method(protocol.parse_conn_call, lambda call: CONN_FUNCTIONS[call.function].role, Api.conn_call),
     "mesh.send": Method(protocol.parse_send, WRITE, Api.mesh_send),
     "mesh.publish": Method(protocol.parse_publish, WRITE, Api.mesh_publish),
+    "channel.presence": Method(protocol.parse_presence, READ, Api.channel_presence),
+    "channel.count": Method(protocol.parse_count, READ, Api.channel_count),
 }
 assert tuple(METHODS) == protocol.METHODS and tuple(CONN_FUNCTIONS) == protocol.CALL_FUNCTIONS

@@ -29,7 +29,8 @@ from node.api import Caller
 log = logging.getLogger("meshgate.access")
 
 # docs/protocol.md, HTTP API: path -> method of the executor
-ROUTES = {"/v1/mesh/send": "mesh.send", "/v1/mesh/publish": "mesh.publish"}
+ROUTES = {"/v1/mesh/send": "mesh.send", "/v1/mesh/publish": "mesh.publish",
+          "/v1/channel/presence": "channel.presence", "/v1/channel/count": "channel.count"}
 
 
 def json_type(content_type) -> bool:

@@ -95,6 +95,27 @@ class Mesh:
             return done
         return _background(_counted(counts) if isinstance(counts, Deferred) else counts)
 
+    async def presence(self, channel: str, context: bool = False, limit: int = protocol.PRESENCE_LIMIT) -> dict:
+        """Who is subscribed to `channel` mesh-wide: channel.presence's `r` (docs/protocol.md, Presence):
+        `count`, `clients` (at most `limit` of `{"c", "n"}`, with `"x"` the context when `context`), and
+        `missing` (nodes that did not answer in time) when there are any.
+
+        Raises:
+            ValueError: a bad channel name, `context` not a bool, or `limit` out of 0..100000.
+        """
+        try:
+            params = protocol.parse_presence({"c": channel, "context": context, "limit": limit}, "")
+        except ApiError as exc:
+            raise ValueError(exc.message) from None
+        result = self._node.presence.query(params.channel, params.context, params.limit)
+        return result if isinstance(result, dict) else await result
+
+    async def count(self, channel: str) -> dict:
+        """How many clients are subscribed to `channel` mesh-wide: `{"s": True, "count": N}` (and `missing`)."""
+        result = await self.presence(channel, limit=0)
+        del result["clients"]
+        return result
+
 
 class Queue:
     """`queue` in entries: hand a message to the backends that consume a topic."""

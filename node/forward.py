@@ -124,6 +124,10 @@ class Forwarder:
 
     # --- inbound -----------------------------------------------------------------------
 
+    def serve(self, kind: type, handler) -> None:
+        """Peers' requests of `kind` (a cluster/mesh.py class) go to `handler(message)` -> result bytes."""
+        self._handlers[kind] = handler
+
     def handle(self, peer: bytes, request: mesh.Request):
         """Serves one request of a peer (MeshPoint.handle_request): result bytes or an awaitable of them."""
         return self._handlers[type(request.message)](request.message)

@@ -27,6 +27,7 @@ from node.coordinator_link import CoordinatorLink, Identity
 from node.forward import Forwarder
 from node.mesh_point import MeshPoint
 from node.metrics import node_metrics
+from node.presence import Presence
 from node.queue_dispatch import QueueDispatch
 from node.routing import Routing
 
@@ -70,6 +71,8 @@ class Node:
         self.api = Api(self)
         self.forward = Forwarder(self.routing, self.hub, self.mesh_point, self.api.call_local, self.adverts,
                                  self.queues)
+        self.presence = Presence(lambda: self.node_id, self.routing, self.hub, self.mesh_point)
+        self.forward.serve(mesh.Presence, self.presence.handle)
         self.mesh_point.handle_request = self.forward.handle
         self._process = psutil.Process()
         self._process.cpu_percent(None)

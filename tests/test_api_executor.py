@@ -34,6 +34,7 @@ class Parts:
         self.forward = SimpleNamespace(send=self._send, publish=self._publish, call=self._call)
         self.queues = SimpleNamespace(consume=self._consume, stop_consuming=self._stop,
                                       consumers=SimpleNamespace(max_topics_per_consumer=3))
+        self.presence = SimpleNamespace(query=self._presence)
 
     # As node/forward.py answers for the local path: at once (a Deferred when a peer must answer).
     def _send(self, client_id, frame):
@@ -46,6 +47,10 @@ class Parts:
     async def _call(self, client_id, function, args):
         self.calls.append(("call", client_id, function, args))
         return {"s": True}
+
+    def _presence(self, channel, context, limit):   # as node/presence.py answers when no peer has subscribers
+        self.calls.append(("presence", channel, context, limit))
+        return {"s": True, "count": 1, "clients": [{"c": CLIENT, "n": 1}][:limit]}
 
     def _consume(self, consumer_id, conn, topics):
         self.calls.append(("consume", consumer_id, topics))
@@ -100,6 +105,8 @@ def test_method_table_is_the_protocol_method_list():
     ("conn.call", {"c": CLIENT, "f": "close"}, "write"),
     ("mesh.send", {"c": CLIENT, "d": "x"}, "write"),
     ("mesh.publish", {"c": "ch", "d": "x"}, "write"),
+    ("channel.presence", {"c": "ch"}, "read"),
+    ("channel.count", {"c": "ch"}, "read"),
 ])
 def test_roles_are_checked_in_the_executor(method, params, role):
     """A caller without the method's role gets 102 naming the role; with it, the call runs (docs/protocol.md roles)."""
@@ -279,3 +286,14 @@ def test_data_holding_nan_or_infinity_is_101_naming_d(number):
     code, envelope, parts = run("mesh.publish", params)
     assert code == protocol.ErrorCode.INVALID_PARAMS and names_field(envelope["E"]["m"], "p.d")
     assert parts.calls == []
+
+
+def test_presence_and_count_replies():
+    """channel.presence passes context and limit on; channel.count is the same answer without the list."""
+    code, envelope, parts = run("channel.presence", {"c": "room", "context": True, "limit": 7})
+    assert code is None and envelope["r"] == {"s": True, "count": 1, "clients": [{"c": CLIENT, "n": 1}]}
+    assert parts.calls == [("presence", "room", True, 7)]
+    code, envelope, parts = run("channel.count", {"c": "room"}, caller=HTTP_CALLER)
+    assert code is None and envelope == {"E": None, "r": {"s": True, "count": 1}}
+    assert parts.calls == [("presence", "room", False, 0)]
+

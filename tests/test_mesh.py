@@ -14,7 +14,7 @@ from cluster import mesh, protocol
 from cluster.ids import MAX_NODE_ID
 from cluster.mesh import (
     FROM_COORDINATOR, FROM_NODE, Advert, Bye, Call, Delivered, Failure, FrameError, Heartbeat, Metrics,
-    NodeEntry, NodeState, PeerAdvert, Publish, QueueEvent, Refused, Register, Reregister, Request,
+    NodeEntry, NodeState, PeerAdvert, Present, Presence, Publish, QueueEvent, Refused, Register, Reregister, Request,
     Send, Snapshot, Sync, Update, Welcome,
 )
 from cluster.protocol import ErrorCode
@@ -750,6 +750,7 @@ REQUESTS = [
     (mesh.call_request(5, "close", [1000, "bye"]), Call(5, "close", [1000, "bye"])),
     (mesh.queue_event_request("jobs", 9, EVENT), QueueEvent("jobs", 9, EVENT)),
     (mesh.advert_request(7, [["news", 1, 2]]), PeerAdvert(7, [["news", 1, 2]])),
+    (mesh.presence_request("room:1", True, 100000), Presence("room:1", True, 100000)),
 ]
 
 
@@ -783,8 +784,9 @@ REQUEST_WIRE = [
      {"o": 7, "interest": [["news", 1, 2]], "consumers": [["jobs", 9, 1, 3]]}, b"",
      PeerAdvert(7, [["news", 1, 2]], [["jobs", 9, 1, 3]])),
     (mesh.advert_request(7), 5, {"o": 7}, b"", PeerAdvert(7)),
+    (mesh.presence_request("room", False, 0), 8, {"ch": "room", "x": False, "l": 0}, b"", Presence("room", False, 0)),
 ]
-WIRE_IDS = ["SEND", "PUB", "CALL", "QEV", "ADV", "ADV-empty"]
+WIRE_IDS = ["SEND", "PUB", "CALL", "QEV", "ADV", "ADV-empty", "PRES"]
 
 
 @pytest.mark.parametrize("outbound, code, header, body, message", REQUEST_WIRE, ids=WIRE_IDS)
@@ -821,13 +823,14 @@ def test_request_exact_bytes():
 
 # --- mesh requests: bad headers --------------------------------------------------------------
 
-NAMES = {1: "SEND", 2: "PUB", 3: "CALL", 4: "QEV", 5: "ADV"}
+NAMES = {1: "SEND", 2: "PUB", 3: "CALL", 4: "QEV", 5: "ADV", 8: "PRES"}
 REQUEST_BASES = {
     1: ({"c": 5}, TEXT_FRAME),
     2: ({"ch": ["news", "jobs"]}, TEXT_FRAME),
     3: ({"c": 5, "f": "set_context_value", "a": ["k", "v"]}, b""),
     4: ({"t": "jobs", "k": 9}, EVENT),
     5: ({"o": 7, "interest": [["news", 2, 7]], "consumers": [["jobs", 3, 1, 9]]}, b""),
+    8: ({"ch": "room", "x": True, "l": 10}, b""),
 }
 BAD["channels"] = BAD["list"] + [[]]
 BAD["function"] = ["nope", "", "Close", "close ", "get_context\x00", "CALL", None, 1, True, [], {}]
@@ -837,7 +840,9 @@ REQUEST_FIELDS = {
     3: [("c", "client_id"), ("f", "function"), ("a", "list")],
     4: [("t", "name"), ("k", "consumer_id")],
     5: [("o", "node_id")] + rows("interest", INTEREST) + rows("consumers", CONSUMERS),
+    8: [("ch", "name"), ("x", "flag"), ("l", "limit")],
 }
+BAD["limit"] = WRONG_INT + [-1, protocol.MAX_PRESENCE_LIMIT + 1]
 
 
 def test_request_bases_are_valid():
@@ -863,7 +868,8 @@ def test_request_bad_field(code, path, check):
                            field=f"{NAMES[code]}.{path}", case=value)
 
 
-REQUIRED_HEADER = [(1, "c"), (2, "ch"), (3, "c"), (3, "f"), (3, "a"), (4, "t"), (4, "k"), (5, "o")]
+REQUIRED_HEADER = [(1, "c"), (2, "ch"), (3, "c"), (3, "f"), (3, "a"), (4, "t"), (4, "k"), (5, "o"), (8, "ch"), (8, "x"),
+                   (8, "l")]
 
 
 @pytest.mark.parametrize("code, key", REQUIRED_HEADER, ids=[f"{NAMES[c]}.{k}" for c, k in REQUIRED_HEADER])
@@ -1090,6 +1096,9 @@ RESULTS = [
     (QueueEvent, mesh.queue_event_result(True), True),
     (QueueEvent, mesh.queue_event_result(False), False),
     (PeerAdvert, mesh.advert_result(), True),
+    (Presence, mesh.presence_result(0, []), Present(0, [])),
+    (Presence, mesh.presence_result(3, [[5], [MAX_ID, {"seat": "é", "n": [1]}]]),
+     Present(3, [(5, None), (MAX_ID, {"seat": "é", "n": [1]})])),
 ]
 
 
@@ -1214,6 +1223,15 @@ BAD_RESULTS = [
     (QueueEvent, wire({"ok": None}), "QEV result.ok"), (QueueEvent, wire({"ok": "true"}), "QEV result.ok"),
     (PeerAdvert, wire({}), "ADV result.ok"), (PeerAdvert, wire({"ok": 1}), "ADV result.ok"),
     (PeerAdvert, wire({"ok": None}), "ADV result.ok"), (PeerAdvert, wire({"s": True}), "ADV result.ok"),
+    (Presence, wire({"c": []}), "PRES result.n"), (Presence, wire({"n": -1, "c": []}), "PRES result.n"),
+    (Presence, wire({"n": 1}), "PRES result.c"), (Presence, wire({"n": 1, "c": {}}), "PRES result.c"),
+    (Presence, wire({"n": 1, "c": [5]}), "PRES result.c[0]"), (Presence, wire({"n": 1, "c": [[]]}), "PRES result.c[0]"),
+    (Presence, wire({"n": 1, "c": [[5, {}, 1]]}), "PRES result.c[0]"),
+    (Presence, wire({"n": 1, "c": [["x"]]}), "PRES result.c[0]"),
+    (Presence, wire({"n": 1, "c": [[-1]]}), "PRES result.c[0]"),
+    (Presence, wire({"n": 1, "c": [[5, []]]}), "PRES result.c[0][1]"),
+    (Presence, wire({"n": 1, "c": [[5, "ctx"]]}), "PRES result.c[0][1]"),
+    (Presence, wire({"n": 1, "c": [[5]] * (protocol.MAX_PRESENCE_LIMIT + 1)}), "PRES result.c"),
 ]
 
 

@@ -607,7 +607,8 @@ def test_parse_ws_request_every_method(method):
 
 def test_methods_match_protocol():
     """The method list is exactly the one docs/protocol.md documents."""
-    assert set(protocol.METHODS) == {"queue.pop", "queue.unpop", "conn.call", "mesh.send", "mesh.publish"}
+    assert set(protocol.METHODS) == {"queue.pop", "queue.unpop", "conn.call", "mesh.send", "mesh.publish",
+                                     "channel.presence", "channel.count"}
 
 
 @pytest.mark.parametrize("text", ["", "{", "{'m': 1}", '{"m": "mesh.send",}', "nope", b"\xff\xfe", '{"m": "x"} junk'])
