@@ -100,6 +100,38 @@ def test_two_pages_chat_through_the_mesh(browser, chat_cluster, tmp_path):
     second.close()
 
 
+def members_of(page) -> list:
+    return [item.text_content() for item in page.query_selector_all("#members li")]
+
+
+def test_the_page_lists_who_is_in_the_room(browser, chat_cluster):
+    """Presence on the page: the join lists the room's members mesh-wide; joins and leaves update it."""
+    first = open_chat(browser, chat_cluster, "people")
+    first.wait_for_function("document.getElementById('count').textContent === '1'")
+    [mine] = members_of(first)
+    assert mine.endswith(" (you)")
+    second = open_chat(browser, chat_cluster, "people")
+    for page in (first, second):
+        page.wait_for_function("document.getElementById('count').textContent === '2'")
+    first_id, second_id = mine.split()[0], next(m for m in members_of(second) if m.endswith(" (you)")).split()[0]
+    assert sorted(members_of(first)) == sorted([f"{first_id} (you)", second_id])
+    assert sorted(members_of(second)) == sorted([first_id, f"{second_id} (you)"])
+    status, body = chat_cluster.http("/v1/channel/presence", {"c": "room:people"})
+    assert status == 200 and {entry["c"] for entry in body["r"]["clients"]} == {first_id, second_id}
+    second.close()   # the page goes: its connection closes, on_close tells the room
+    first.wait_for_function("document.getElementById('count').textContent === '1'")
+    assert members_of(first) == [f"{first_id} (you)"]
+    third = open_chat(browser, chat_cluster, "elsewhere")
+    third.fill("#room", "people")
+    third.click("#join")
+    first.wait_for_function("document.getElementById('count').textContent === '2'")
+    third.fill("#room", "elsewhere")
+    third.click("#join")   # switching rooms is a leave
+    first.wait_for_function("document.getElementById('count').textContent === '1'")
+    first.close()
+    third.close()
+
+
 def test_demo_page_is_self_contained(chat_cluster):
     """The page loads nothing from elsewhere: no external scripts, styles or fonts."""
     import urllib.request

@@ -118,6 +118,32 @@ def test_chat_bad_messages_get_an_error_reply_and_the_connection_stays(shipped, 
     assert json.loads(client.recv()) == {"status": "success"}
 
 
+def test_chat_presence_members_and_notices(shipped):
+    """join with presence: the room's members mesh-wide, then a notice per join and leave; `who` is exact;
+    a client that did not ask gets no notices."""
+    clients = chat_clients(shipped, 4)
+    alice = clients[0]
+    bob = next(c for c in clients if c.node != alice.node)
+    room = f"presence-{uuid.uuid4().hex[:6]}"
+    alice.ws.send(json.dumps({"op": "join", "room_id": room, "presence": True}))
+    assert json.loads(alice.recv()) == {"presence": "join", "client_id": alice.client_id}   # its own notice first
+    assert json.loads(alice.recv()) == {"status": "success", "room": f"room:{room}", "client_id": alice.client_id,
+                                        "members": [alice.client_id]}
+    bob.ws.send(json.dumps({"op": "join", "room_id": room}))
+    assert json.loads(bob.recv()) == {"status": "success", "room": f"room:{room}"}
+    assert json.loads(alice.recv()) == {"presence": "join", "client_id": bob.client_id}
+    bob.ws.send(json.dumps({"op": "who"}))
+    assert json.loads(bob.recv()) == {"status": "success", "members": sorted([alice.client_id, bob.client_id])}
+    bob.ws.send(json.dumps({"op": "quit"}))
+    assert json.loads(bob.recv()) == {"status": "success"}
+    assert json.loads(alice.recv()) == {"presence": "leave", "client_id": bob.client_id}
+    assert bob.nothing_for(0.2)
+    bob.ws.send(json.dumps({"op": "who"}))
+    assert json.loads(bob.recv()) == {"status": "error", "msg": "join a room first"}
+    alice.ws.send(json.dumps({"op": "quit"}))
+    assert json.loads(alice.recv()) == {"status": "success"}
+
+
 def test_chat_binary_message_is_refused_politely(shipped):
     """A binary frame gets an error reply."""
     client = shipped.client("/chat")
