@@ -157,6 +157,8 @@ class ServerConfig:
     rate_limit: Optional[RateLimitConfig] = None
     tls: Optional[TlsConfig] = None          # per port: servers sharing a port share it
     auth: Optional[AuthConfig] = None
+    # Topic of an open and a close message per connection (docs/protocol.md, Lifecycle events); None: none.
+    lifecycle_topic: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -320,6 +322,8 @@ def _validate(config: Config) -> None:
                               f"address (node.servers[{first[1]}] has {first[0]})")
         try:
             parse_name(server.topic, f"node.servers[{index}].topic", "topic")
+            if server.lifecycle_topic is not None:
+                parse_name(server.lifecycle_topic, f"node.servers[{index}].lifecycle_topic", "topic")
         except ApiError as exc:
             raise ConfigError(exc.message) from None
     paths = {(s.port, s.path.rstrip("/") or "/") for s in config.node.servers}

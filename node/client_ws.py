@@ -15,10 +15,12 @@ import tornado.websocket
 
 from cluster import protocol
 from cluster.protocol import CloseCode
+from node import lifecycle
 from node.client_limits import report_broken, take_token
 from node.client_protocol import ClientProtocol, slim_stream
 from node.clients import NO_CHANNELS, flush, write_frame
 from node.entry import ConnectionGone, ContextTimeout, check_name, encode_data
+from node.hooks import AFTER
 
 log = logging.getLogger("meshgate.node")
 
@@ -48,7 +50,7 @@ class ClientHandler(tornado.websocket.WebSocketHandler):
     __slots__ = ("node", "server", "entry", "gate", "client_id", "stream", "channels", "_context",
                  "last_seen", "remote_addr", "path", "query", "headers", "hook_busy", "hook_pending",
                  "hook_pending_bytes", "_waiters", "_opened", "_closed_by_server", "claims", "expires_at",
-                 "holds_slot", "bucket_tokens", "bucket_time", "_token_channels")
+                 "holds_slot", "bucket_tokens", "bucket_time", "_token_channels", "lifecycle")
 
     def initialize(self, node, server, entry, gate):
         self.node = node
@@ -75,6 +77,7 @@ class ClientHandler(tornado.websocket.WebSocketHandler):
         self.bucket_tokens = None    # the rate_limit bucket, once the first message took from it
         self.bucket_time = 0.0
         self._token_channels = ()    # the token's `channels`, from the handshake until open() subscribes
+        self.lifecycle = lifecycle.WAITING   # with the server's lifecycle_topic (node/lifecycle.py)
 
     def get_websocket_protocol(self):
         if self.request.headers.get("Sec-WebSocket-Version") != "13":
@@ -102,6 +105,8 @@ class ClientHandler(tornado.websocket.WebSocketHandler):
             self._accept_token(claims)
         if self.entry.custom:
             self.path, self.query, self.headers = request.path, request.query, request.headers
+        elif self.server.lifecycle_topic:
+            self.path, self.query = request.path, request.query   # for the open message
         verdict = self.entry.handshake(self, request)
         if verdict is not None:
             return self._check_verdict(verdict)
@@ -137,16 +142,24 @@ class ClientHandler(tornado.websocket.WebSocketHandler):
         node.client_opened(self)
         if self._token_channels:
             return self._open_subscribed()
-        if self.entry.custom:
-            self.entry.submit(self, "on_open")
+        self._run_on_open()
 
     async def _open_subscribed(self) -> None:
         """Subscribes the token's channels mesh-wide, then runs on_open; Tornado reads no frame before."""
         channels = self._token_channels
         self._token_channels = ()
         await self.node.subscribe(self, channels)
-        if self.entry.custom and self.stream is not None:
+        if self.stream is not None:
+            self._run_on_open()
+
+    def _run_on_open(self) -> None:
+        """on_open, then the lifecycle open message (once on_open finished)."""
+        if self.entry.custom:
             self.entry.submit(self, "on_open")
+            if self.server.lifecycle_topic:
+                self.entry.submit(self, AFTER, lifecycle.push_open)
+        elif self.server.lifecycle_topic:
+            lifecycle.push_open(self)
 
     def on_frame(self) -> bool:
         """Each frame the client sends (pings, pongs and fragments included): it is alive, and under
@@ -170,14 +183,16 @@ class ClientHandler(tornado.websocket.WebSocketHandler):
                 for future in futures:
                     if not future.done():
                         future.set_exception(ConnectionGone(f"client {self.client_id} closed"))
+        # The code of whichever side closed first; 1006 when the connection just dropped.
+        code, reason = self._closed_by_server or (self.close_code or 1006, self.close_reason or "")
+        if self.server.lifecycle_topic:
+            lifecycle.push_close(self, code, reason)
         if self.entry.custom:
             # Messages still waiting for a hook die with the connection; on_close still runs, last.
             if self.hook_pending:
                 self.hook_pending = type(self.hook_pending)(
                     event for event in self.hook_pending if event[0] != "on_message")
                 self.hook_pending_bytes = 0
-            # The code of whichever side closed first; 1006 when the connection just dropped.
-            code, reason = self._closed_by_server or (self.close_code or 1006, self.close_reason or "")
             self.entry.submit(self, "on_close", code, reason)
 
     def _release_request(self) -> None:

@@ -34,6 +34,8 @@ from node.queues import QueueFull
 log = logging.getLogger("meshgate.entry")
 
 HOOKS = ("on_handshake", "on_open", "on_message", "on_close")
+# Not a hook: `submit(conn, AFTER, callback)` runs `callback(conn)` once the connection's earlier hooks finished.
+AFTER = "after"
 SLOW_HOOK_S = 0.1
 RELOAD_CHECK_S = 1.0
 
@@ -212,6 +214,9 @@ class Entry:
         self._start(conn, hook, args)
 
     def _start(self, conn, hook: str, args: tuple) -> None:
+        if hook == AFTER:
+            args[0](conn)
+            return
         function = self.hooks.get(hook)
         if function is None:
             if hook == "on_message":
