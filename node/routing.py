@@ -120,6 +120,10 @@ class Routing:
         if update.nodes is not None:
             fresh = {info.node_id: info for info in update.nodes}
             added = self._moved(fresh)
+            for moved in added & set(self.nodes):
+                # Another process holds the id now (after a coordinator restart that never heard of the
+                # old one's end): what the old one advertised, and its sequence numbers, are not the new one's.
+                topics |= self.drop_node(moved)
             if self._unconfirmed:   # a restarted coordinator's list is partial: only add
                 self._unconfirmed -= set(fresh)
                 self.nodes.update(fresh)

@@ -668,6 +668,19 @@ def test_routing_node_back_with_a_new_mesh_point_is_reconnected():
     assert routing.apply_update(mesh.Update(2, nodes=moved))[0] == {2}
 
 
+def test_routing_node_id_taken_by_a_new_process_forgets_the_old_one():
+    """An id listed with another mesh point is a new process: the old one's interest, consumers and sequence
+    numbers are forgotten, so the new one's first changes (low sequence numbers) are taken."""
+    routing = Routing(1)
+    routing.load_snapshot(snapshot(1, nodes(1, 2), interest=[[2, "a", 3, 40]], consumers=[[2, "t", 1, 0, 41]]))
+    routing.merge_snapshot(snapshot(1, nodes(1)), keep_until=100.0)   # a coordinator restart: node 2 unconfirmed
+    moved = [info._replace(mesh_point="tcp://h:9999") if info.node_id == 2 else info for info in nodes(1, 2)]
+    added, removed, topics = routing.apply_update(mesh.Update(2, nodes=moved, consumers=[[2, "t", 1, 1, 1]]))
+    assert added == {2} and "t" in topics
+    assert routing.interested_peers(["a"]) == {}
+    assert routing.pick_consumer("t", 5) == (2, 1)
+
+
 def test_registry_refuses_a_bad_mesh_point():
     """A mesh point that is not tcp://HOST:PORT is refused for good (a misconfigured node.advertise)."""
     registry = Registry()
