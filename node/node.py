@@ -70,6 +70,7 @@ class Node:
         self.forward = Forwarder(self.routing, self.hub, self.mesh_point, self.api.call_local, self.adverts,
                                  self.queues)
         self.mesh_point.handle_request = self.forward.handle
+        self.mesh_point.links.on_up = self.on_link_up
         self._process = psutil.Process()
         self._process.cpu_percent(None)
         self._last_stats = (time.monotonic(), 0, 0)
@@ -98,6 +99,12 @@ class Node:
                 except Exception as exc:   # one bad peer must not stop this node from serving
                     log.error("cannot link to node %d at %r: %s", node_id, address, exc)
         self.queues.drain_all(changes.topics)
+
+    def on_link_up(self, node_id: int) -> None:
+        """A peer's mesh link is back after a drop (node/peer_links.py): tell it what it missed, and hand it
+        the queue events that waited for it."""
+        self.adverts.tell_peer(node_id, self._full_state())
+        self.queues.drain_all(self.queues.buffers.topics())
 
     def _full_state(self) -> mesh.NodeState:
         return self.adverts.full_state(self.hub.subs, self.queues.consumers.topics, self.hub.conns)

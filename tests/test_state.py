@@ -577,6 +577,20 @@ def test_pick_consumer_follows_set_changes():
     assert {routing.pick_consumer("t", c) for c in clients} == {(3, 1)}
 
 
+def test_pick_consumer_passes_over_unreachable_peers():
+    """With a peer's link down its consumers are passed over, the others' clients keep theirs; none left: None."""
+    routing = consumer_routing([(1, 1), (2, 1), (3, 4)])
+    clients = made_ids(300)
+    first = {c: routing.pick_consumer("t", c) for c in clients}
+    without_2 = {c: routing.pick_consumer("t", c, lambda node_id: node_id != 2) for c in clients}
+    assert set(without_2.values()) == {(1, 1), (3, 4)}
+    assert all(without_2[c] == first[c] for c in clients if first[c][0] != 2)
+    assert all(routing.pick_consumer("t", c, lambda node_id: True) == first[c] for c in clients)
+    # this node's own consumer is never passed over; with only unreachable peers there is none
+    assert {routing.pick_consumer("t", c, lambda node_id: False) for c in clients} == {(1, 1)}
+    assert consumer_routing([(2, 1), (3, 4)]).pick_consumer("t", clients[0], lambda node_id: False) is None
+
+
 def test_forget_consumer():
     """A consumer its node said is gone is not picked before the advert arrives."""
     routing = consumer_routing([(2, 1), (3, 1)])
