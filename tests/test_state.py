@@ -405,9 +405,39 @@ def test_registry_public_list():
     assert listed[0]["clients"] == 0
 
 
+EXITED = mesh.Exited("h1", 100, 1.0, 2.0, -9)   # the process of INFO (started_at 1.5), from address 10.0.0.5
+
+
+@pytest.mark.parametrize("notice, address, dropped", [
+    (EXITED, "10.0.0.5", True),
+    (EXITED._replace(started_at=1.5, exited_at=1.5), "10.0.0.5", True),       # the window's edges count
+    (EXITED._replace(host="h2"), "10.0.0.5", False),                            # another machine's pid 100
+    (EXITED._replace(pid=101), "10.0.0.5", False),
+    (EXITED, "10.0.0.6", False),                                                # not from the node's machine
+    (EXITED, "", False),
+    (EXITED._replace(started_at=1.6, exited_at=9.0), "10.0.0.5", False),      # started before the process did
+    (EXITED._replace(started_at=0.5, exited_at=1.4), "10.0.0.5", False),      # the pid is a newer process's
+], ids=["match", "edges", "host", "pid", "address", "no-address", "later-start", "pid-reused"])
+def test_registry_exited_matches_only_that_process(notice, address, dropped):
+    """An exit notice names a node only with its host, pid and address, and a start window holding its own start."""
+    registry = Registry()
+    node_id, _ = registry.register(b"a", info(), now=0, wall_ms=0, address="10.0.0.5")
+    registry.register(b"b", info(host="h2", pid=7), now=0, wall_ms=0, address="10.0.0.5")
+    assert registry.exited(notice, address) == (node_id if dropped else None)
+
+
+def test_registry_exited_after_reregistration_keeps_the_new_address():
+    """A node that registers again (coordinator restart) is matched at the address it registered from last."""
+    registry = Registry()
+    node_id, _ = registry.register(b"a", info(), now=0, wall_ms=0, address="10.0.0.5")
+    registry.register(b"a", info(node_id=node_id), now=1, wall_ms=1, address="10.0.0.9")
+    assert registry.exited(EXITED, "10.0.0.5") is None
+    assert registry.exited(EXITED, "10.0.0.9") == node_id
+
+
 def test_node_info_public_has_no_routing_id():
-    """The public form of a node leaves out its routing id and stats."""
-    public = NodeInfo(1, b"rid", "h", 2, "h:1", "tcp://h:2", 3.0, 4.0, {"clients": 1, "id_ms": 9}).public()
+    """The public form of a node leaves out its routing id, stats and address."""
+    public = NodeInfo(1, b"rid", "h", 2, "h:1", "tcp://h:2", 3.0, 4.0, {"clients": 1, "id_ms": 9}, "10.0.0.5").public()
     assert set(public) == {"node_id", "host", "pid", "api_server", "mesh_point", "clients", "started_at"}
 
 
