@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from conftest import MESHGATE, WAIT, Cluster, wait_until
+from conftest import MESHGATE, WAIT, Cluster, stop_all, wait_until
 
 
 @pytest.fixture
@@ -34,13 +34,7 @@ def split(tmp_path):
     finally:
         for ws in layout._open:   # clients first, so draining nodes need not wait for them
             ws.close()
-        for process in reversed(processes):
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout=WAIT)
-                except subprocess.TimeoutExpired:
-                    process.kill()
+        stop_all(processes)
         log.close()
 
 
