@@ -68,7 +68,8 @@ def _supervise(path, workers, coordinator_address, with_coordinator: bool) -> No
     count = resolve_workers(config.node.workers)
     _check_startable(config, count)
     _setup_supervisor_logging(config)
-    sys.exit(Supervisor(path, count, with_coordinator, key, coordinator_address=coordinator_address).run())
+    sys.exit(Supervisor(path, count, with_coordinator, key, coordinator_address=coordinator_address,
+                        registry=config.node.coordinator).run())
 
 
 _KEY_STDIN_HELP = "Read the cluster key from standard input (how a supervisor hands it over)."

@@ -14,8 +14,21 @@ ZeroMQ sockets of a cluster:
 | coordinator link | DEALER | connect registry | each node | the node's side of the above (fixed routing id) |
 | mesh point | ROUTER | bind `node.mesh` (one port per node) | each node | requests from peers in; replies out |
 | peer link | DEALER | connect a peer's mesh point | each node, one per peer | requests to that peer out; its replies in |
+| exit notices | DEALER | connect registry | each supervisor (`meshgate start`, `meshgate node`) | `EXIT` out, nothing in |
 
-Control messages (node <-> registry) are two frames, `[kind, JSON object]`;
+Every socket uses the cluster key (CURVE, cluster/zloop.py). A peer link is
+also watched (node/peer_links.py): a socket monitor puts it down the moment its
+connection closes (a peer process that dies has its connection closed by its
+kernel), and ZeroMQ heartbeats put it down when a peer stops answering
+(`ZMQ_HEARTBEAT_IVL` 1 s, `ZMQ_HEARTBEAT_TIMEOUT` 5 s, `ZMQ_HEARTBEAT_TTL` 5 s,
+`ZMQ_HANDSHAKE_IVL` 5 s); a link that is down is tried again every 0.1 s,
+backing off to 1 s (`ZMQ_RECONNECT_IVL_MAX`). Heartbeats are answered by
+ZeroMQ's I/O thread, not by the peer's event loop: a peer busy in a long loop
+turn still answers them. The registry reads where each message comes from
+(ZeroMQ's `Peer-Address`): an `EXIT` counts only from the address its node
+registered from.
+
+Control messages (node or supervisor <-> registry) are two frames, `[kind, JSON object]`;
 the JSON keys are the field names of the classes below:
 
 | kind | class | from | fields |
@@ -26,6 +39,7 @@ the JSON keys are the field names of the classes below:
 | `ADV` | Advert | node | interest, consumers, opened, closed (coalesced changes of this node) |
 | `SYNC` | Sync | node | node_id (a version was skipped: send a snapshot) |
 | `BYE` | Bye | node | node_id (leaving for good) |
+| `EXIT` | Exited | supervisor | host, pid, started_at, exited_at, code (a node process of that host exited) |
 | `WELCOME` | Welcome | coordinator | node_id, not_before_ms, snapshot, lease |
 | `UPD` | Update | coordinator | v (1 and up), nodes (absent: unchanged), dead, interest, consumers |
 | `SNAP` | Snapshot | coordinator | v (0 before the first update), nodes, interest, consumers |
@@ -406,6 +420,21 @@ class Reregister(NamedTuple):
     """The coordinator does not know the sender (it restarted): register again."""
 
 
+class Exited(NamedTuple):
+    """A supervisor saw one of the node processes it started exit (cluster/supervisor.py).
+
+    The coordinator drops the node registered with this host and pid whose own
+    `started_at` lies between the two times below, and only when the notice
+    comes from the address that node registered from (coordinator/registry.py,
+    `exited`): a stale notice, or a pid used again by a newer process, drops nothing.
+    """
+    host: str                 # socket.gethostname(), as the supervisor's nodes register it
+    pid: int
+    started_at: float         # wall clock (time.time()) just before the supervisor started the process
+    exited_at: float          # wall clock when the supervisor saw it gone
+    code: int                 # its exit status; -N: killed by signal N
+
+
 class Refused(NamedTuple):
     reason: str
     retry: bool
@@ -424,6 +453,22 @@ def _node_entries(value):
     if len({entry.node_id for entry in entries}) != len(entries):
         raise _Bad("a node id is listed twice")
     return entries
+
+
+_PID = _int(1, 2 ** 31 - 1)
+_read_exited = _object(Exited, (
+    ("host", _text(255, 1), _MISSING), ("pid", _PID, _MISSING), ("started_at", _number, _MISSING),
+    ("exited_at", _number, _MISSING), ("code", _int(-255, 255), _MISSING),
+))
+
+
+def _exited(value) -> Exited:
+    notice = _read_exited(value)
+    if notice.started_at > notice.exited_at:
+        raise _Bad("is before started_at", ".exited_at")
+    return notice
+
+
 _snapshot = _object(Snapshot, (
     ("v", _count, _MISSING), ("nodes", _node_entries, _MISSING),
     ("interest", _origin_interest, ()), ("consumers", _origin_consumers, ()),
@@ -454,10 +499,12 @@ _CONTROL = {
     b"SNAP": (Snapshot, _snapshot),
     b"REREG": (Reregister, _object(Reregister, ())),
     b"REFUSED": (Refused, _object(Refused, (("reason", _text(1000), ""), ("retry", _flag, False)))),
+    b"EXIT": (Exited, _exited),
 }
 _CONTROL_KIND = {cls: kind for kind, (cls, _) in _CONTROL.items()}
 FROM_NODE = frozenset((Register, Heartbeat, Metrics, Advert, Sync, Bye))
 FROM_COORDINATOR = frozenset((Welcome, Update, Snapshot, Reregister, Refused))
+FROM_SUPERVISOR = frozenset((Exited,))   # the coordinator refuses it from a routing id that holds a node
 
 
 def _fields(message) -> dict:

@@ -7,14 +7,25 @@ backoff (0.5 s doubling to 10 s, reset after 30 s of life). SIGTERM or SIGINT
 stops the nodes first (they close clients 1001 and flush), then the coordinator,
 under one deadline; whatever is still alive then is killed. SIGHUP is passed on
 to every child, which reads the configuration file again.
+
+The moment a node process exits (the children are polled every 0.1 s), the
+coordinator is told (`ExitNotices`, a `mesh.Exited` over a DEALER made with
+the cluster key), so it drops that node at once instead of after
+`coordinator.node_timeout` without a heartbeat.
 """
 
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+
+import zmq
+
+from cluster import mesh
+from cluster.zloop import new_socket
 
 log = logging.getLogger("meshgate.supervisor")
 
@@ -30,6 +41,7 @@ _BACKOFF_MAX_S = 10.0
 _HEALTHY_AFTER_S = 30.0
 _NODE_STOP_S = 8.0
 _COORDINATOR_STOP_S = 3.0
+_NOTICES_WAITING = 100        # exit notices queued while the coordinator is unreachable; more are dropped
 
 
 class Child:
@@ -48,12 +60,14 @@ class Child:
         self.secret = secret
         self.process = None
         self.started = 0.0
+        self.started_wall = 0.0   # time.time() just before the process started (mesh.Exited)
         self.backoff = _BACKOFF_START_S
         self.restart_at = 0.0
         self.first_only = []   # arguments for the first start only
 
     def start(self) -> None:
         argv = self.argv + self.first_only if self.process is None else self.argv
+        self.started_wall = time.time()
         self.process = subprocess.Popen(argv, stdin=subprocess.PIPE, env={**os.environ, SUPERVISED_ENV: "1"})
         try:
             self.process.stdin.write(self.secret.encode("ascii") + b"\n")
@@ -78,6 +92,39 @@ def _cli(*args: str) -> list:
     return [sys.executable, "-m", "cluster.cli", *args]
 
 
+class ExitNotices:
+    """Tells the coordinator that a node process of this machine exited: one `mesh.Exited` each, no answer.
+
+    The DEALER connects to the registry like the nodes' links, with the cluster
+    key; while the coordinator is unreachable, notices wait in it (at most
+    `_NOTICES_WAITING`) and are delivered when it is back. The coordinator
+    checks each against its registrations (coordinator/registry.py, `exited`).
+
+    Args:
+        key: the ClusterKey.
+        registry: the registry's address, HOST:PORT (`node.coordinator`).
+    """
+
+    def __init__(self, key, registry: str):
+        self.host = socket.gethostname()   # what the node processes register as their host
+        self._context = zmq.Context(io_threads=1)
+        self._socket = new_socket(self._context, zmq.DEALER, _NOTICES_WAITING, key, 64 * 1024,
+                                  f"supervisor-{self.host}-{os.getpid()}-{time.time_ns()}".encode())
+        self._socket.connect(f"tcp://{registry}")
+
+    def exited(self, child: Child, exited_at: float) -> None:
+        notice = mesh.Exited(self.host, child.process.pid, child.started_wall, max(exited_at, child.started_wall),
+                             child.process.returncode)
+        try:
+            self._socket.send_multipart(mesh.encode_control(notice), zmq.NOBLOCK)
+        except zmq.ZMQError as exc:   # Again: too many wait for an unreachable coordinator
+            log.warning("could not tell the coordinator that pid %d exited: %s", notice.pid, exc)
+
+    def close(self) -> None:
+        self._socket.close(linger=0)
+        self._context.term()
+
+
 class Supervisor:
     """Args:
         config_path: the YAML file the children read (None: defaults).
@@ -85,9 +132,11 @@ class Supervisor:
         coordinator: also run the coordinator (False for `meshgate node`).
         key: the ClusterKey every child gets on its standard input.
         coordinator_address: the registry address the nodes use, if overridden.
+        registry: the registry address (HOST:PORT) exit notices go to; None: none are sent.
     """
 
-    def __init__(self, config_path, workers: int, coordinator: bool, key, coordinator_address=None):
+    def __init__(self, config_path, workers: int, coordinator: bool, key, coordinator_address=None,
+                 registry=None):
         common = ["-c", config_path, "--key-stdin"] if config_path else ["--key-stdin"]
         secret = key.line()
         self.children = []
@@ -102,6 +151,8 @@ class Supervisor:
         self._stopping = False
         self._reload = False
         self.exit_code = 0
+        self._key, self._registry = key, registry
+        self.notices = None       # ExitNotices, while running
 
     def _on_signal(self, signum, frame) -> None:
         self._stopping = True
@@ -113,6 +164,8 @@ class Supervisor:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         signal.signal(signal.SIGHUP, self._on_hangup)
+        if self._registry:
+            self.notices = ExitNotices(self._key, self._registry)
         for child in self.children:
             child.start()
         while not self._stopping:
@@ -124,6 +177,8 @@ class Supervisor:
                     child.signal(signal.SIGHUP)
             self._check()
         self.stop()
+        if self.notices is not None:
+            self.notices.close()
         return self.exit_code
 
     def _check(self) -> None:
@@ -137,6 +192,8 @@ class Supervisor:
                 self.exit_code = CONFIG_EXIT
                 return
             if child.restart_at == 0.0:
+                if self.notices is not None and child.name != "coordinator":
+                    self.notices.exited(child, time.time())
                 lived = now - child.started
                 if lived > _HEALTHY_AFTER_S:
                     child.backoff = _BACKOFF_START_S

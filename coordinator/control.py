@@ -1,5 +1,9 @@
 """The registry ROUTER: registrations, heartbeats and adverts in; table updates out.
 
+Supervisors send here too: the moment a node process of their machine exits
+(`mesh.Exited`), so the node is dropped at once rather than after
+`coordinator.node_timeout` without a heartbeat.
+
 Feeds coordinator/registry.py and coordinator/tables.py and pushes versioned
 updates to every node. Every message goes through the strict readers of
 cluster/mesh.py; a bad one is logged and dropped. Owned by the coordinator's
@@ -20,6 +24,9 @@ from coordinator.registry import Registry, RegistryError
 from coordinator.tables import Tables
 
 log = logging.getLogger("meshgate.coordinator")
+
+_ACCEPTED = mesh.FROM_NODE | mesh.FROM_SUPERVISOR
+_WITH_ADDRESS = (mesh.Register, mesh.Exited)   # handled with the sender's network address (ZeroMQ's Peer-Address)
 
 
 class Control:
@@ -44,17 +51,19 @@ class Control:
         self.started_at = time.time()
         self.refused = 0      # control messages dropped by the readers of cluster/mesh.py
         self._bad_log = Throttled(log)
+        self._exit_log = Throttled(log)
         self.zap = ZapHandler(context, key)   # before the registry serves
         socket = new_socket(context, zmq.ROUTER, 100000, key, mesh.MAX_CONTROL_BYTES)
         listen = config.coordinator.registry
         socket.bind(f"tcp://{listen.bind}:{listen.port}")
-        self.stream = ZSocket(socket, self.on_message)
+        self.stream = ZSocket(socket, self.on_message, copy=False)   # frames that know where they came from
         self._sweeper = PeriodicCallback(self.sweep, max(50, self.node_timeout * 250))
         self._sweeper.start()
         self._handlers = {
             mesh.Register: self.handle_register, mesh.Heartbeat: self.handle_heartbeat,
             mesh.Metrics: self.handle_metrics,
             mesh.Advert: self.handle_advert, mesh.Sync: self.handle_sync, mesh.Bye: self.handle_bye,
+            mesh.Exited: self.handle_exited,
         }
 
     def close(self) -> None:
@@ -67,19 +76,22 @@ class Control:
     def on_message(self, frames: list) -> None:
         routing_id = bytes(frames[0])
         try:
-            message = mesh.read_control(frames[1:], mesh.FROM_NODE)
+            message = mesh.read_control(frames[1:], _ACCEPTED)
         except mesh.FrameError as exc:
             self.refused += 1
             self._bad_log.warning("dropped a bad control message from %r: %s", routing_id[:64], exc)
             return
         try:
-            self._handlers[type(message)](routing_id, message)
+            if type(message) in _WITH_ADDRESS:
+                self._handlers[type(message)](routing_id, message, _peer_address(frames[0]))
+            else:
+                self._handlers[type(message)](routing_id, message)
         except Exception:
             log.exception("control message %s from %r failed", mesh.control_kind(message), routing_id[:64])
 
-    def handle_register(self, routing_id: bytes, message: mesh.Register) -> None:
+    def handle_register(self, routing_id: bytes, message: mesh.Register, address: str = "") -> None:
         try:
-            node_id, not_before = self.registry.register(routing_id, message, time.monotonic(), now_ms())
+            node_id, not_before = self.registry.register(routing_id, message, time.monotonic(), now_ms(), address)
         except RegistryError as exc:
             self.send(routing_id, mesh.Refused(str(exc), exc.retry))
             if not exc.retry:
@@ -121,6 +133,21 @@ class Control:
         if node_id is not None:
             self.drop(node_id, "said goodbye", logging.INFO)   # asked for: nothing to worry about
 
+    def handle_exited(self, routing_id: bytes, notice: mesh.Exited, address: str = "") -> None:
+        """A supervisor saw a node process of its machine exit: drop that node now (docs/operations.md)."""
+        sender = self.registry.node_for(routing_id)
+        if sender is not None:   # a node speaks for itself, never of an exit
+            self.refused += 1
+            self._bad_log.warning("dropped an EXIT from node %d: only a supervisor sends it", sender)
+            return
+        node_id = self.registry.exited(notice, address)
+        if node_id is None:   # stale (the coordinator was away), or the pid is a newer process's
+            self._exit_log.info("exit of pid %d on %s (from %s) ignored: no live node is that process",
+                                notice.pid, notice.host[:64], address or "?")
+            return
+        how = f"killed by signal {-notice.code}" if notice.code < 0 else f"exit status {notice.code}"
+        self.drop(node_id, f"its process exited ({how}), its supervisor says")
+
     # --- liveness ----------------------------------------------------------
 
     def sweep(self) -> None:
@@ -151,3 +178,11 @@ class Control:
             self.stream.send(frames)
         except zmq.ZMQError as exc:
             log.warning("control message to %r dropped: %s", frames[0], exc)
+
+
+def _peer_address(frame) -> str:
+    """Where a message came from: the network address of its connection (ZeroMQ's Peer-Address), or ""."""
+    try:
+        return frame.get("Peer-Address")
+    except (zmq.ZMQError, AttributeError):   # not a network connection, or frames given as bytes
+        return ""

@@ -35,6 +35,7 @@ class NodeInfo:
     last_seen: float
     stats: dict = field(default_factory=dict)
     metrics: str = ""          # its latest metrics text (node/metrics.py), parsed when /metrics is read
+    address: str = ""         # the network address it registered from (ZeroMQ's Peer-Address)
 
     def entry(self) -> mesh.NodeEntry:
         """What nodes learn of this node (also the `/v1/nodes` form: docs/protocol.md, Coordinator HTTP)."""
@@ -64,8 +65,12 @@ class Registry:
         self._next_id = 1
         self._grace_until = grace_until
 
-    def register(self, routing_id: bytes, info: mesh.Register, now: float, wall_ms: int) -> tuple:
+    def register(self, routing_id: bytes, info: mesh.Register, now: float, wall_ms: int,
+                 address: str = "") -> tuple:
         """Adds a node; returns `(node_id, not_before_ms)`.
+
+        `address` is where the registration came from (an exit notice about
+        this node must come from there too: `exited`).
 
         `info.node_id` > 0 asks to keep that id (a node re-registering after
         a coordinator restart or after it was wrongly declared dead). A repeated
@@ -97,7 +102,7 @@ class Registry:
             self._by_routing.pop(previous.routing_id, None)
         self.nodes[node_id] = NodeInfo(
             node_id=node_id, routing_id=routing_id, host=info.host, pid=info.pid, api_server=info.api_server,
-            mesh_point=info.mesh_point, started_at=float(info.started_at), last_seen=now,
+            mesh_point=info.mesh_point, started_at=float(info.started_at), last_seen=now, address=address,
         )
         self._by_routing[routing_id] = node_id
         return node_id, max(self._released_ms.pop(node_id, 0), 0)
@@ -143,6 +148,20 @@ class Registry:
         # figure far ahead is not believed, so a later holder of the id is not pushed out of the id space.
         self._released_ms[node_id] = max(wall_ms, min(int(info.stats.get("id_ms", 0)), wall_ms + _ID_MS_AHEAD))
         return info
+
+    def exited(self, notice: mesh.Exited, address: str) -> Optional[int]:
+        """The node whose process a supervisor saw exit (`mesh.Exited`), or None when no live node is that process.
+
+        It must be registered with the notice's host and pid, from `address`
+        (the notice's sender: the supervisor runs on the node's machine), and
+        have started while the supervisor's process ran: a node that started
+        after the exit holds a pid used again, and is alive.
+        """
+        for node_id, info in self.nodes.items():
+            if (info.pid == notice.pid and info.host == notice.host and info.address == address
+                    and notice.started_at <= info.started_at <= notice.exited_at):
+                return node_id
+        return None
 
     def expired(self, now: float, timeout: float) -> list:
         """Ids of nodes whose last heartbeat is older than `timeout` seconds."""

@@ -13,6 +13,7 @@ import asyncio
 from cluster import mesh
 
 FLUSH_S = 0.02
+_PEER_ADVERT_ITEMS = 10000   # changes per advert when a peer is told everything (each well within the mesh bound)
 
 
 class Adverts:
@@ -118,6 +119,16 @@ class Adverts:
             self.mesh_point.notify(peer, advert)
         self._consumers.extend(items)
         self._schedule_flush()
+
+    def tell_peer(self, peer: int, state: mesh.NodeState) -> None:
+        """Tells one peer everything this node advertises (`full_state`): its mesh link is back after a drop,
+        and what was told meanwhile did not reach it."""
+        origin = self.routing.node_id
+        interest, consumers = list(state.interest), list(state.consumers)
+        while interest or consumers:
+            self.mesh_point.notify(peer, mesh.advert_request(origin, interest[:_PEER_ADVERT_ITEMS],
+                                                             consumers[:_PEER_ADVERT_ITEMS]))
+            del interest[:_PEER_ADVERT_ITEMS], consumers[:_PEER_ADVERT_ITEMS]
 
     def handle_peer_advert(self, advert: mesh.PeerAdvert) -> set:
         """Applies what a peer said of itself; returns the topics whose consumers changed."""

@@ -187,6 +187,7 @@ class CoordinatorLink:
         if self.node_id and welcome.node_id != self.node_id:
             self.fatal = f"coordinator gave node id {welcome.node_id}, this process holds {self.node_id}"
             return
+        again = self.registered   # a registration retried before its answer came is answered twice
         self.registered = True
         self._retry_s = _REGISTER_RETRY_S
         self.lease = welcome.lease
@@ -201,7 +202,8 @@ class CoordinatorLink:
             # others (the data plane goes on) until they had time to come back.
             keep_until = time.monotonic() + 2 * self.config.coordinator.node_timeout + 1
             changes = self.routing.merge_snapshot(welcome.snapshot, keep_until)
-            log.info("re-registered as node %d (mesh point %s)", self.node_id, self.identity.mesh_point)
+            if not again:
+                log.info("re-registered as node %d (mesh point %s)", self.node_id, self.identity.mesh_point)
         self._on_changes(changes)
         self.send_heartbeat()
         self.send_metrics()

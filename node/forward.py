@@ -16,7 +16,7 @@ from typing import Callable
 from cluster import mesh
 from cluster.ids import node_id_of
 from cluster.protocol import ApiError, ErrorCode
-from node.mesh_point import BadReply, PeerTimeout, PeerUnavailable, TooLarge
+from node.mesh_point import BadReply, LinkDown, PeerTimeout, PeerUnavailable, PeerUnreachable, TooLarge
 
 
 class Deferred:
@@ -66,7 +66,7 @@ class Forwarder:
         the client's node wrote it (nothing to wait for on the local path).
 
         Raises:
-            ApiError(401): not connected anywhere, owner dead or silent, or the write failed.
+            ApiError(401): not connected anywhere, owner dead, silent or unreachable, or the write failed.
         """
         owner = node_id_of(client_id)
         if owner == self.routing.node_id:
@@ -111,7 +111,7 @@ class Forwarder:
 
         Raises (from the awaitable, or the Deferred's `finish`):
             ApiError(301): client not connected anywhere, or the function failed.
-            ApiError(501): the owner did not answer in time.
+            ApiError(501): the owner did not answer in time, or its mesh link is down.
         """
         owner = node_id_of(client_id)
         if owner == self.routing.node_id:
@@ -171,7 +171,7 @@ def _sent_remote(owner: int, client_id: int, reply) -> None:
     if isinstance(error, PeerTimeout):
         raise ApiError(ErrorCode.SEND_FAILED,
                        f"client {client_id}: its node {owner} did not answer within the forward timeout")
-    if isinstance(error, (BadReply, TooLarge)):
+    if isinstance(error, (BadReply, TooLarge, PeerUnreachable, LinkDown)):
         raise ApiError(ErrorCode.SEND_FAILED, f"client {client_id}: {error}")
     written = None if error is not None else reply.result()   # PeerUnavailable: not connected
     if isinstance(written, mesh.Failure):
@@ -187,7 +187,7 @@ def _called_remote(owner: int, client_id: int, reply) -> dict:
     if isinstance(error, PeerTimeout):
         raise ApiError(ErrorCode.MESH_UNAVAILABLE,
                        f"client {client_id}: its node {owner} did not answer within the forward timeout")
-    if error is not None:   # BadReply, TooLarge
+    if error is not None:   # BadReply, TooLarge, PeerUnreachable, LinkDown
         raise ApiError(ErrorCode.MESH_UNAVAILABLE, f"client {client_id}: {error}")
     result = reply.result()
     if isinstance(result, mesh.Failure):

@@ -2,9 +2,10 @@
 
 Request/reply correlation and per-request deadlines live here: every
 forwarded request ends within its timeout, as a reply, `PeerTimeout`,
-`PeerUnavailable` or `BadReply`. Deadlines sit in a heap checked by one
-periodic sweep, not a timer per request. Every frame in or out goes through
-cluster/mesh.py. What goes to one peer during one loop turn, requests or
+`PeerUnavailable` or `BadReply`, and at once (`PeerUnreachable`, `LinkDown`)
+while the peer's link is down (node/peer_links.py watches the links).
+Deadlines sit in a heap checked by one periodic sweep, not a timer per
+request. Every frame in or out goes through cluster/mesh.py. What goes to one peer during one loop turn, requests or
 replies, leaves packed into one ZeroMQ frame at the end of the turn
 (`mesh.pack`, within the mesh's size bound): one hand-over to ZeroMQ's I/O
 thread, and one frame for pyzmq, instead of one per message. Owned by the
@@ -24,6 +25,7 @@ from cluster.logs import Throttled
 from cluster.protocol import ErrorCode
 from cluster.zloop import ZSocket, new_socket
 from node.metrics import Timings
+from node.peer_links import PeerLinks
 
 log = logging.getLogger("meshgate.mesh")
 
@@ -40,6 +42,14 @@ class PeerUnavailable(PeerError):
 
 class PeerTimeout(PeerError):
     """The peer did not answer within the forward timeout."""
+
+
+class PeerUnreachable(PeerError):
+    """The peer's mesh link is down (its process died, or it stopped answering heartbeats): nothing was sent."""
+
+
+class LinkDown(PeerError):
+    """The peer's mesh link went down while the request waited for the reply: it may have been served."""
 
 
 class BadReply(PeerError):
@@ -78,7 +88,6 @@ class MeshPoint:
 
     def __init__(self, context: zmq.Context, bind: str, timeout: float, max_pending_bytes: int, key,
                  max_bytes: int):
-        self.context, self.key = context, key            # for the links this point opens
         self.timeout = timeout
         self.max_pending_bytes, self.max_bytes = max_pending_bytes, max_bytes
         self.handle_request = None
@@ -93,7 +102,8 @@ class MeshPoint:
             socket.bind(bind)
             self.address = bind
         self.router = ZSocket(socket, self.on_request)
-        self._peers = {}        # node_id -> ZSocket (DEALER)
+        self.links = PeerLinks(context, key, _HWM, max_bytes, self.on_reply)   # the node sets links.on_up
+        self.links.on_down = lambda node_id, why: self._fail(node_id, LinkDown, why)
         self._pending = {}      # request id -> (future, time sent, node_id, size, kind)
         self._deadlines = []    # heap of (deadline, request id); answered ids are skipped when they come up
         self._peer_bytes = {}   # node_id -> bytes of its pending requests
@@ -108,7 +118,7 @@ class MeshPoint:
 
     def close(self) -> None:
         self._sweeper.stop()
-        for node_id in list(self._peers):
+        for node_id in self.links.node_ids():
             self.disconnect(node_id)
         self.router.close()
 
@@ -117,32 +127,37 @@ class MeshPoint:
     def connect(self, node_id: int, address: str, own_id: int) -> None:
         """Opens (or re-opens) the DEALER link to a peer's mesh point."""
         self.disconnect(node_id)
-        socket = new_socket(self.context, zmq.DEALER, _HWM, self.key, self.max_bytes,
-                            b"n%d-%d" % (own_id, time.monotonic_ns()))
-        socket.connect(address)
-        self._peers[node_id] = ZSocket(socket, self.on_reply)
+        self.links.open(node_id, address, own_id)
 
     def disconnect(self, node_id: int) -> None:
         """Drops the link to a peer; its pending requests fail at once with PeerUnavailable."""
-        stream = self._peers.pop(node_id, None)
-        if stream is not None:
-            stream.close()
-        self._out.pop(node_id, None)
-        for request_id, (future, _, owner, _, _) in list(self._pending.items()):
-            if owner == node_id:   # their heap entries are skipped when they come up
-                del self._pending[request_id]
-                if not future.done():
-                    future.set_exception(PeerUnavailable(f"node {node_id} left the mesh"))
-        self._peer_bytes.pop(node_id, None)
+        self.links.close(node_id)
+        self._fail(node_id, PeerUnavailable, f"node {node_id} left the mesh")
 
-    def connected(self) -> list:
-        return list(self._peers)
+    def _fail(self, node_id: int, error: type, message: str, request_ids=None) -> None:
+        """Fails requests to a peer with `error(message)`: `request_ids`, or all (and its batch of this turn)."""
+        if request_ids is None:
+            self._out.pop(node_id, None)
+            request_ids = [request_id for request_id, entry in self._pending.items() if entry[2] == node_id]
+        for request_id in request_ids:
+            entry = self._pending.pop(request_id, None)
+            if entry is not None:   # its heap entry is skipped when it comes up
+                self._settled(node_id, entry[3])
+                if not entry[0].done():
+                    entry[0].set_exception(error(message))
+
+    def connected(self) -> list:   # up or down
+        return self.links.node_ids()
+
+    def reachable(self, node_id: int) -> bool:
+        """Whether requests to a peer are sent now (a link, and not down)."""
+        return self.links.usable(node_id) is not None
 
     # --- outbound ----------------------------------------------------------
 
     def notify(self, node_id: int, message: mesh.Outbound) -> None:
-        """Sends a request that wants no reply; silently dropped when the peer is unknown or its queue is full."""
-        if node_id not in self._peers:
+        """Sends a request that wants no reply; dropped when the peer is unknown or down, or its queue is full."""
+        if self.links.usable(node_id) is None:
             return
         frames = mesh.frame_request(message, 0)
         if len(frames[0]) > self.max_bytes:
@@ -154,13 +169,14 @@ class MeshPoint:
         """Sends a request and returns a future of the peer's result (cluster/mesh.py, read_result).
 
         The future fails with a PeerError: PeerUnavailable (unknown peer, link
-        full, too much unanswered, peer dropped), PeerTimeout (no reply within
+        full, too much unanswered, peer dropped), PeerUnreachable (its link is
+        down), LinkDown (it went down meanwhile), PeerTimeout (no reply within
         `timeout`), BadReply, or TooLarge.
         """
         future = self._loop.create_future()
-        stream = self._peers.get(node_id)
-        if stream is None:
-            future.set_exception(PeerUnavailable(f"node {node_id} is not in the mesh"))
+        if self.links.usable(node_id) is None:
+            future.set_exception(PeerUnreachable(f"node {node_id} is unreachable (its mesh link is down)") if
+                                 self.links.known(node_id) else PeerUnavailable(f"node {node_id} is not in the mesh"))
             return future
         size = len(message.body)
         waiting = self._peer_bytes.get(node_id, 0)
@@ -219,15 +235,10 @@ class MeshPoint:
 
     def _send_batch(self, node_id: int, batch: "_Batch") -> None:
         try:
-            self._peers[node_id].send([mesh.pack(batch.messages)])
+            self.links.usable(node_id).send([mesh.pack(batch.messages)])
         except zmq.Again:
             log.warning("mesh link to node %d is full; %d messages not sent", node_id, len(batch.messages))
-            for request_id in batch.request_ids:
-                entry = self._pending.pop(request_id, None)
-                if entry is not None:   # its heap entry is skipped when it comes up
-                    self._settled(node_id, entry[3])
-                    if not entry[0].done():
-                        entry[0].set_exception(PeerUnavailable(f"mesh link to node {node_id} is full"))
+            self._fail(node_id, PeerUnavailable, f"mesh link to node {node_id} is full", batch.request_ids)
 
     def _settled(self, node_id: int, size: int) -> None:
         left = self._peer_bytes.get(node_id, 0) - size

@@ -74,6 +74,7 @@ class Node:
         self.presence = Presence(lambda: self.node_id, self.routing, self.hub, self.mesh_point)
         self.forward.serve(mesh.Presence, self.presence.handle)
         self.mesh_point.handle_request = self.forward.handle
+        self.mesh_point.links.on_up = self.on_link_up
         self._process = psutil.Process()
         self._process.cpu_percent(None)
         self._last_stats = (time.monotonic(), 0, 0)
@@ -105,6 +106,12 @@ class Node:
                 except Exception as exc:   # one bad peer must not stop this node from serving
                     log.error("cannot link to node %d at %r: %s", node_id, address, exc)
         self.queues.drain_all(changes.topics)
+
+    def on_link_up(self, node_id: int) -> None:
+        """A peer's mesh link is back after a drop (node/peer_links.py): tell it what it missed, and hand it
+        the queue events that waited for it."""
+        self.adverts.tell_peer(node_id, self._full_state())
+        self.queues.drain_all(self.queues.buffers.topics())
 
     def _full_state(self) -> mesh.NodeState:
         return self.adverts.full_state(self.hub.subs, self.queues.consumers.topics, self.hub.conns)

@@ -13,7 +13,7 @@ import asyncio
 
 from cluster import mesh, protocol
 from node.clients import write_frame
-from node.mesh_point import PeerTimeout
+from node.mesh_point import LinkDown, PeerTimeout
 from node.queues import Buffers, Consumers, QueueFull
 
 _DRAIN_BATCH = 10000
@@ -65,7 +65,7 @@ class QueueDispatch:
     def dispatch(self, topic: str, seq: int, client_id: int, event: bytes) -> bool:
         """Hands one event to the consumer its client maps to; puts it back in order when none can take it."""
         for _ in range(_PICK_TRIES):
-            target = self.routing.pick_consumer(topic, client_id)
+            target = self.routing.pick_consumer(topic, client_id, self.mesh_point.reachable)
             if target is None:
                 break
             origin, consumer_id = target
@@ -89,7 +89,7 @@ class QueueDispatch:
 
     def _on_event_reply(self, future, topic: str, item: tuple, origin: int, consumer_id: int) -> None:
         error = future.exception()
-        if isinstance(error, PeerTimeout):
+        if isinstance(error, (PeerTimeout, LinkDown)):
             self.lost += 1   # at most once: it may have been written
             return
         if error is None and future.result() is True:

@@ -120,6 +120,10 @@ class Routing:
         if update.nodes is not None:
             fresh = {info.node_id: info for info in update.nodes}
             added = self._moved(fresh)
+            for moved in added & set(self.nodes):
+                # Another process holds the id now (after a coordinator restart that never heard of the
+                # old one's end): what the old one advertised, and its sequence numbers, are not the new one's.
+                topics |= self.drop_node(moved)
             if self._unconfirmed:   # a restarted coordinator's list is partial: only add
                 self._unconfirmed -= set(fresh)
                 self.nodes.update(fresh)
@@ -176,11 +180,13 @@ class Routing:
     def has_consumers(self, topic: str) -> bool:
         return topic in self.state.consumers
 
-    def pick_consumer(self, topic: str, client_id: int):
+    def pick_consumer(self, topic: str, client_id: int, reachable=None):
         """The consumer `(node_id, consumer_id)` for one client's messages on `topic`, or None.
 
         While the set of consumers does not change, one client always maps to
         the same consumer (docs/protocol.md, queue.pop: per-client order).
+        With `reachable(node_id)`, a consumer on a peer it says no to is passed
+        over for one of the others (while that peer's mesh link is down).
         """
         ordered = self._sorted_consumers.get(topic)
         if ordered is None:
@@ -188,4 +194,9 @@ class Routing:
             if not members:
                 return None
             ordered = self._sorted_consumers[topic] = sorted(members)
-        return ordered[(((client_id * _SPREAD) & 0xFFFFFFFFFFFFFFFF) >> 32) % len(ordered)]
+        spread = ((client_id * _SPREAD) & 0xFFFFFFFFFFFFFFFF) >> 32
+        chosen = ordered[spread % len(ordered)]
+        if reachable is None or chosen[0] == self.node_id or reachable(chosen[0]):
+            return chosen
+        others = [item for item in ordered if item[0] == self.node_id or reachable(item[0])]
+        return others[spread % len(others)] if others else None

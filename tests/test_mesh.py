@@ -13,8 +13,9 @@ import pytest
 from cluster import mesh, protocol
 from cluster.ids import MAX_NODE_ID
 from cluster.mesh import (
-    FROM_COORDINATOR, FROM_NODE, Advert, Bye, Call, Delivered, Failure, FrameError, Heartbeat, Metrics,
-    NodeEntry, NodeState, PeerAdvert, Present, Presence, Publish, QueueEvent, Refused, Register, Reregister, Request,
+    FROM_COORDINATOR, FROM_NODE, FROM_SUPERVISOR, Advert, Bye, Call, Delivered, Exited, Failure, FrameError,
+    Heartbeat, Metrics, NodeEntry, NodeState, PeerAdvert, Present, Presence, Publish, QueueEvent, Refused, Register,
+    Reregister, Request,
     Send, Snapshot, Sync, Update, Welcome,
 )
 from cluster.protocol import ErrorCode
@@ -171,6 +172,19 @@ FROM_COORDINATOR_MESSAGES = [
 ]
 
 
+FROM_SUPERVISOR_MESSAGES = [
+    Exited("web-1", 4242, 1712345678.125, 1712345679.5, -9),
+    Exited(TEXT_255, 2 ** 31 - 1, 0, 0, 255),
+    Exited("h", 1, 1.5, 1.5, -255),
+]
+SIDES = (FROM_NODE, FROM_COORDINATOR, FROM_SUPERVISOR)
+
+
+def side(message) -> frozenset:
+    """The direction set a control message is read with."""
+    return next(allowed for allowed in SIDES if type(message) in allowed)
+
+
 def message_id(message) -> str:
     return f"{type(message).__name__}-{label(message)}"
 
@@ -191,9 +205,20 @@ def test_control_from_coordinator_round_trip(message):
     same(mesh.read_control(frames, FROM_COORDINATOR), message)
 
 
+@pytest.mark.parametrize("message", FROM_SUPERVISOR_MESSAGES, ids=message_id)
+def test_control_from_supervisor_round_trip(message):
+    """A supervisor's exit notice encodes to [kind, JSON] and reads back equal with FROM_SUPERVISOR only."""
+    frames = mesh.encode_control(message)
+    assert len(frames) == 2 and all(type(frame) is bytes for frame in frames)
+    same(mesh.read_control(frames, FROM_SUPERVISOR), message)
+    for allowed in (FROM_NODE, FROM_COORDINATOR):
+        assert "unexpected control kind" in str(assert_frame_error(mesh.read_control, frames, allowed))
+
+
 @pytest.mark.parametrize("messages, allowed", [
     (FROM_NODE_MESSAGES, FROM_NODE), (FROM_COORDINATOR_MESSAGES, FROM_COORDINATOR),
-], ids=["node", "coordinator"])
+    (FROM_SUPERVISOR_MESSAGES, FROM_SUPERVISOR),
+], ids=["node", "coordinator", "supervisor"])
 def test_control_bytearray_frames(messages, allowed):
     """Control frames given as bytearray read the same as bytes."""
     for message in messages:
@@ -211,9 +236,10 @@ def test_control_bad_input_as_bytearray():
 
 @pytest.mark.parametrize("message", FROM_NODE_MESSAGES, ids=message_id)
 def test_control_from_node_refused_from_coordinator(message):
-    """A node's kind read as if it came from the coordinator is refused."""
-    error = assert_frame_error(mesh.read_control, mesh.encode_control(message), FROM_COORDINATOR)
-    assert "unexpected control kind" in str(error)
+    """A node's kind read as if it came from the coordinator (or a supervisor) is refused."""
+    for allowed in (FROM_COORDINATOR, FROM_SUPERVISOR):
+        error = assert_frame_error(mesh.read_control, mesh.encode_control(message), allowed)
+        assert "unexpected control kind" in str(error)
 
 
 @pytest.mark.parametrize("message", FROM_COORDINATOR_MESSAGES, ids=message_id)
@@ -235,9 +261,11 @@ def test_control_kind_outside_allowed(message, allowed):
 
 
 def test_direction_sets():
-    """FROM_NODE and FROM_COORDINATOR split the eleven control classes between them."""
+    """FROM_NODE, FROM_COORDINATOR and FROM_SUPERVISOR split the twelve control classes between them."""
     assert FROM_NODE == {Register, Heartbeat, Metrics, Advert, Sync, Bye}
     assert FROM_COORDINATOR == {Welcome, Update, Snapshot, Reregister, Refused}
+    assert FROM_SUPERVISOR == {Exited}
+    assert set(mesh._CONTROL_KIND) == FROM_NODE | FROM_COORDINATOR | FROM_SUPERVISOR
 
 
 # --- control messages: stable wire values ----------------------------------------------------
@@ -268,6 +296,8 @@ CONTROL_WIRE = [
     (Snapshot(6, [ENTRY_A], [], []), b"SNAP", {"v": 6, "nodes": [ENTRY_A_JSON], "interest": [], "consumers": []}),
     (Reregister(), b"REREG", {}),
     (Refused("full", True), b"REFUSED", {"reason": "full", "retry": True}),
+    (Exited("web-1", 42, 1.5, 2.25, -9), b"EXIT",
+     {"host": "web-1", "pid": 42, "started_at": 1.5, "exited_at": 2.25, "code": -9}),
 ]
 
 
@@ -283,8 +313,7 @@ def test_control_encodes_to_wire(message, kind, body):
 @pytest.mark.parametrize("message, kind, body", CONTROL_WIRE, ids=lambda value: label(value)[:20])
 def test_control_reads_from_wire(message, kind, body):
     """A hand-written [kind, JSON] with the documented keys reads as the control class."""
-    allowed = FROM_NODE if type(message) in FROM_NODE else FROM_COORDINATOR
-    same(mesh.read_control(control(kind, body), allowed), message)
+    same(mesh.read_control(control(kind, body), side(message)), message)
 
 
 @pytest.mark.parametrize("message, frames", [
@@ -295,6 +324,7 @@ def test_control_reads_from_wire(message, kind, body):
     (Refused("é/ü", False), [b"REFUSED", '{"reason":"é/ü","retry":false}'.encode("utf-8")]),
     (Heartbeat(2, {"clients": 3}), [b"HB", b'{"node_id":2,"stats":{"clients":3}}']),
     (Update(9, None, [], [], []), [b"UPD", b'{"v":9,"dead":[],"interest":[],"consumers":[]}']),
+    (Exited("h", 7, 1.5, 2.0, 0), [b"EXIT", b'{"host":"h","pid":7,"started_at":1.5,"exited_at":2.0,"code":0}']),
 ])
 def test_control_exact_bytes(message, frames):
     """Small control messages encode to exactly these bytes (compact, UTF-8, no escaped slashes)."""
@@ -325,6 +355,8 @@ BAD = {
     "present": WRONG_INT + [2, -1],
     "client_id": WRONG_INT + [-1, MAX_ID + 1],
     "version": WRONG_INT + [0, -1, BIG + 1],
+    "pid": WRONG_INT + [0, -1, 2 ** 31],
+    "exit_code": WRONG_INT + [-256, 256, BIG],
     "number": ["1", True, None, [], {}, -1, -0.5, NAN, INF, -INF],
     "flag": [1, 0, "true", None, [], {}],
     "text255": NOT_TEXT + CONTROL_CHARS + too_long(255) + ["\ud800", ""],     # host: never empty
@@ -388,6 +420,8 @@ BODIES = {
     b"SNAP": (SNAP_JSON, FROM_COORDINATOR),
     b"REREG": ({}, FROM_COORDINATOR),
     b"REFUSED": ({"reason": "node id 5 is held by a live node", "retry": True}, FROM_COORDINATOR),
+    b"EXIT": ({"host": "web-1", "pid": 4242, "started_at": 1712345678.25, "exited_at": 1712345690.5, "code": -9},
+              FROM_SUPERVISOR),
 }
 
 # kind -> every field, by path, with the kind of check it must pass
@@ -408,6 +442,8 @@ CONTROL_FIELDS = {
             + rows("interest", ORIGIN_INTEREST) + rows("consumers", ORIGIN_CONSUMERS),
     b"SNAP": snapshot_fields(""),
     b"REFUSED": [("reason", "text1000"), ("retry", "flag")],
+    b"EXIT": [("host", "text255"), ("pid", "pid"), ("started_at", "number"), ("exited_at", "number"),
+              ("code", "exit_code")],
 }
 
 
@@ -509,6 +545,7 @@ REQUIRED_CONTROL = [
     (b"HB", "node_id"), (b"SYNC", "node_id"), (b"BYE", "node_id"),
     (b"WELCOME", "node_id"), (b"WELCOME", "snapshot"), (b"WELCOME", "snapshot.v"), (b"WELCOME", "snapshot.nodes"),
     (b"UPD", "v"), (b"SNAP", "v"), (b"SNAP", "nodes"),
+    (b"EXIT", "host"), (b"EXIT", "pid"), (b"EXIT", "started_at"), (b"EXIT", "exited_at"), (b"EXIT", "code"),
 ] + [(kind, f"{prefix}.{key}") for kind, prefix in [(b"WELCOME", "snapshot.nodes[0]"), (b"UPD", "nodes[0]"),
                                                     (b"SNAP", "nodes[0]")]
      for key in ("node_id", "host", "pid", "api_server", "mesh_point")]
@@ -561,16 +598,17 @@ def test_control_absent_optional_field(kind, path, default):
      Snapshot(0, [NodeEntry(1, "h", 0, "a", "tcp://h:1", 0, 0)])),
     (b"REREG", {}, Reregister()),
     (b"REFUSED", {}, Refused("", False)),
+    (b"EXIT", {"host": "h", "pid": 1, "started_at": 0, "exited_at": 0, "code": 0}, Exited("h", 1, 0, 0, 0)),
 ], ids=lambda value: label(value)[:16])
 def test_control_minimal(kind, body, expected):
     """A control message with only its required fields reads with every default filled in."""
-    allowed = FROM_NODE if kind in (b"REG", b"HB", b"ADV", b"SYNC", b"BYE") else FROM_COORDINATOR
-    same(mesh.read_control(control(kind, body), allowed), expected)
+    same(mesh.read_control(control(kind, body), side(expected)), expected)
 
 
 EXTRA_AT = [(b"REG", ""), (b"REG", "state"), (b"HB", ""), (b"ADV", ""), (b"SYNC", ""), (b"BYE", ""),
             (b"WELCOME", ""), (b"WELCOME", "snapshot"), (b"WELCOME", "snapshot.nodes[0]"),
-            (b"UPD", ""), (b"UPD", "nodes[0]"), (b"SNAP", ""), (b"SNAP", "nodes[0]"), (b"REREG", ""), (b"REFUSED", "")]
+            (b"UPD", ""), (b"UPD", "nodes[0]"), (b"SNAP", ""), (b"SNAP", "nodes[0]"), (b"REREG", ""), (b"REFUSED", ""),
+            (b"EXIT", "")]
 
 
 EXTRAS = [None, 1, "x", [1, "two"], {"nested": {"deep": [NAN]}}, "\x00 not checked"]
@@ -583,6 +621,14 @@ def test_control_unknown_keys_ignored(kind, path):
     expected = mesh.read_control(control(kind, body), allowed)
     for extra in EXTRAS:
         same(mesh.read_control(control(kind, mutate(body, join(path, "x_future"), extra)), allowed), expected)
+
+
+@pytest.mark.parametrize("started_at, exited_at", [(2.5, 2.0), (1e12, 0), (1.0000001, 1.0)])
+def test_exit_notice_ends_before_it_starts(started_at, exited_at):
+    """An exit notice whose process exited before it started is refused, naming exited_at."""
+    body = {"host": "h", "pid": 7, "started_at": started_at, "exited_at": exited_at, "code": -9}
+    error = assert_frame_error(mesh.read_control, control(b"EXIT", body), FROM_SUPERVISOR, field="EXIT.exited_at")
+    assert "before started_at" in str(error)
 
 
 # --- control messages: bad framing -----------------------------------------------------------
@@ -599,8 +645,8 @@ def test_control_frame_count(frames):
 @pytest.mark.parametrize("kind", [b"", b"sync", b"Sync", b"SYNC ", b" SYNC", b"SYNC\x00", b"HELLO", b"\x01",
                                   b"\xff" * 40, b"REG\n"], ids=label)
 def test_control_unknown_kind(kind):
-    """A kind that is not one of the ten documented bytes strings is refused, from either side."""
-    for allowed in (FROM_NODE, FROM_COORDINATOR):
+    """A kind that is not one of the eleven documented bytes strings is refused, from any side."""
+    for allowed in SIDES:
         error = assert_frame_error(mesh.read_control, [kind, b'{"node_id": 1}'], allowed)
         assert "unexpected control kind" in str(error)
 

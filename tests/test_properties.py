@@ -104,7 +104,7 @@ def test_mesh_readers_take_any_frames(frames):
     """read_request, read_reply and read_control take any frames and return or raise FrameError."""
     _only(mesh.FrameError, mesh.read_request, frames)
     _only(mesh.FrameError, mesh.read_reply, frames)
-    for allowed in (mesh.FROM_NODE, mesh.FROM_COORDINATOR):
+    for allowed in (mesh.FROM_NODE, mesh.FROM_COORDINATOR, mesh.FROM_SUPERVISOR):
         _only(mesh.FrameError, mesh.read_control, frames, allowed)
 
 
@@ -126,19 +126,20 @@ def test_mesh_requests_with_random_headers(code, request_id, header, body):
 
 
 CONTROL_KINDS = st.sampled_from([b"REG", b"HB", b"ADV", b"SYNC", b"BYE", b"WELCOME", b"UPD", b"SNAP", b"REREG",
-                                 b"REFUSED", b"NOPE"])
+                                 b"REFUSED", b"EXIT", b"NOPE"])
 control_bodies = st.fixed_dictionaries({}, optional={
     key: json_values for key in ("node_id", "host", "pid", "api_server", "mesh_point", "started_at", "state",
                                  "stats", "interest", "consumers", "opened", "closed", "v", "nodes", "dead",
-                                 "snapshot", "not_before_ms", "reason", "retry", "lease", "clients")})
+                                 "snapshot", "not_before_ms", "reason", "retry", "lease", "clients",
+                                 "exited_at", "code")})
 
 
 @SETTINGS
 @given(CONTROL_KINDS, control_bodies | anything)
 def test_control_messages_with_random_fields(kind, body):
-    """A control message of any kind with random fields reads (both directions tried) or raises FrameError."""
+    """A control message of any kind with random fields reads (every direction tried) or raises FrameError."""
     frames = [kind, _dumps(body).encode("utf-8", "surrogatepass")]
-    for allowed in (mesh.FROM_NODE, mesh.FROM_COORDINATOR):
+    for allowed in (mesh.FROM_NODE, mesh.FROM_COORDINATOR, mesh.FROM_SUPERVISOR):
         message = _only(mesh.FrameError, mesh.read_control, frames, allowed)
         if message is not None:
             mesh.encode_control(message)   # what was read can be sent on

@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from conftest import MESHGATE, WAIT, Cluster, stop_process, wait_until
+from conftest import MESHGATE, WAIT, Cluster, stop_all, wait_until
 
 
 @pytest.fixture
@@ -34,8 +34,7 @@ def split(tmp_path):
     finally:
         for ws in layout._open:   # clients first, so draining nodes need not wait for them
             ws.close()
-        for process in reversed(processes):
-            stop_process(process)
+        stop_all(processes)
         log.close()
 
 

@@ -9,25 +9,7 @@ import uuid
 import pytest
 
 from cluster.protocol import encode_ws_frame
-from conftest import WAIT, Cluster, assert_error
-
-
-def live_api(cluster, attempts: int = 30):
-    """An API connection to a live node process.
-
-    The kernel may hand a new connection to the frozen process, whose handshake
-    is never answered (several times in a row, now and then): such an attempt
-    gives up after 0.25 s (later ones wait longer, up to 1 s, in case a live
-    process is just slow) and another is made, bounded in count and time.
-    """
-    deadline = time.monotonic() + 2 * WAIT
-    for attempt in range(attempts):
-        conn = cluster.api_with_timeout(min(1.0, 0.25 * (1 + attempt // 5)))
-        if conn is not None:
-            return conn
-        if time.monotonic() > deadline:
-            break
-    raise AssertionError("no live node process accepted an API connection")
+from conftest import Cluster, assert_error, live_api
 
 
 @pytest.fixture

@@ -405,9 +405,39 @@ def test_registry_public_list():
     assert listed[0]["clients"] == 0
 
 
+EXITED = mesh.Exited("h1", 100, 1.0, 2.0, -9)   # the process of INFO (started_at 1.5), from address 10.0.0.5
+
+
+@pytest.mark.parametrize("notice, address, dropped", [
+    (EXITED, "10.0.0.5", True),
+    (EXITED._replace(started_at=1.5, exited_at=1.5), "10.0.0.5", True),       # the window's edges count
+    (EXITED._replace(host="h2"), "10.0.0.5", False),                            # another machine's pid 100
+    (EXITED._replace(pid=101), "10.0.0.5", False),
+    (EXITED, "10.0.0.6", False),                                                # not from the node's machine
+    (EXITED, "", False),
+    (EXITED._replace(started_at=1.6, exited_at=9.0), "10.0.0.5", False),      # started before the process did
+    (EXITED._replace(started_at=0.5, exited_at=1.4), "10.0.0.5", False),      # the pid is a newer process's
+], ids=["match", "edges", "host", "pid", "address", "no-address", "later-start", "pid-reused"])
+def test_registry_exited_matches_only_that_process(notice, address, dropped):
+    """An exit notice names a node only with its host, pid and address, and a start window holding its own start."""
+    registry = Registry()
+    node_id, _ = registry.register(b"a", info(), now=0, wall_ms=0, address="10.0.0.5")
+    registry.register(b"b", info(host="h2", pid=7), now=0, wall_ms=0, address="10.0.0.5")
+    assert registry.exited(notice, address) == (node_id if dropped else None)
+
+
+def test_registry_exited_after_reregistration_keeps_the_new_address():
+    """A node that registers again (coordinator restart) is matched at the address it registered from last."""
+    registry = Registry()
+    node_id, _ = registry.register(b"a", info(), now=0, wall_ms=0, address="10.0.0.5")
+    registry.register(b"a", info(node_id=node_id), now=1, wall_ms=1, address="10.0.0.9")
+    assert registry.exited(EXITED, "10.0.0.5") is None
+    assert registry.exited(EXITED, "10.0.0.9") == node_id
+
+
 def test_node_info_public_has_no_routing_id():
-    """The public form of a node leaves out its routing id and stats."""
-    public = NodeInfo(1, b"rid", "h", 2, "h:1", "tcp://h:2", 3.0, 4.0, {"clients": 1, "id_ms": 9}).public()
+    """The public form of a node leaves out its routing id, stats and address."""
+    public = NodeInfo(1, b"rid", "h", 2, "h:1", "tcp://h:2", 3.0, 4.0, {"clients": 1, "id_ms": 9}, "10.0.0.5").public()
     assert set(public) == {"node_id", "host", "pid", "api_server", "mesh_point", "clients", "started_at"}
 
 
@@ -577,6 +607,20 @@ def test_pick_consumer_follows_set_changes():
     assert {routing.pick_consumer("t", c) for c in clients} == {(3, 1)}
 
 
+def test_pick_consumer_passes_over_unreachable_peers():
+    """With a peer's link down its consumers are passed over, the others' clients keep theirs; none left: None."""
+    routing = consumer_routing([(1, 1), (2, 1), (3, 4)])
+    clients = made_ids(300)
+    first = {c: routing.pick_consumer("t", c) for c in clients}
+    without_2 = {c: routing.pick_consumer("t", c, lambda node_id: node_id != 2) for c in clients}
+    assert set(without_2.values()) == {(1, 1), (3, 4)}
+    assert all(without_2[c] == first[c] for c in clients if first[c][0] != 2)
+    assert all(routing.pick_consumer("t", c, lambda node_id: True) == first[c] for c in clients)
+    # this node's own consumer is never passed over; with only unreachable peers there is none
+    assert {routing.pick_consumer("t", c, lambda node_id: False) for c in clients} == {(1, 1)}
+    assert consumer_routing([(2, 1), (3, 4)]).pick_consumer("t", clients[0], lambda node_id: False) is None
+
+
 def test_forget_consumer():
     """A consumer its node said is gone is not picked before the advert arrives."""
     routing = consumer_routing([(2, 1), (3, 1)])
@@ -666,6 +710,19 @@ def test_routing_node_back_with_a_new_mesh_point_is_reconnected():
     routing.load_snapshot(snapshot(1, nodes(1, 2)))
     moved = [info._replace(mesh_point="tcp://h:9999") if info.node_id == 2 else info for info in nodes(1, 2)]
     assert routing.apply_update(mesh.Update(2, nodes=moved))[0] == {2}
+
+
+def test_routing_node_id_taken_by_a_new_process_forgets_the_old_one():
+    """An id listed with another mesh point is a new process: the old one's interest, consumers and sequence
+    numbers are forgotten, so the new one's first changes (low sequence numbers) are taken."""
+    routing = Routing(1)
+    routing.load_snapshot(snapshot(1, nodes(1, 2), interest=[[2, "a", 3, 40]], consumers=[[2, "t", 1, 0, 41]]))
+    routing.merge_snapshot(snapshot(1, nodes(1)), keep_until=100.0)   # a coordinator restart: node 2 unconfirmed
+    moved = [info._replace(mesh_point="tcp://h:9999") if info.node_id == 2 else info for info in nodes(1, 2)]
+    added, removed, topics = routing.apply_update(mesh.Update(2, nodes=moved, consumers=[[2, "t", 1, 1, 1]]))
+    assert added == {2} and "t" in topics
+    assert routing.interested_peers(["a"]) == {}
+    assert routing.pick_consumer("t", 5) == (2, 1)
 
 
 def test_registry_refuses_a_bad_mesh_point():
