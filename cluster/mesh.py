@@ -33,10 +33,10 @@ the JSON keys are the field names of the classes below:
 
 | kind | class | from | fields |
 | --- | --- | --- | --- |
-| `REG` | Register | node | node_id (0: give me one), host, pid, api_server, mesh_point, started_at, state {interest, consumers, clients}, lease |
+| `REG` | Register | node | node_id (0: give me one), host, pid, api_server, mesh_point, started_at, state {interest, consumers, clients, watched}, lease |
 | `HB` | Heartbeat | node | node_id, stats {figure: number} |
 | `MT` | Metrics | node | node_id, text (its metrics in Prometheus' text format, at most `MAX_METRICS_BYTES`) |
-| `ADV` | Advert | node | interest, consumers, opened, closed (coalesced changes of this node) |
+| `ADV` | Advert | node | interest, consumers, opened, closed, watched (coalesced changes of this node; watched: `[client_id, topic]` of clients whose close goes to a lifecycle topic) |
 | `SYNC` | Sync | node | node_id (a version was skipped: send a snapshot) |
 | `BYE` | Bye | node | node_id (leaving for good) |
 | `EXIT` | Exited | supervisor | host, pid, started_at, exited_at, code (a node process of that host exited) |
@@ -45,6 +45,7 @@ the JSON keys are the field names of the classes below:
 | `SNAP` | Snapshot | coordinator | v (0 before the first update), nodes, interest, consumers |
 | `REREG` | Reregister | coordinator | (none: register again) |
 | `REFUSED` | Refused | coordinator | reason, retry |
+| `LOST` | Lost | coordinator | node_id (a node that died), clients `[client_id, topic]`: push their lifecycle close messages |
 
 Mesh messages (node -> node) are one frame each: kind code (1 byte) |
 request id (8 bytes; 0 = no reply wanted) | header length (4 bytes) | header
@@ -255,6 +256,7 @@ _interest = _list_of(_row(_channel, _count, _seq))
 _consumers = _list_of(_row(_topic, _consumer_id, _present, _seq))
 _origin_interest = _list_of(_row(_node_id, _channel, _count, _seq))
 _origin_consumers = _list_of(_row(_node_id, _topic, _consumer_id, _present, _seq))
+_watched = _list_of(_row(_client_id, _topic))
 _client_ids = _list_of(_client_id)
 _node_ids = _list_of(_node_id)
 _channels = _list_of(_channel, nonempty=True)
@@ -354,6 +356,7 @@ class NodeState(NamedTuple):
     interest: list = ()       # [channel, count, seq]
     consumers: list = ()      # [topic, consumer_id, present, seq]
     clients: list = ()        # client ids it owns
+    watched: Optional[list] = None   # [client_id, topic] of those with a lifecycle topic (node/lifecycle.py)
 
 
 class Register(NamedTuple):
@@ -384,6 +387,7 @@ class Advert(NamedTuple):
     consumers: list = ()
     opened: list = ()         # client ids
     closed: list = ()
+    watched: Optional[list] = None   # [client_id, topic]: opened clients whose close goes to that lifecycle topic
 
 
 class Sync(NamedTuple):
@@ -440,6 +444,12 @@ class Refused(NamedTuple):
     retry: bool
 
 
+class Lost(NamedTuple):
+    """A node process died: push the lifecycle close message of each of its watched clients."""
+    node_id: int
+    clients: list             # [client_id, topic]
+
+
 _node_entry = _object(NodeEntry, (
     ("node_id", _node_id, _MISSING), ("host", _text(255, 1), _MISSING), ("pid", _count, _MISSING),
     ("api_server", _text(300, 1), _MISSING), ("mesh_point", _mesh_point, _MISSING),
@@ -481,13 +491,14 @@ _CONTROL = {
         ("api_server", _text(300, 1), _MISSING), ("mesh_point", _text(300, 1), _MISSING),
         ("started_at", _number, 0),
         ("state", _object(NodeState, (("interest", _interest, ()), ("consumers", _consumers, ()),
-                                      ("clients", _client_ids, ()))), NodeState()),
+                                      ("clients", _client_ids, ()), ("watched", _watched, None))), NodeState()),
         ("lease", _lease, None),
     ))),
     b"HB": (Heartbeat, _object(Heartbeat, (("node_id", _node_id, _MISSING), ("stats", _stats, {})))),
     b"MT": (Metrics, _object(Metrics, (("node_id", _node_id, _MISSING), ("text", _lines(MAX_METRICS_BYTES), _MISSING)))),
     b"ADV": (Advert, _object(Advert, (("interest", _interest, ()), ("consumers", _consumers, ()),
-                                      ("opened", _client_ids, ()), ("closed", _client_ids, ())))),
+                                      ("opened", _client_ids, ()), ("closed", _client_ids, ()),
+                                      ("watched", _watched, None)))),
     b"SYNC": (Sync, _object(Sync, (("node_id", _node_id, _MISSING),))),
     b"BYE": (Bye, _object(Bye, (("node_id", _node_id, _MISSING),))),
     b"WELCOME": (Welcome, _object(Welcome, (("node_id", _node_id, _MISSING), ("not_before_ms", _id_ms, 0),
@@ -500,10 +511,11 @@ _CONTROL = {
     b"REREG": (Reregister, _object(Reregister, ())),
     b"REFUSED": (Refused, _object(Refused, (("reason", _text(1000), ""), ("retry", _flag, False)))),
     b"EXIT": (Exited, _exited),
+    b"LOST": (Lost, _object(Lost, (("node_id", _node_id, _MISSING), ("clients", _watched, _MISSING)))),
 }
 _CONTROL_KIND = {cls: kind for kind, (cls, _) in _CONTROL.items()}
 FROM_NODE = frozenset((Register, Heartbeat, Metrics, Advert, Sync, Bye))
-FROM_COORDINATOR = frozenset((Welcome, Update, Snapshot, Reregister, Refused))
+FROM_COORDINATOR = frozenset((Welcome, Update, Snapshot, Reregister, Refused, Lost))
 FROM_SUPERVISOR = frozenset((Exited,))   # the coordinator refuses it from a routing id that holds a node
 
 

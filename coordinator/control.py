@@ -131,7 +131,7 @@ class Control:
     def handle_bye(self, routing_id: bytes, message: mesh.Bye) -> None:
         node_id = self.registry.node_for(routing_id)
         if node_id is not None:
-            self.drop(node_id, "said goodbye", logging.INFO)   # asked for: nothing to worry about
+            self.drop(node_id, "said goodbye", logging.INFO, died=False)   # asked for: nothing to worry about
 
     def handle_exited(self, routing_id: bytes, notice: mesh.Exited, address: str = "") -> None:
         """A supervisor saw a node process of its machine exit: drop that node now (docs/operations.md)."""
@@ -154,13 +154,27 @@ class Control:
         for node_id in self.registry.expired(time.monotonic(), self.node_timeout):
             self.drop(node_id, f"no heartbeat for {self.node_timeout:g} s")
 
-    def drop(self, node_id: int, why: str, level: int = logging.WARNING) -> None:
+    def drop(self, node_id: int, why: str, level: int = logging.WARNING, died: bool = True) -> None:
+        """Removes a node mesh-wide; one that `died` (not one that said goodbye after closing its clients)
+        has the lifecycle close messages of its clients pushed by a live node (`hand_off`)."""
         info = self.registry.remove(node_id, now_ms())
         if info is None:
             return
-        self.tables.drop_node(node_id)
+        watched = self.tables.drop_node(node_id)
         self.broadcast(self.tables.next_update(nodes=self.registry.entries(), dead=[node_id]))
         log.log(level, "node %d (pid %d) removed: %s", node_id, info.pid, why)
+        if died and watched:
+            self.hand_off(node_id, watched)
+
+    def hand_off(self, dead: int, watched: list) -> None:
+        """Asks the live node with the lowest id to push the close messages of `dead`'s watched clients."""
+        live = sorted(self.registry.nodes.values(), key=lambda i: i.node_id)
+        if not live:
+            log.warning("node %d died with %d clients whose close messages no live node can push", dead,
+                        len(watched))
+            return
+        self.send(live[0].routing_id, mesh.Lost(dead, watched))
+        log.info("node %d pushes the close messages of %d clients of node %d", live[0].node_id, len(watched), dead)
 
     # --- outbound ----------------------------------------------------------
 

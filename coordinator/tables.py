@@ -16,6 +16,7 @@ class Tables:
     def __init__(self):
         self.state = InterestTable()
         self.ownership = {}   # node_id -> set of client ids
+        self.watched = {}     # node_id -> {client_id: lifecycle topic} (their close is pushed if the node dies)
         self.version = 0
 
     def apply_advert(self, origin: int, advert: mesh.Advert) -> tuple:
@@ -23,6 +24,11 @@ class Tables:
         owned = self.ownership.setdefault(origin, set())
         owned.update(advert.opened)
         owned.difference_update(advert.closed)
+        if advert.watched or origin in self.watched:
+            watched = self.watched.setdefault(origin, {})
+            watched.update((client_id, topic) for client_id, topic in advert.watched or ())
+            for client_id in advert.closed:
+                watched.pop(client_id, None)
         return self.state.apply([[origin, *item] for item in advert.interest],
                                 [[origin, *item] for item in advert.consumers])
 
@@ -30,11 +36,13 @@ class Tables:
         """A node (re-)registered with its full state: forget what it said before, take this."""
         self.drop_node(origin)
         self.ownership[origin] = set(state.clients)
-        return self.apply_advert(origin, mesh.Advert(state.interest, state.consumers))
+        return self.apply_advert(origin, mesh.Advert(state.interest, state.consumers, watched=state.watched))
 
-    def drop_node(self, origin: int) -> None:
+    def drop_node(self, origin: int) -> list:
+        """Forgets a node; returns `[client_id, topic]` of its watched clients (for their lost closes)."""
         self.ownership.pop(origin, None)
         self.state.drop_origin(origin)
+        return [[client_id, topic] for client_id, topic in self.watched.pop(origin, {}).items()]
 
     def next_update(self, nodes=None, dead=(), interest=(), consumers=()) -> mesh.Update:
         """Wraps changes into the next versioned update (`nodes`: the whole new node list, if it changed)."""

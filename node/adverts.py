@@ -34,6 +34,7 @@ class Adverts:
         self._consumers = []
         self._opened = []
         self._closed = []
+        self._watched = []
         self._flush_handle = None
         self._interest_waits = {}  # channel -> future of the peers' acknowledgements
 
@@ -41,18 +42,19 @@ class Adverts:
         self._seq += 1
         return self._seq
 
-    def full_state(self, subscriptions: dict, consumers: dict, clients) -> mesh.NodeState:
+    def full_state(self, subscriptions: dict, consumers: dict, clients, watched: list) -> mesh.NodeState:
         """Everything this node advertises, for a (re-)registration.
 
         Args:
             subscriptions: channel -> its local subscribers.
             consumers: consumer_id -> its topics.
             clients: ids of the local clients.
+            watched: `[client_id, lifecycle topic]` of those whose open message was pushed.
         """
         return mesh.NodeState(
             [[channel, len(members), self.next_seq()] for channel, members in subscriptions.items()],
             [[topic, consumer_id, 1, self.next_seq()] for consumer_id, topics in consumers.items() for topic in topics],
-            list(clients))
+            list(clients), watched or None)
 
     # --- changes -----------------------------------------------------------------
 
@@ -62,6 +64,11 @@ class Adverts:
 
     def client_closed(self, client_id: int) -> None:
         self._closed.append(client_id)
+        self._schedule_flush()
+
+    def client_watched(self, client_id: int, topic: str) -> None:
+        """The client's open message went to lifecycle `topic`: if this node dies, another pushes its close."""
+        self._watched.append([client_id, topic])
         self._schedule_flush()
 
     def interest_changed(self, changes: list) -> list:
@@ -151,9 +158,9 @@ class Adverts:
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
-        if not (self._interest or self._consumers or self._opened or self._closed):
+        if not (self._interest or self._consumers or self._opened or self._closed or self._watched):
             return
         interest = [[channel, count, self.next_seq()] for channel, count in self._interest.items()]
-        advert = mesh.Advert(interest, self._consumers, self._opened, self._closed)
-        self._interest, self._consumers, self._opened, self._closed = {}, [], [], []
+        advert = mesh.Advert(interest, self._consumers, self._opened, self._closed, self._watched or None)
+        self._interest, self._consumers, self._opened, self._closed, self._watched = {}, [], [], [], []
         self.to_coordinator(advert)

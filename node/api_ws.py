@@ -50,6 +50,8 @@ class ApiSocket(tornado.websocket.WebSocketHandler):
         return True   # no rate limit on the backend API
 
     async def get(self, *args, **kwargs):
+        if self.node.node_id:
+            self.set_header("X-Meshgate-Node", str(self.node.node_id))   # on the 101 too: which node holds it
         try:
             self.user = await self.node.access.check(self.request)
         except Denied as denied:

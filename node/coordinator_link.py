@@ -86,8 +86,9 @@ class CoordinatorLink:
         self._handlers = {
             mesh.Update: self.handle_update, mesh.Snapshot: self.handle_snapshot,
             mesh.Welcome: self.handle_welcome, mesh.Reregister: self.handle_reregister,
-            mesh.Refused: self.handle_refused,
+            mesh.Refused: self.handle_refused, mesh.Lost: self.handle_lost,
         }
+        self.on_lost = None   # the node's: push the close messages of a dead node's clients (node/lifecycle.py)
 
     def _heartbeat_ms(self) -> float:
         return max(20, min(1000, self.config.coordinator.node_timeout * 1000 / 4))
@@ -212,6 +213,11 @@ class CoordinatorLink:
         if self.registered or time.monotonic() - self._registering_since >= self._retry_s:
             log.warning("coordinator does not know this node; registering again")
             self.register()
+
+    def handle_lost(self, lost: mesh.Lost) -> None:
+        if self.registered and self.on_lost is not None:
+            count = self.on_lost(lost)
+            log.info("node %d died: pushed the close messages of its %d watched clients", lost.node_id, count)
 
     def handle_refused(self, refused: mesh.Refused) -> None:
         if refused.retry:

@@ -14,6 +14,7 @@ The close messages of a node process that dies are pushed by another node
 
 import logging
 
+from cluster.ids import node_id_of
 from node.queues import QueueFull
 
 log = logging.getLogger("meshgate.node")
@@ -22,9 +23,9 @@ log = logging.getLogger("meshgate.node")
 WAITING, OPEN_PUSHED, CLOSED = 0, 1, 2
 
 
-def _push(node, topic: str, client_id: int, data: dict) -> None:
+def _push(node, topic: str, client_id: int, data: dict, holder: int = 0) -> None:
     try:
-        node.queues.push(topic, client_id, data)
+        node.queues.push(topic, client_id, data, holder)
     except QueueFull as exc:
         log.info("client %d: lifecycle message dropped: %s", client_id, exc)
 
@@ -38,6 +39,8 @@ def push_open(conn) -> None:
     conn.lifecycle = OPEN_PUSHED
     if type(pending) is tuple:   # (code, reason) of a close that came first
         push_close(conn, *pending)
+    else:
+        conn.node.adverts.client_watched(conn.client_id, topic)   # if this node dies, another pushes its close
 
 
 def push_close(conn, code: int, reason: str) -> None:
@@ -55,5 +58,6 @@ def push_close(conn, code: int, reason: str) -> None:
 def lost_closes(node, clients) -> int:
     """Close messages for the clients of a node process that died: `clients` are `(client_id, topic)`."""
     for client_id, topic in clients:
-        _push(node, topic, client_id, {"close": {"code": 1006, "reason": "node lost", "lost": True}})
+        _push(node, topic, client_id, {"close": {"code": 1006, "reason": "node lost", "lost": True}},
+              node_id_of(client_id))
     return len(clients)

@@ -17,6 +17,7 @@ import time
 import psutil
 
 from cluster import logs, mesh
+from node import lifecycle
 from cluster.access import Access
 from cluster.ids import IdGenerator
 from cluster.zloop import ZapHandler
@@ -67,6 +68,7 @@ class Node:
         self.link = CoordinatorLink(context, config, self.routing, identity, self._full_state, self.stats,
                                     self.on_changes, key, self.exposition)
         self.adverts = Adverts(self.routing, self.mesh_point, settings.forward_timeout, self.link.send)
+        self.link.on_lost = lambda lost: lifecycle.lost_closes(self, lost.clients)
         self.queues = QueueDispatch(settings.queue, self.routing, self.mesh_point, self.adverts, self.counters)
         self.api = Api(self)
         self.forward = Forwarder(self.routing, self.hub, self.mesh_point, self.api.call_local, self.adverts,
@@ -114,7 +116,9 @@ class Node:
         self.queues.drain_all(self.queues.buffers.topics())
 
     def _full_state(self) -> mesh.NodeState:
-        return self.adverts.full_state(self.hub.subs, self.queues.consumers.topics, self.hub.conns)
+        watched = [[client_id, conn.server.lifecycle_topic] for client_id, conn in self.hub.conns.items()
+                   if conn.lifecycle == lifecycle.OPEN_PUSHED]
+        return self.adverts.full_state(self.hub.subs, self.queues.consumers.topics, self.hub.conns, watched)
 
     # --- client connections (node/client_ws.py and conn.call) -------------------------
 

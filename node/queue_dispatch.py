@@ -43,14 +43,15 @@ class QueueDispatch:
 
     # --- pushes ------------------------------------------------------------------------
 
-    def push(self, topic: str, client_id: int, data) -> None:
-        """Pushes what a client sent (`data`, any JSON value) to a topic.
+    def push(self, topic: str, client_id: int, data, holder: int = 0) -> None:
+        """Pushes what a client sent (`data`, any JSON value) to a topic; the event's `n` is `holder`, the
+        node that holds (or held) the client, when not this one.
 
         Raises:
             QueueFull: no consumer can take it now and the topic's buffer is full, or it is
                 larger than the mesh carries.
         """
-        event = protocol.queue_event(self.routing.node_id, client_id, topic, data)
+        event = protocol.queue_event(holder or self.routing.node_id, client_id, topic, data)
         if len(event) + _HEAD_ROOM > self.mesh_point.max_bytes:   # it could not reach a consumer on another node
             self.buffers.dropped += 1
             raise QueueFull(f"topic {topic!r}: a {len(event)}-byte event is larger than the mesh carries")

@@ -1,6 +1,8 @@
 """Lifecycle events (docs/protocol.md, Lifecycle events): an open and a close message per connection, through
 the queue path, the open always first."""
 
+import os
+import signal
 import socket
 import textwrap
 import time
@@ -123,3 +125,40 @@ def test_a_server_without_lifecycle_topic_pushes_nothing(life, consume):
 def test_a_bad_lifecycle_topic_is_a_configuration_error(topic):
     with pytest.raises(config_module.ConfigError, match=r"node\.servers\[0\]\.lifecycle_topic"):
         config_module.from_dict({"node": {"servers": [{"lifecycle_topic": topic}]}})
+
+
+def test_a_node_killed_has_a_lost_close_for_each_of_its_clients(life, consume):
+    """kill -9 of the node holding 20 clients: within node_timeout + 1 s another node pushes one close with
+    "lost": true for each of them, none twice, none for the clients of the other nodes."""
+    consumer = consume("life")
+    keep = int(consumer.ws.getheaders()["x-meshgate-node"])   # the consumer's node must live
+    clients, node_of = [], {}
+    for _ in range(300):   # the kernel spreads connections: connect until another node holds 20
+        clients.append(life.client("/"))
+        opened = consumer.event()["p"]
+        node_of[opened["c"]] = opened["n"]
+        held = {}
+        for client_id, node in node_of.items():
+            held.setdefault(node, []).append(client_id)
+        victim = next((node for node, ids in held.items() if len(ids) >= 20 and node != keep), None)
+        if victim is not None:
+            break
+    assert victim is not None, held
+    time.sleep(0.1)   # the adverts of the last opens reach the coordinator (coalesced every 20 ms)
+    pid = next(n["pid"] for n in life.status()["nodes"] if n["node_id"] == victim)
+    started = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    closes = {}
+    while len(closes) < len(held[victim]) and time.monotonic() - started < 3 + 1:
+        try:
+            event = consumer.event(timeout=0.2)["p"]
+        except (AssertionError, websocket.WebSocketTimeoutException):
+            continue
+        assert event["c"] not in closes, f"a second close for {event['c']}"
+        closes[event["c"]] = event
+    assert set(closes) == set(held[victim]) and time.monotonic() - started <= 3 + 1
+    for event in closes.values():
+        assert event["d"] == {"close": {"code": 1006, "reason": "node lost", "lost": True}} and event["n"] == victim
+    assert no_event(consumer, 0.5)   # nothing twice, nothing for the clients still connected
+    for client in clients:
+        client.ws.close()

@@ -14,7 +14,7 @@ from cluster import mesh, protocol
 from cluster.ids import MAX_NODE_ID
 from cluster.mesh import (
     FROM_COORDINATOR, FROM_NODE, FROM_SUPERVISOR, Advert, Bye, Call, Delivered, Exited, Failure, FrameError,
-    Heartbeat, Metrics, NodeEntry, NodeState, PeerAdvert, Present, Presence, Publish, QueueEvent, Refused, Register,
+    Heartbeat, Lost, Metrics, NodeEntry, NodeState, PeerAdvert, Present, Presence, Publish, QueueEvent, Refused, Register,
     Reregister, Request,
     Send, Snapshot, Sync, Update, Welcome,
 )
@@ -261,9 +261,9 @@ def test_control_kind_outside_allowed(message, allowed):
 
 
 def test_direction_sets():
-    """FROM_NODE, FROM_COORDINATOR and FROM_SUPERVISOR split the twelve control classes between them."""
+    """FROM_NODE, FROM_COORDINATOR and FROM_SUPERVISOR split the thirteen control classes between them."""
     assert FROM_NODE == {Register, Heartbeat, Metrics, Advert, Sync, Bye}
-    assert FROM_COORDINATOR == {Welcome, Update, Snapshot, Reregister, Refused}
+    assert FROM_COORDINATOR == {Welcome, Update, Snapshot, Reregister, Refused, Lost}
     assert FROM_SUPERVISOR == {Exited}
     assert set(mesh._CONTROL_KIND) == FROM_NODE | FROM_COORDINATOR | FROM_SUPERVISOR
 
@@ -371,6 +371,7 @@ BAD = {
     "list": ["news", 1, True, {}, None],
     "list_or_null": ["news", 1, True, {}],
     "object": [None, 1, True, "x", []],
+    "row2": bad_row(2),
     "row3": bad_row(3),
     "row4": bad_row(4),
     "row5": bad_row(5),
@@ -380,6 +381,12 @@ INTEREST = ("name", "count", "seq")                          # [channel, count, 
 CONSUMERS = ("name", "consumer_id", "present", "seq")        # [topic, consumer_id, present, seq]
 ORIGIN_INTEREST = ("node_id",) + INTEREST
 ORIGIN_CONSUMERS = ("node_id",) + CONSUMERS
+WATCHED = ("client_id", "name")                             # [client_id, lifecycle topic]
+
+
+def optional_rows(path: str, cells: tuple) -> list:
+    """As `rows`, for a list that may also be null (absent)."""
+    return [(path, "list_or_null")] + rows(path, cells)[1:]
 
 
 def rows(path: str, cells: tuple) -> list:
@@ -407,11 +414,12 @@ SNAP_JSON = {"v": 12, "nodes": [ENTRY_JSON], "interest": [[7, "news", 2, 7]], "c
 BODIES = {
     b"REG": ({"node_id": 5, "host": "web-1", "pid": 4242, "api_server": "http://10.0.0.5:6788",
               "mesh_point": "tcp://10.0.0.5:6800", "started_at": 1712345678.25,
-              "state": {"interest": [["news", 2, 7]], "consumers": [["jobs", 3, 1, 9]], "clients": [MAX_ID]}},
+              "state": {"interest": [["news", 2, 7]], "consumers": [["jobs", 3, 1, 9]], "clients": [MAX_ID],
+                        "watched": [[MAX_ID, "life"]]}},
              FROM_NODE),
     b"HB": ({"node_id": 5, "stats": {"clients": 12, "load": 0.5}}, FROM_NODE),
-    b"ADV": ({"interest": [["news", 2, 7]], "consumers": [["jobs", 3, 1, 9]], "opened": [MAX_ID], "closed": [0]},
-             FROM_NODE),
+    b"ADV": ({"interest": [["news", 2, 7]], "consumers": [["jobs", 3, 1, 9]], "opened": [MAX_ID], "closed": [0],
+              "watched": [[MAX_ID, "life"]]}, FROM_NODE),
     b"SYNC": ({"node_id": 5}, FROM_NODE),
     b"BYE": ({"node_id": 5}, FROM_NODE),
     b"WELCOME": ({"node_id": 5, "not_before_ms": 1712345678125, "snapshot": SNAP_JSON}, FROM_COORDINATOR),
@@ -420,6 +428,7 @@ BODIES = {
     b"SNAP": (SNAP_JSON, FROM_COORDINATOR),
     b"REREG": ({}, FROM_COORDINATOR),
     b"REFUSED": ({"reason": "node id 5 is held by a live node", "retry": True}, FROM_COORDINATOR),
+    b"LOST": ({"node_id": 3, "clients": [[MAX_ID, "life"]]}, FROM_COORDINATOR),
     b"EXIT": ({"host": "web-1", "pid": 4242, "started_at": 1712345678.25, "exited_at": 1712345690.5, "code": -9},
               FROM_SUPERVISOR),
 }
@@ -429,10 +438,11 @@ CONTROL_FIELDS = {
     b"REG": [("node_id", "node_id_or_zero"), ("host", "text255"), ("pid", "count"), ("api_server", "text300"),
              ("mesh_point", "text300"), ("started_at", "number"), ("state", "object")]
             + rows("state.interest", INTEREST) + rows("state.consumers", CONSUMERS)
-            + [("state.clients", "list"), ("state.clients[0]", "client_id")],
+            + [("state.clients", "list"), ("state.clients[0]", "client_id")] + optional_rows("state.watched", WATCHED),
     b"HB": [("node_id", "node_id")],
     b"ADV": rows("interest", INTEREST) + rows("consumers", CONSUMERS)
-            + [("opened", "list"), ("opened[0]", "client_id"), ("closed", "list"), ("closed[0]", "client_id")],
+            + [("opened", "list"), ("opened[0]", "client_id"), ("closed", "list"), ("closed[0]", "client_id")]
+            + optional_rows("watched", WATCHED),
     b"SYNC": [("node_id", "node_id")],
     b"BYE": [("node_id", "node_id")],
     b"WELCOME": [("node_id", "node_id"), ("not_before_ms", "count"), ("snapshot", "object")]
@@ -442,6 +452,7 @@ CONTROL_FIELDS = {
             + rows("interest", ORIGIN_INTEREST) + rows("consumers", ORIGIN_CONSUMERS),
     b"SNAP": snapshot_fields(""),
     b"REFUSED": [("reason", "text1000"), ("retry", "flag")],
+    b"LOST": [("node_id", "node_id")] + rows("clients", WATCHED),
     b"EXIT": [("host", "text255"), ("pid", "pid"), ("started_at", "number"), ("exited_at", "number"),
               ("code", "exit_code")],
 }

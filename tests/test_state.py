@@ -207,6 +207,19 @@ def test_tables_advert():
     assert tables.state.interested_nodes("ch") == {3: 2}
 
 
+def test_tables_watched_clients_are_handed_over_when_their_node_goes():
+    """Watched clients (a lifecycle topic) are kept per node, forgotten when they close, and returned by
+    drop_node for their lost closes; a re-registration's state replaces them."""
+    tables = Tables()
+    tables.apply_advert(3, mesh.Advert(opened=[100, 101, 102], watched=[[100, "life"], [101, "life"]]))
+    tables.apply_advert(3, mesh.Advert(closed=[101], watched=[[102, "other"]]))
+    tables.apply_advert(4, mesh.Advert(opened=[200]))
+    assert tables.drop_node(4) == []
+    tables.replace_node_state(5, mesh.NodeState(clients=[300], watched=[[300, "life"]]))
+    assert sorted(tables.drop_node(3)) == [[100, "life"], [102, "other"]]
+    assert tables.drop_node(3) == [] and tables.drop_node(5) == [[300, "life"]]
+
+
 def test_tables_repeated_advert_not_accepted_twice():
     """The same advert applied twice yields no changes the second time."""
     tables = Tables()
