@@ -164,7 +164,15 @@ def listening(handed: Handed, bind: str, port: int):
 
 
 def report_ready(handed: Handed, node_id: int) -> None:
-    """Tells the supervisor this process serves on the shared ports (docs/operations.md, Rolling restart)."""
+    """Tells the supervisor this process serves on the shared ports (docs/operations.md, Rolling restart).
+
+    Sockets handed over for an address this process does not serve are closed first: none stays
+    open here without being accepted on.
+    """
+    for socks in handed.sockets.values():
+        for sock in socks:
+            sock.close()
+    handed.sockets.clear()
     if handed.ready_fd is None:
         return
     try:

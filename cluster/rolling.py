@@ -12,15 +12,18 @@ For each node worker in turn (docs/operations.md, Rolling restart):
    then it is killed;
 3. the next worker.
 
-Driven by the supervisor's loop (`tick`), never blocking it: a SIGTERM is obeyed at once, and
-the processes of an unfinished restart stop with the nodes (`leftovers`). Owned by the
-supervisor's one thread.
+Before it begins, the configuration file is read again: one that does not load, or that
+changes what the supervisor itself holds (the listening addresses, the mesh port scheme), is
+refused with an ERROR line, and nothing is restarted. Driven by the supervisor's loop (`tick`),
+never blocking it: a SIGTERM is obeyed at once, and the processes of an unfinished restart stop
+with the nodes (`leftovers`). Owned by the supervisor's one thread.
 """
 
 import logging
 import os
 import time
 
+from cluster import config as config_module, handover
 from cluster.handover import DRAIN_SIGNAL
 
 log = logging.getLogger("meshgate.supervisor")
@@ -41,12 +44,16 @@ class _Step:
 class Rolling:
     """Args:
         nodes: the supervisor's node Child objects, each with its `slot` (cluster/handover.py).
-        drain_s: the nodes' drain deadline (`node.drain_timeout`).
+        config: the Config the supervisor started with.
+        config_path: the file a rolling restart reads again (None: the defaults).
+
+    `stop_s` is how long a node process may take to stop once told (its drain deadline, the
+    longest yet, and STOP_MARGIN_S).
     """
 
-    def __init__(self, nodes: list, drain_s: float):
-        self.nodes = nodes
-        self.stop_s = drain_s + STOP_MARGIN_S
+    def __init__(self, nodes: list, config, config_path):
+        self.nodes, self.config, self.config_path = nodes, config, config_path
+        self.stop_s = config.node.drain_timeout + STOP_MARGIN_S
         self._todo = []         # node Child objects still to replace
         self._step = None
         self._began = 0.0
@@ -58,13 +65,34 @@ class Rolling:
         return self._step is not None or bool(self._todo)
 
     def request(self) -> None:
-        """SIGUSR2: begin, unless a rolling restart is under way (then it is ignored, and said so)."""
+        """SIGUSR2: begin, unless a rolling restart is under way (then it is ignored, and said so) or the
+        configuration file refuses it (see the module docstring)."""
         if self.running:
             log.info("SIGUSR2: a rolling restart is under way (%d of %d node processes replaced); this one is ignored",
                      self._replaced, len(self.nodes))
             return
+        refusal = self._refusal()
+        if refusal is not None:
+            log.error("SIGUSR2: no rolling restart: %s", refusal)
+            return
         log.info("SIGUSR2: rolling restart of %d node processes, one at a time", len(self.nodes))
         self._todo, self._began, self._replaced = list(self.nodes), time.monotonic(), 0
+
+    def _refusal(self):
+        """Why the configuration file, read again, allows no rolling restart; None when it allows one."""
+        try:
+            new = config_module.load(self.config_path)
+            config_module.check_mesh_ports(new, len(self.nodes))
+        except config_module.ConfigError as exc:
+            return f"the configuration does not load: {exc}"
+        changed = [what for what, old, now in [
+            ("the listening addresses (node.api, node.servers[].bind and .port)", handover.addresses(self.config),
+             handover.addresses(new)),
+            ("node.mesh.port", self.config.node.mesh.port, new.node.mesh.port)] if old != now]
+        if changed:
+            return f"{' and '.join(changed)} changed, which takes a full restart"
+        self.stop_s = max(self.stop_s, new.node.drain_timeout + STOP_MARGIN_S)   # the replacements' deadline
+        return None
 
     def tick(self) -> None:
         """One look at the restart under way; called every turn of the supervisor's loop."""

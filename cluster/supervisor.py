@@ -117,16 +117,15 @@ class Supervisor:
         self._stopping = False
         self._reload = False
         self.exit_code = 0
-        self._init_rolling(config, workers)
+        self._init_rolling(config, config_path, workers)
 
-    def _init_rolling(self, config, workers: int) -> None:
+    def _init_rolling(self, config, config_path, workers: int) -> None:
         """Each node worker's slot (cluster/handover.py), the rolling restart, the pid file."""
         nodes = [child for child in self.children if child.name != "coordinator"]
         addresses = handover.addresses(config)
         for worker, child in enumerate(nodes):
             child.slot = handover.Slot(worker, workers, addresses)
-        self.rolling = rolling.Rolling(nodes, config.node.drain_timeout)
-        self.node_stop_s = self.rolling.stop_s
+        self.rolling = rolling.Rolling(nodes, config, config_path)
         self.pid_file = pidfile.path_for(config)
         self._restart = False
 
@@ -206,7 +205,7 @@ class Supervisor:
                  else "stopping the nodes")
         nodes = [c for c in self.children if c.name != "coordinator"]
         coordinators = [c for c in self.children if c.name == "coordinator"]
-        for group, deadline in ((nodes, self.node_stop_s), (coordinators, _COORDINATOR_STOP_S)):
+        for group, deadline in ((nodes, self.rolling.stop_s), (coordinators, _COORDINATOR_STOP_S)):
             for child in group:
                 child.signal(signal.SIGTERM)
             end = time.monotonic() + deadline

@@ -3,12 +3,14 @@
 import http.client
 import json
 import os
+import signal
 import subprocess
 import threading
 import time
 
 import psutil
 import websocket
+import yaml
 
 from conftest import MESHGATE, SCALE, WAIT, Cluster, free_port, running, stop_process, wait_until
 
@@ -366,3 +368,27 @@ def test_restart_signals_only_a_supervisor_of_this_configuration(tmp_path):
             assert bystander.poll() is None
     finally:
         stop_process(bystander)
+
+
+def test_a_configuration_that_needs_a_full_restart_is_refused(tmp_path):
+    """A file that does not load, or new listening ports, refuse the rolling restart: nothing is replaced."""
+    with running(Cluster(tmp_path, workers=1)) as cluster:
+        before = _pids(cluster)
+        good = cluster.config_path.read_text()
+        cluster.config_path.write_text("node: {workers: nope}\n")
+        result = cluster.restart()   # the command reads the file first
+        assert result.returncode == 2 and "node.workers: expected an integer" in result.stderr, result.stderr
+        cluster.process.send_signal(signal.SIGUSR2)   # as `kill -USR2` would: the supervisor reads it too
+        wait_until(lambda: "no rolling restart: the configuration does not load: node.workers" in _log(cluster),
+                   what="the refusal of a file that does not load")
+        changed = yaml.safe_load(good)
+        changed["node"]["api"]["port"] = free_port()
+        cluster.config_path.write_text(yaml.safe_dump(changed))
+        assert cluster.restart().returncode == 0
+        wait_until(lambda: "no rolling restart: the listening addresses" in _log(cluster),
+                   what="the refusal of new listening ports")
+        assert "rolling restart of" not in _log(cluster)
+        assert _pids(cluster) == before
+        cluster.config_path.write_text(good)
+        assert cluster.restart().returncode == 0
+        _wait_restarted(cluster, before, timeout=_PER_WORKER_S)
