@@ -29,7 +29,7 @@ def on_message(conn, frame):
 '''
 _TOPIC = "roll"
 _CONSUMER_BACK_S = 0.3
-_PER_WORKER_S = 4.0 * SCALE   # a replacement starts, registers, serves; the old process drains
+_PER_WORKER_S = 5.0 * SCALE   # a replacement starts, registers, serves; the old process drains
 
 
 def _rolling_cluster(tmp_path, workers: int, **overrides) -> Cluster:
