@@ -69,7 +69,28 @@ def _supervise(path, workers, coordinator_address, with_coordinator: bool) -> No
     _check_startable(config, count)
     _setup_supervisor_logging(config)
     sys.exit(Supervisor(path, count, with_coordinator, key, coordinator_address=coordinator_address,
-                        registry=config.node.coordinator).run())
+                        registry=config.node.coordinator, config=config).run())
+
+
+@main.command()
+@click.option("-c", "--config", "path", type=click.Path(dir_okay=False), help=_CONFIG_HELP)
+@click.option("--pid-file", type=click.Path(dir_okay=False),
+              help="The supervisor's pid file (default: node.pid_file, else beside the configuration file).")
+def restart(path, pid_file):
+    """Replace the node processes of a running `meshgate start` or `meshgate node` one at a time."""
+    import os
+    import signal
+    from cluster import pidfile
+    config = _load(path)
+    where = pid_file or pidfile.path_for(config)
+    try:
+        pid = pidfile.find(where)
+        os.kill(pid, signal.SIGUSR2)
+    except (pidfile.NotFound, OSError) as exc:
+        click.echo(f"meshgate: no rolling restart: {exc}", err=True)
+        sys.exit(1)
+    click.echo(f"sent SIGUSR2 to the supervisor (pid {pid}): it replaces its node processes one at a time; "
+               "its log says when it is done")
 
 
 _KEY_STDIN_HELP = "Read the cluster key from standard input (how a supervisor hands it over)."

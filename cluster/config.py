@@ -167,6 +167,10 @@ class NodeConfig:
     advertise: str = field(default="127.0.0.1", metadata=_meta(nonempty=True, host=True))
     workers: int = field(default=0, metadata=_meta(min=0, max=1023))
     forward_timeout: float = field(default=2.0, metadata=_meta(min=0.01))
+    # Seconds a node process has to drain when it stops or is replaced (docs/operations.md, Rolling restart).
+    drain_timeout: float = field(default=5.0, metadata=_meta(min=0.1, max=600))
+    # Where `meshgate start` / `meshgate node` write their pid (`meshgate restart` reads it); relative to this file.
+    pid_file: Optional[str] = field(default=None, metadata=_meta(nonempty=True))
     # auto: uvloop when it is installed (cluster/event_loop.py), else asyncio's own loop
     event_loop: str = field(default="auto", metadata=_meta(choices=("auto", "uvloop", "asyncio")))
     mesh: MeshConfig = field(default_factory=MeshConfig)
@@ -425,7 +429,8 @@ def override(config: Config, workers: Optional[int] = None, coordinator: Optiona
 
 
 def check_mesh_ports(config: Config, workers: int) -> None:
-    """With a fixed mesh port N, workers use N..N+workers-1: none may be another listening port.
+    """With a fixed mesh port N, workers use N..N+workers-1, and their replacements in a rolling restart
+    N+workers..N+2*workers-1: none may be another listening port.
 
     Raises:
         ConfigError: naming `node.mesh.port`.
@@ -433,11 +438,14 @@ def check_mesh_ports(config: Config, workers: int) -> None:
     base = config.node.mesh.port
     if not base:
         return
-    if base + workers - 1 > 65535:
-        raise ConfigError(f"node.mesh.port: {workers} workers need ports {base}..{base + workers - 1}")
+    if base + 2 * workers - 1 > 65535:
+        raise ConfigError(f"node.mesh.port: {workers} workers need ports {base}..{base + 2 * workers - 1} "
+                          "(two per worker, for rolling restarts)")
     taken = {config.node.api.port: "node.api.port", config.coordinator.registry.port: "coordinator.registry.port",
              config.coordinator.api.port: "coordinator.api.port"}
     taken.update({s.port: f"node.servers[{i}].port" for i, s in enumerate(config.node.servers)})
-    for port in range(base, base + workers):
+    for port in range(base, base + 2 * workers):
         if port in taken:
-            raise ConfigError(f"node.mesh.port: worker {port - base} would use port {port}, which is {taken[port]}")
+            worker = port - base
+            who = f"worker {worker}" if worker < workers else f"the replacement of worker {worker - workers}"
+            raise ConfigError(f"node.mesh.port: {who} would use port {port}, which is {taken[port]}")

@@ -8,7 +8,9 @@ connection at once (before TLS or HTTP) while the process holds the budget,
 so accept() never fails with EMFILE (which would spin the event loop) and an
 attacker holding connections cannot take the descriptors the process needs.
 WebSocket connections, which leave the HTTP server when they upgrade, are
-counted through `BUDGET.extra`. Owned by the process's IOLoop.
+counted through `BUDGET.extra`. When a node drains, `end_keep_alive` ends
+every kept-alive connection once it has answered the request it is on. Owned
+by the process's IOLoop.
 """
 
 import resource
@@ -52,6 +54,34 @@ class BoundedHTTPServer(HTTPServer):
     def initialize(self, *args, **kwargs):
         super().initialize(*args, **kwargs)
         BUDGET._servers.append(self)
+        self._requests = {}    # server connection -> (its request's HTTP1Connection, whether it answered one before)
+        self._ending = False   # end_keep_alive was called
+
+    def start_request(self, server_conn, request_conn):
+        answered = server_conn in self._requests
+        if answered and self._ending:   # it answered a request already: no more on it
+            server_conn.stream.close()
+        self._requests[server_conn] = (request_conn, answered)
+        return super().start_request(server_conn, request_conn)
+
+    def on_close(self, server_conn) -> None:
+        self._requests.pop(server_conn, None)
+        super().on_close(server_conn)
+
+    def end_keep_alive(self) -> None:
+        """After stop(): a connection answering a request says `Connection: close` and closes after it; one
+        idle between two requests closes now; a new one (its first request not read yet) after its answer."""
+        self._ending = True
+        for server_conn, (request, answered) in list(self._requests.items()):
+            if request._request_start_line is not None:   # reading or answering a request (Tornado's own state)
+                if request._request_headers.get("Upgrade", "").lower() != "websocket":   # an upgrade leaves anyway
+                    request._disconnect_on_finish = True
+            elif answered:
+                server_conn.stream.close()
+
+    def busy(self) -> int:
+        """Connections reading or answering a request (a new one whose request has not come is not counted)."""
+        return sum(1 for request, _ in self._requests.values() if request._request_start_line is not None)
 
     def _handle_connection(self, connection, address) -> None:
         if BUDGET.limit is not None and BUDGET.held() >= BUDGET.limit:

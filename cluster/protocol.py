@@ -50,7 +50,13 @@ class CloseCode(enum.IntEnum):
     POLICY_VIOLATION = 1008
     MESSAGE_TOO_BIG = 1009
     INTERNAL_ERROR = 1011
+    SERVICE_RESTART = 1012        # docs/protocol.md, Close codes: a rolling restart; reconnect at once
     TOKEN_EXPIRED = 4001          # docs/protocol.md, Client WebSocket server: JWT
+
+
+# The closes of a node's drain, indexed by "is it a restart" (docs/protocol.md, Close codes).
+DRAIN_CLOSES = ((int(CloseCode.GOING_AWAY), "server shutting down"),
+                (int(CloseCode.SERVICE_RESTART), "service restart"))
 
 
 # docs/protocol.md, HTTP status codes.

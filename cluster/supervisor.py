@@ -6,7 +6,10 @@ input. A node that dies is started again after a
 backoff (0.5 s doubling to 10 s, reset after 30 s of life). SIGTERM or SIGINT
 stops the nodes first (they close clients 1001 and flush), then the coordinator,
 under one deadline; whatever is still alive then is killed. SIGHUP is passed on
-to every child, which reads the configuration file again.
+to every child, which reads the configuration file again. SIGUSR2 replaces the
+node processes one at a time (cluster/rolling.py); the node workers' listening
+sockets are bound here and handed to their processes (cluster/handover.py).
+The supervisor's pid is in its pid file (cluster/pidfile.py) while it runs.
 
 The moment a node process exits (the children are polled every 0.1 s), the
 coordinator is told (`ExitNotices`, a `mesh.Exited` over a DEALER made with
@@ -24,7 +27,7 @@ import time
 
 import zmq
 
-from cluster import mesh
+from cluster import handover, mesh, pidfile, rolling
 from cluster.zloop import new_socket
 
 log = logging.getLogger("meshgate.supervisor")
@@ -39,7 +42,6 @@ _POLL_S = 0.1
 _BACKOFF_START_S = 0.5
 _BACKOFF_MAX_S = 10.0
 _HEALTHY_AFTER_S = 30.0
-_NODE_STOP_S = 8.0
 _COORDINATOR_STOP_S = 3.0
 _NOTICES_WAITING = 100        # exit notices queued while the coordinator is unreachable; more are dropped
 
@@ -64,18 +66,28 @@ class Child:
         self.backoff = _BACKOFF_START_S
         self.restart_at = 0.0
         self.first_only = []   # arguments for the first start only
+        self.slot = None       # a node worker's handover.Slot: its listening sockets, its mesh port index
 
     def start(self) -> None:
-        argv = self.argv + self.first_only if self.process is None else self.argv
+        env, fds = self.slot.environment() if self.slot is not None else ({}, ())
         self.started_wall = time.time()
-        self.process = subprocess.Popen(argv, stdin=subprocess.PIPE, env={**os.environ, SUPERVISED_ENV: "1"})
-        try:
-            self.process.stdin.write(self.secret.encode("ascii") + b"\n")
-            self.process.stdin.close()
-        except OSError:   # it died at once: the next check sees it
-            pass
+        self.process = self.spawn(env, fds)
+        if self.slot is not None:
+            self.slot.hold(self.process)
         self.started = time.monotonic()
         log.info("started %s (pid %d)", self.name, self.process.pid)
+
+    def spawn(self, env: dict, fds: tuple) -> subprocess.Popen:
+        """A new process of this child, with `env` added to its environment and `fds` inherited."""
+        argv = self.argv + self.first_only if self.process is None else self.argv
+        process = subprocess.Popen(argv, stdin=subprocess.PIPE, env={**os.environ, SUPERVISED_ENV: "1", **env},
+                                   pass_fds=fds)
+        try:
+            process.stdin.write(self.secret.encode("ascii") + b"\n")
+            process.stdin.close()
+        except OSError:   # it died at once: the next check sees it
+            pass
+        return process
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -133,10 +145,11 @@ class Supervisor:
         key: the ClusterKey every child gets on its standard input.
         coordinator_address: the registry address the nodes use, if overridden.
         registry: the registry address (HOST:PORT) exit notices go to; None: none are sent.
+        config: the loaded Config (listening addresses, `node.drain_timeout`, `node.pid_file`).
     """
 
     def __init__(self, config_path, workers: int, coordinator: bool, key, coordinator_address=None,
-                 registry=None):
+                 registry=None, *, config):
         common = ["-c", config_path, "--key-stdin"] if config_path else ["--key-stdin"]
         secret = key.line()
         self.children = []
@@ -153,6 +166,17 @@ class Supervisor:
         self.exit_code = 0
         self._key, self._registry = key, registry
         self.notices = None       # ExitNotices, while running
+        self._init_rolling(config, config_path, workers)
+
+    def _init_rolling(self, config, config_path, workers: int) -> None:
+        """Each node worker's slot (cluster/handover.py), the rolling restart, the pid file."""
+        nodes = [child for child in self.children if child.name != "coordinator"]
+        addresses = handover.addresses(config)
+        for worker, child in enumerate(nodes):
+            child.slot = handover.Slot(worker, workers, addresses)
+        self.rolling = rolling.Rolling(nodes, config, config_path)
+        self.pid_file = pidfile.path_for(config)
+        self._restart = False
 
     def _on_signal(self, signum, frame) -> None:
         self._stopping = True
@@ -160,12 +184,17 @@ class Supervisor:
     def _on_hangup(self, signum, frame) -> None:
         self._reload = True
 
+    def _on_restart(self, signum, frame) -> None:
+        self._restart = True
+
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         signal.signal(signal.SIGHUP, self._on_hangup)
         if self._registry:
             self.notices = ExitNotices(self._key, self._registry)
+        signal.signal(signal.SIGUSR2, self._on_restart)
+        pidfile.write(self.pid_file)   # once SIGUSR2 has its handler
         for child in self.children:
             child.start()
         while not self._stopping:
@@ -175,11 +204,31 @@ class Supervisor:
                 log.info("SIGHUP: passing it on to every process")
                 for child in self.children:
                     child.signal(signal.SIGHUP)
+            self._tend()
             self._check()
+        self._join_leftovers()
         self.stop()
         if self.notices is not None:
             self.notices.close()
+        pidfile.remove(self.pid_file)
         return self.exit_code
+
+    def _tend(self) -> None:
+        """The rolling restart (SIGUSR2), and the sockets of node workers whose process is gone."""
+        if self._restart:
+            self._restart = False
+            self.rolling.request()
+        for child in self.children:
+            if child.slot is not None:
+                child.slot.tend()
+        self.rolling.tick()
+
+    def _join_leftovers(self) -> None:
+        """The processes of an unfinished rolling restart stop with the nodes."""
+        for name, process in self.rolling.leftovers():
+            child = Child(name, [], "")
+            child.process = process
+            self.children.append(child)
 
     def _check(self) -> None:
         now = time.monotonic()
@@ -211,7 +260,7 @@ class Supervisor:
                  else "stopping the nodes")
         nodes = [c for c in self.children if c.name != "coordinator"]
         coordinators = [c for c in self.children if c.name == "coordinator"]
-        for group, deadline in ((nodes, _NODE_STOP_S), (coordinators, _COORDINATOR_STOP_S)):
+        for group, deadline in ((nodes, self.rolling.stop_s), (coordinators, _COORDINATOR_STOP_S)):
             for child in group:
                 child.signal(signal.SIGTERM)
             end = time.monotonic() + deadline

@@ -43,6 +43,7 @@ async def _serve(config, key, fresh: bool) -> int:
     if os.environ.get(SUPERVISED_ENV):   # see node/app.py: the supervisor orders the stop
         loop.remove_signal_handler(signal.SIGINT)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)   # the supervisor's (a rolling restart), sent to a group
         watch_parent(stop.set)
     log.info("coordinator ready: registry %s:%d, http %s:%d",
              config.coordinator.registry.bind, config.coordinator.registry.port, api.bind, api.port)

@@ -13,7 +13,7 @@ import tornado.websocket
 
 from cluster import protocol
 from cluster.access import OPEN, Denied, refuse
-from cluster.protocol import ApiError, CloseCode, ErrorCode
+from cluster.protocol import DRAIN_CLOSES, ApiError, CloseCode, ErrorCode
 from node.api import Caller
 from node.client_protocol import ClientProtocol
 from node.clients import flush, write_frame
@@ -118,6 +118,8 @@ class ApiSocket(tornado.websocket.WebSocketHandler):
             running.add_done_callback(self._running.discard)
 
     def close(self, code: int = None, reason: str = None) -> None:
+        # No more events for it: those not written yet go to another consumer or wait (docs/protocol.md, queue.pop).
+        self.node.queues.stop_consuming(self.consumer_id)
         flush(self)   # replies before the close frame
         super().close(code, reason)
 
@@ -126,8 +128,15 @@ class ApiSocket(tornado.websocket.WebSocketHandler):
         self.node.api_sockets.discard(self)
         self.stream = None
 
-    def shutdown(self) -> None:
-        self.close(int(CloseCode.GOING_AWAY), "server shutting down")
+    def shutdown(self, restart: bool = False) -> None:
+        """The node drains (node/drain.py): no more queue events; closed (1001 when the node stops, 1012 when
+        it is replaced) once every request read so far is answered. Called again until it is closed."""
+        self.node.queues.stop_consuming(self.consumer_id)
+        if not self._running:
+            self.close(*(DRAIN_CLOSES[restart]))
+
+    def reads_after_close(self) -> bool:
+        return False   # a request that comes after the close frame is not run: it gets no answer
 
     def recheck(self, users) -> None:
         """After a reload (SIGHUP): keep this connection with its user's new roles, or close it 1008."""

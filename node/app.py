@@ -1,8 +1,13 @@
-"""The node process: startup (register, then listen) and graceful drain.
+"""The node process: startup (register, then listen) and the signals that end it (node/drain.py drains).
 
 Listening sockets use SO_REUSEPORT so every node process of a host serves the
-same API and client ports; a process binds them only after the coordinator
+same API and client ports; a process listens on them only after the coordinator
 gave it a node id, so a connection never lands on a process that cannot name it.
+Under a supervisor the sockets are bound by the supervisor and handed over
+(cluster/handover.py), so that a replacement takes over a process's sockets
+and the connections waiting in them. SIGTERM drains for a stop; the
+supervisor's DRAIN_SIGNAL drains for a restart (docs/operations.md, Rolling
+restart); SIGUSR2, meant for the supervisor, is ignored.
 """
 
 import asyncio
@@ -17,7 +22,7 @@ import zmq
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
-from cluster import event_loop, live, logs, tls
+from cluster import event_loop, handover, live, logs, tls
 from cluster.http_server import BUDGET, BoundedHTTPServer, raise_file_limit
 from cluster.supervisor import SUPERVISED_ENV, watch_parent
 from cluster.token_keys import TokenKeyError
@@ -27,11 +32,11 @@ from node.api_ws import ApiSocket
 from node.client_limits import ServerGate, log_request
 from node.client_ws import ClientHandler
 from node.demo import DemoHandler
+from node.drain import drain
 from node.node import Node
 
 log = logging.getLogger("meshgate.node")
 
-_DRAIN_DEADLINE_S = 5.0
 # An API connection must send a request's headers within this, and is closed after this long idle.
 _API_IDLE_S = 60.0
 _API_BODY_S = 60.0       # a request body must arrive within this
@@ -40,10 +45,11 @@ _API_BODY_S = 60.0       # a request body must arrive within this
 _API_EARLY_BODY = 4096
 
 
-def _listen(app, bind: str, port: int, **server_options) -> HTTPServer:
-    """An HTTP server on a port shared by every node process of the host (`ssl_options`: TLS, or None)."""
+def _listen(app, handed, bind: str, port: int, **server_options) -> HTTPServer:
+    """An HTTP server on a port shared by every node process of the host (`ssl_options`: TLS, or None),
+    on the sockets the supervisor handed over (`handed`) or, without them, on its own."""
     server = BoundedHTTPServer(app, **server_options)
-    server.add_sockets(bind_sockets(port, address=bind, reuse_port=True))
+    server.add_sockets(handover.listening(handed, bind, port) or bind_sockets(port, address=bind, reuse_port=True))
     return server
 
 
@@ -85,8 +91,9 @@ def servers_by_port(servers) -> dict:
 
 
 async def _serve(config, worker: int, key) -> int:
+    handed = handover.take()
     context = zmq.Context()
-    node = Node(config, worker, context, key)
+    node = Node(config, worker, context, key, handed.mesh_index)
     entries.bind(node)
     try:   # entries, token keys and certificates load before the node joins: a broken one never takes clients
         client_apps = {port: client_app(node, group) for port, group in servers_by_port(config.node.servers).items()}
@@ -101,10 +108,12 @@ async def _serve(config, worker: int, key) -> int:
     ssl_by_port = {port: ssl_context for ssl_context, _, _, port in contexts}
     BUDGET.extra = lambda: len(node.hub.conns) + len(node.api_sockets)   # upgraded, no longer the servers' own
     node.link.start()
-    stop = asyncio.Event()
+    stop, restart = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(handover.DRAIN_SIGNAL, lambda: (restart.set(), stop.set()))
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)   # the supervisor's (a rolling restart), sent to a group
     loop.add_signal_handler(signal.SIGHUP, _reload, node, [item[:3] for item in contexts])
     if os.environ.get(SUPERVISED_ENV):
         # The supervisor orders the stop: a terminal's Ctrl-C reaches it, not us,
@@ -122,7 +131,7 @@ async def _serve(config, worker: int, key) -> int:
             pass
     servers = []
     if node.ready.is_set() and not stop.is_set() and not node.link.fatal:
-        servers.append(_listen(ApiRouter(api_app(node), node.api, config.node.api.max_body),
+        servers.append(_listen(ApiRouter(api_app(node), node.api, config.node.api.max_body), handed,
                                config.node.api.bind, config.node.api.port,
                                ssl_options=ssl_by_port.get(config.node.api.port), max_body_size=_API_EARLY_BODY,
                                idle_connection_timeout=_API_IDLE_S, body_timeout=_API_BODY_S))
@@ -131,7 +140,7 @@ async def _serve(config, worker: int, key) -> int:
             # handshake_timeout and the largest max_header_size (node/client_limits.py refuses
             # headers over a smaller one of a server with 431).
             handshake_s = min(server.handshake_timeout for server in group)
-            servers.append(_listen(client_apps[port], group[0].bind, port, ssl_options=ssl_by_port.get(port),
+            servers.append(_listen(client_apps[port], handed, group[0].bind, port, ssl_options=ssl_by_port.get(port),
                                    max_buffer_size=max(server.max_message_size for server in group) + 65536,
                                    max_header_size=max(server.max_header_size for server in group),
                                    max_body_size=0,   # an upgrade (or the demo page's GET) has no body
@@ -141,6 +150,7 @@ async def _serve(config, worker: int, key) -> int:
         log.info("node %d ready: api %s:%d, clients %s, mesh point %s, %s", node.node_id, config.node.api.bind,
                  config.node.api.port, ", ".join(f"{s.bind}:{s.port}{s.path}" for s in config.node.servers),
                  node.mesh_address, event_loop.name())
+        handover.report_ready(handed, node.node_id)
         while not stop.is_set() and not node.link.fatal:
             try:
                 await asyncio.wait_for(stop.wait(), 0.5)
@@ -149,7 +159,7 @@ async def _serve(config, worker: int, key) -> int:
         sweeper.stop()
     if node.link.fatal:
         log.error("stopping: %s", node.link.fatal)
-    await _drain(node, servers)
+    await drain(node, servers, restart.is_set(), config.node.drain_timeout)
     context.destroy(linger=0)
     return 3 if node.link.fatal else 0
 
@@ -165,27 +175,6 @@ def _expire_idle(node) -> None:
     now = time.monotonic()
     for conn in list(node.hub.conns.values()):
         conn.expire_if_idle(now)
-
-
-async def _drain(node, servers) -> None:
-    """Stop accepting, close clients 1001, flush, tell the coordinator, all under one deadline."""
-    for server in servers:
-        server.stop()
-    conns = list(node.hub.conns.values()) + list(node.api_sockets)
-    for conn in conns:
-        try:
-            conn.shutdown()
-        except Exception:
-            pass
-    deadline = time.monotonic() + _DRAIN_DEADLINE_S
-    while time.monotonic() < deadline and (node.hub.conns or node.api_sockets):
-        await asyncio.sleep(0.05)
-    node.adverts.flush()
-    if node.node_id:
-        node.link.leave()
-        await asyncio.sleep(0.05)   # let the goodbye leave the socket
-    node.close()
-    log.info("node %d stopped", node.node_id)
 
 
 def run(config, worker: int, key) -> int:

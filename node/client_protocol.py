@@ -302,7 +302,7 @@ class ClientProtocol(tornado.websocket.WebSocketProtocol13):
             self.fail(CloseCode.PROTOCOL_ERROR, problem)
             return None
         opcode, keep = first & _OPCODE, True
-        if self.server_terminated and opcode != _CLOSE:
+        if self.server_terminated and opcode != _CLOSE and not self.handler.reads_after_close():
             keep = False   # closing: read on (no reset) until the client's close frame
         elif not self.handler.on_frame():   # every frame counts: pings and fragments cost as messages do
             report_broken(self.handler, CloseCode.POLICY_VIOLATION, "rate limit")

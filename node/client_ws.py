@@ -14,7 +14,7 @@ import tornado.web
 import tornado.websocket
 
 from cluster import protocol
-from cluster.protocol import CloseCode
+from cluster.protocol import DRAIN_CLOSES, CloseCode
 from node import lifecycle
 from node.client_limits import report_broken, take_token
 from node.client_protocol import ClientProtocol, slim_stream
@@ -331,8 +331,13 @@ class ClientHandler(tornado.websocket.WebSocketHandler):
                 self.stream = None
                 self.close(int(CloseCode.GOING_AWAY), "read timeout")
 
-    def shutdown(self) -> None:
-        self.close(int(CloseCode.GOING_AWAY), "server shutting down")
+    def shutdown(self, restart: bool = False) -> None:
+        """The node drains (node/drain.py): 1001 when it stops, 1012 when it is replaced."""
+        self.close(*(DRAIN_CLOSES[restart]))
+
+    def reads_after_close(self) -> bool:
+        """What the client sent before it read a drain's close frame is still handled (docs/operations.md)."""
+        return self._closed_by_server in DRAIN_CLOSES
 
 
 __all__ = ["ClientHandler", "ContextTimeout", "ConnectionGone"]

@@ -64,9 +64,11 @@ def write_frame(conn, frame: bytes, counters: Counters) -> bool:
     CORK_BYTES. When the kernel already refuses the connection's bytes (its
     stream holds a backlog) and the backlog plus what waits would pass the
     stream's `max_write_buffer_size`, the connection is closed as a slow reader.
+    Nothing is written after this side's close frame (RFC 6455, section 5.5.1):
+    a frame for a closing connection is refused, to go elsewhere or fail.
     """
     stream = conn.stream
-    if stream is None:
+    if stream is None or conn._closed_by_server is not None:
         return False
     waiting = _corked.get(conn)
     if waiting is None:
@@ -112,7 +114,7 @@ def write_to_all(conns, frame: bytes, counters: Counters) -> int:
     for conn in conns:
         stream = conn.stream
         if stream is not None and conn not in corked and stream._write_buffer is not None \
-                and not stream._write_buffer._size:
+                and not stream._write_buffer._size and conn._closed_by_server is None:
             corked[conn] = frame
             corked_here += 1
         elif write_frame(conn, frame, counters):

@@ -41,9 +41,11 @@ class Node:
         worker: this process's index among the host's node processes (0-based).
         context: the process's zmq.Context (this object binds its ZAP handler).
         key: the ClusterKey (cluster/cluster_key.py).
+        mesh_index: with a fixed node.mesh.port N, the mesh point binds N + this (cluster/handover.py);
+            None: N + worker.
     """
 
-    def __init__(self, config, worker: int, context, key):
+    def __init__(self, config, worker: int, context, key, mesh_index: int = None):
         self.config = config
         self.worker = worker
         self.node_id = 0
@@ -57,7 +59,7 @@ class Node:
         self.routing = Routing()
         settings = config.node
         self.zap = ZapHandler(context, key)   # before anything serves
-        port = settings.mesh.port + worker if settings.mesh.port else 0
+        port = settings.mesh.port + (worker if mesh_index is None else mesh_index) if settings.mesh.port else 0
         max_bytes = mesh.max_mesh_bytes(settings.api.max_body, max(s.max_message_size for s in settings.servers))
         self.mesh_point = MeshPoint(context, f"tcp://{settings.mesh.bind}:{port}", settings.forward_timeout,
                                     settings.mesh.max_pending_bytes, key, max_bytes)

@@ -39,6 +39,7 @@ class QueueDispatch:
         self.buffers = Buffers(queue.topic_size, queue.max_topics, queue.max_bytes, size_of=lambda item: len(item[2]))
         self.consumers = Consumers()
         self.lost = 0          # events handed to a peer that did not answer in time
+        self.in_flight = 0     # events handed to a peer, not answered yet (a draining node waits for them)
         self._arrivals = 0     # arrival sequence of pushes (keeps per-client order on retries)
 
     # --- pushes ------------------------------------------------------------------------
@@ -72,6 +73,7 @@ class QueueDispatch:
             origin, consumer_id = target
             if origin != self.routing.node_id:
                 future = self.mesh_point.request(origin, mesh.queue_event_request(topic, consumer_id, event))
+                self.in_flight += 1
                 future.add_done_callback(
                     lambda f: self._on_event_reply(f, topic, (seq, client_id, event), origin, consumer_id))
                 return True
@@ -89,6 +91,7 @@ class QueueDispatch:
         return True
 
     def _on_event_reply(self, future, topic: str, item: tuple, origin: int, consumer_id: int) -> None:
+        self.in_flight -= 1
         error = future.exception()
         if isinstance(error, (PeerTimeout, LinkDown)):
             self.lost += 1   # at most once: it may have been written

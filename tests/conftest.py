@@ -344,7 +344,7 @@ def live_api(cluster, attempts: int = 30):
 class Cluster:
     """A meshgate cluster of this machine, started through `meshgate start`.
 
-    Keyword overrides: `node_timeout`, `forward_timeout`, `queue`; `mesh` and
+    Keyword overrides: `node_timeout`, `forward_timeout`, `drain_timeout`, `queue`; `mesh` and
     `api` (keys of node.mesh and node.api, e.g. `max_pending_bytes`,
     `max_in_flight`; the API keeps its generated bind and port); `server` (keys of
     the first node.servers entry) and `extra_servers` (more entries, on the
@@ -379,6 +379,8 @@ class Cluster:
         }
         if "mesh" in overrides:
             config["node"]["mesh"] = overrides.pop("mesh")
+        if "drain_timeout" in overrides:
+            config["node"]["drain_timeout"] = overrides.pop("drain_timeout")
         self.http_scheme, self.ws_scheme, self.ssl_context, self.sslopt = "http", "ws", None, None
         if overrides.pop("tls", False):   # every listener speaks TLS with a certificate made for this run
             self.cert_path, self.cert_key_path = make_certificate(tmp)
@@ -455,6 +457,11 @@ class Cluster:
         if getattr(self, "_log", None):
             self._log.close()
         return self.process.returncode if self.process else 0
+
+    def restart(self) -> subprocess.CompletedProcess:
+        """`meshgate restart` for this cluster's configuration (a rolling restart of its node processes)."""
+        return subprocess.run([MESHGATE, "restart", "-c", str(self.config_path)], capture_output=True, text=True,
+                              timeout=WAIT)
 
     def logs(self) -> str:
         try:

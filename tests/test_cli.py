@@ -144,6 +144,7 @@ def test_two_servers_share_a_port_by_path(tmp_path):
 @pytest.mark.parametrize("document, message", [
     ("node:\n  servers:\n    - topic: 'has space'\n", "node.servers[0].topic: topic name must not contain"),
     ("node:\n  workers: 2\n  mesh: {port: 6788}\n", "node.mesh.port: worker 1 would use port 6789"),
+    ("node:\n  workers: 1\n  mesh: {port: 6788}\n", "node.mesh.port: the replacement of worker 0 would use port 6789"),
     ("node:\n  servers:\n    - {port: 7000, bind: 127.0.0.1}\n    - {port: 7000, path: /x, bind: 0.0.0.0}\n",
      "node.servers[1].bind: servers on port 7000 must share one bind address"),
 ])

@@ -439,3 +439,43 @@ def test_client_server_limits_and_jwt_defaults():
     jwt = limited.node.servers[0].auth.jwt
     assert (limited.node.servers[0].rate_limit.rate, limited.node.servers[0].rate_limit.burst) == (100, 200)
     assert (jwt.algorithms, jwt.audience, jwt.issuer, jwt.leeway, jwt.context_claims) == (["HS256"], None, None, 0, [])
+
+
+@pytest.mark.parametrize("raw, prefix", [
+    ({"node": {"drain_timeout": 0}}, "node.drain_timeout: must be at least 0.1"),
+    ({"node": {"drain_timeout": 601}}, "node.drain_timeout: must be at most 600"),
+    ({"node": {"drain_timeout": "5"}}, "node.drain_timeout: expected a number"),
+    ({"node": {"pid_file": ""}}, "node.pid_file: must not be empty"),
+    ({"node": {"pid_file": 5}}, "node.pid_file: expected a string"),
+])
+def test_rolling_restart_keys_refused_with_their_path(raw, prefix):
+    """node.drain_timeout and node.pid_file (docs/operations.md, Rolling restart) are checked with their path."""
+    assert_refused(raw, prefix)
+
+
+def test_rolling_restart_keys_defaults(tmp_path):
+    """Defaults: a 5 s drain; the pid file beside the configuration file, or where node.pid_file says."""
+    from cluster import pidfile
+    assert config.from_dict({}).node.drain_timeout == 5
+    path = tmp_path / "site.yaml"
+    path.write_text("node: {workers: 1}\n")
+    assert pidfile.path_for(config.load(str(path))) == str(tmp_path / "site.pid")
+    path.write_text("node: {pid_file: run/mg.pid}\n")
+    assert pidfile.path_for(config.load(str(path))) == str(tmp_path / "run" / "mg.pid")
+
+
+@pytest.mark.parametrize("workers, mesh_port, message", [
+    (2, 7000, None),                                    # 7000..7003
+    (2, 6788, "node.mesh.port: worker 1 would use port 6789, which is node.api.port"),
+    (1, 6788, "node.mesh.port: the replacement of worker 0 would use port 6789, which is node.api.port"),
+    (2, 65533, "node.mesh.port: 2 workers need ports 65533..65536 (two per worker, for rolling restarts)"),
+])
+def test_fixed_mesh_ports_leave_room_for_replacements(workers, mesh_port, message):
+    """With node.mesh.port N, N..N+2*workers-1 must be free: a replacement binds N+workers+k."""
+    cfg = config.from_dict({"node": {"mesh": {"port": mesh_port}}})
+    if message is None:
+        config.check_mesh_ports(cfg, workers)
+        return
+    with pytest.raises(ConfigError) as caught:
+        config.check_mesh_ports(cfg, workers)
+    assert str(caught.value) == message
