@@ -63,6 +63,15 @@ may also carry up to `MAX_BATCH` frames, each a message or a batch (`batch`).
 | `QEV` | 4 | QueueEvent | `t` topic, `k` consumer_id | the queue event (JSON) | `ok`: written |
 | `ADV` | 5 | PeerAdvert | `o` origin, `interest`, `consumers` | (none) | `ok` |
 | `PRES` | 8 | Presence | `ch` channel, `x` with contexts, `l` limit | (none) | `n` local subscribers, `c` up to `l` of `[client_id]` or `[client_id, context]` |
+| `QAEV` | 9 | QueueDelivery | `t` topic, `k` consumer_id (an at-least-once one), `o` origin node, `q` the origin's key, `a` attempt, `r` resume (optional) | the queue event (JSON) | `s`: `written` (and `to`, the consumer's ack_timeout), `full` (its window) or `gone` |
+| `QACK` | 10 | QueueAcks | `n` the consumer's node, `k` consumer_id, `acked` [key], `released` [[key, attempt]], `room` | (none) | none: sent with request id 0 |
+
+At-least-once consumers (docs/protocol.md, Queue acknowledgements) have
+consumer ids with bit 62 set (`ACK_CONSUMER`): the node that received an
+event from its client (its origin) sends it to such a consumer as `QAEV`
+and holds it under its key until the consumer's node says, with `QACK`,
+that it was acknowledged, or released (delivered again), or that a full
+window has room again.
 
 Any result may instead be a failure `{"e": code, "m": message}` (an
 `ErrorCode`): the peer could not serve the request.
@@ -599,10 +608,34 @@ class Presence(NamedTuple):
     limit: int
 
 
+# A consumer id with this bit acknowledges its events (docs/protocol.md, Queue acknowledgements). On the wire.
+ACK_CONSUMER = 1 << 62
+
+
+class QueueDelivery(NamedTuple):
+    """An event for an at-least-once consumer; its origin holds it under `seq` until acknowledged."""
+    topic: str
+    consumer_id: int          # with ACK_CONSUMER
+    origin: int               # the node that holds the event (its client's node)
+    seq: int                  # the origin's key of the event
+    attempt: int              # 1 the first time
+    resume: bool              # the first event since the consumer's window refused this origin
+    event: bytes              # the encoded queue.pop event, without `k` and `a`
+
+
+class QueueAcks(NamedTuple):
+    """What became of events an origin delivered to one at-least-once consumer."""
+    node: int                 # the consumer's node
+    consumer_id: int
+    acked: list = ()          # keys (QueueDelivery.seq) acknowledged
+    released: list = ()       # [key, attempt] to deliver again
+    room: bool = False        # the consumer's window, full for this origin before, has room
+
+
 class Request(NamedTuple):
     """One request from a peer: reply to `request_id` unless it is 0."""
     request_id: int
-    message: Any              # Send, Publish, Call, QueueEvent, PeerAdvert or Presence
+    message: Any              # Send, Publish, Call, QueueEvent, PeerAdvert, Presence, QueueDelivery or QueueAcks
 
 
 class Outbound(NamedTuple):
@@ -714,6 +747,37 @@ def _read_presence(header: dict, body: bytes) -> Presence:
     return Presence(_field(header, "ch", _channel), _field(header, "x", _flag), _field(header, "l", _limit))
 
 
+def _ack_consumer_id(value):
+    if type(value) is not int or not value & ACK_CONSUMER or not 1 <= value <= _BIG:
+        raise _Bad("expected an at-least-once consumer id")
+    return value
+
+
+_attempt = _int(1, _BIG)
+
+
+def _read_queue_delivery(header: dict, body: bytes) -> QueueDelivery:
+    resume = header.get("r", False)
+    if type(resume) is not bool:
+        raise _Bad("expected true or false", ".r")
+    return QueueDelivery(_field(header, "t", _topic), _field(header, "k", _ack_consumer_id),
+                         _field(header, "o", _node_id), _field(header, "q", _seq), _field(header, "a", _attempt),
+                         resume, _queue_event(body))
+
+
+_queue_acks = _object(QueueAcks, (
+    ("n", _node_id, _MISSING), ("k", _ack_consumer_id, _MISSING),
+    ("acked", _list_of(_seq, protocol.MAX_ACK_IDS), ()),
+    ("released", _list_of(_row(_seq, _attempt), protocol.MAX_WINDOW), ()),
+    ("room", _flag, False),
+))
+
+
+def _read_queue_acks(header: dict, body: bytes) -> QueueAcks:
+    _no_body(body)
+    return _queue_acks(header)
+
+
 # class -> (code, kind name, reader of (header, body)); the codes are on the wire: append only
 _REQUESTS = {
     Send: (1, "SEND", _read_send),
@@ -722,6 +786,8 @@ _REQUESTS = {
     QueueEvent: (4, "QEV", _read_queue_event),
     PeerAdvert: (5, "ADV", _read_peer_advert),
     Presence: (8, "PRES", _read_presence),
+    QueueDelivery: (9, "QAEV", _read_queue_delivery),
+    QueueAcks: (10, "QACK", _read_queue_acks),
 }
 _BY_CODE = {code: (cls, name, read) for cls, (code, name, read) in _REQUESTS.items()}
 _REPLY_CODE = 6
@@ -764,6 +830,26 @@ def advert_request(origin: int, interest=(), consumers=()) -> Outbound:
 
 def presence_request(channel: str, context: bool, limit: int) -> Outbound:
     return Outbound(Presence, _dumps({"ch": channel, "x": context, "l": limit}), b"")
+
+
+def queue_delivery_request(topic: str, consumer_id: int, origin: int, seq: int, attempt: int, resume: bool,
+                           event: bytes) -> Outbound:
+    header = {"t": topic, "k": consumer_id, "o": origin, "q": seq, "a": attempt}
+    if resume:
+        header["r"] = True
+    return Outbound(QueueDelivery, _dumps(header), event)
+
+
+def queue_acks_request(node: int, consumer_id: int, acked=(), released=(), room: bool = False) -> Outbound:
+    """`released`: (key, attempt) pairs. Each list holds at most protocol.MAX_WINDOW items."""
+    header = {"n": node, "k": consumer_id}
+    if acked:
+        header["acked"] = list(acked)
+    if released:
+        header["released"] = [list(pair) for pair in released]
+    if room:
+        header["room"] = True
+    return Outbound(QueueAcks, _dumps(header), b"")
 
 
 def frame_request(message: Outbound, request_id: int) -> list:
@@ -814,6 +900,16 @@ class Present(NamedTuple):
     clients: list             # up to the request's limit: (client_id, context or None)
 
 
+class DeliveryOutcome(NamedTuple):
+    """What became of a QAEV: `status` one of DELIVERY_STATUSES; `ack_timeout` the consumer's, when written."""
+    status: str
+    ack_timeout: float = 0.0
+
+
+WRITTEN, FULL, GONE = "written", "full", "gone"
+DELIVERY_STATUSES = (WRITTEN, FULL, GONE)   # on the wire: append only
+
+
 class Failure(NamedTuple):
     """The peer could not serve a request (any kind)."""
     code: ErrorCode
@@ -842,6 +938,18 @@ def call_result(result: dict) -> bytes:
 
 def queue_event_result(written: bool) -> bytes:
     return _dumps({"ok": written})
+
+
+def queue_delivery_result(status: str, ack_timeout: float = 0.0) -> bytes:
+    """`status` one of DELIVERY_STATUSES; `ack_timeout` goes with WRITTEN."""
+    if status == WRITTEN:
+        return _dumps({"s": status, "to": ack_timeout})
+    return _dumps({"s": status})
+
+
+def queue_acks_result() -> bytes:
+    """Only when a QACK asked for a reply (they are sent with request id 0)."""
+    return _dumps({"ok": True})
 
 
 def advert_result() -> bytes:
@@ -971,6 +1079,18 @@ def _read_presence_result(result: dict) -> Present:
     return Present(_field(result, "n", _count), _field(result, "c", _present_rows))
 
 
+def _read_delivery_result(result: dict) -> DeliveryOutcome:
+    status = result.get("s")
+    if type(status) is not str or status not in DELIVERY_STATUSES:
+        raise _Bad(f"expected one of {', '.join(DELIVERY_STATUSES)}", ".s")
+    if status != WRITTEN:
+        return DeliveryOutcome(status)
+    timeout = _field(result, "to", _number)
+    if not 1 <= timeout <= protocol.MAX_ACK_TIMEOUT:
+        raise _Bad(f"expected 1 to {protocol.MAX_ACK_TIMEOUT} seconds", ".to")
+    return DeliveryOutcome(status, timeout)
+
+
 def _read_failure(result: dict) -> Failure:
     code = result["e"]
     if type(code) is not int or code not in ErrorCode._value2member_map_:
@@ -985,6 +1105,8 @@ _RESULTS = {
     QueueEvent: lambda result: _field(result, "ok", _flag),
     PeerAdvert: lambda result: _field(result, "ok", _flag),
     Presence: _read_presence_result,
+    QueueDelivery: _read_delivery_result,
+    QueueAcks: lambda result: _field(result, "ok", _flag),
 }
 
 
@@ -993,8 +1115,8 @@ def read_result(kind: type, raw: bytes):
 
     Returns:
         Send: True, False or None; Publish: Delivered; Call: the `r` object;
-        QueueEvent: written (bool); PeerAdvert: the peer's `ok` (bool). Or
-        Failure for any kind.
+        QueueEvent: written (bool); PeerAdvert: the peer's `ok` (bool);
+        QueueDelivery: DeliveryOutcome. Or Failure for any kind.
 
     Raises:
         FrameError: not a result of that kind.

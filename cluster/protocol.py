@@ -9,7 +9,7 @@ import binascii
 import enum
 import re
 import struct
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import ujson
 
@@ -17,8 +17,9 @@ __all__ = [
     "ApiError", "ErrorCode", "CloseCode", "Payload", "SendParams", "PublishParams",
     "CallParams", "WsRequest", "http_status", "parse_client_id", "parse_name",
     "parse_names", "parse_payload", "parse_send", "parse_publish", "parse_queue_pop",
-    "parse_queue_unpop", "parse_conn_call", "parse_ws_request", "parse_http_body",
-    "ok_body", "error_body", "queue_event", "client_frame", "encode_ws_frame",
+    "parse_queue_unpop", "parse_queue_ack", "parse_conn_call", "parse_ws_request", "parse_http_body",
+    "ok_body", "error_body", "queue_event", "acked_event", "client_frame", "encode_ws_frame",
+    "PopParams", "AckOptions",
     "METHODS", "CALL_FUNCTIONS",
 ]
 
@@ -259,14 +260,62 @@ def _whole(prefix: str) -> str:
     return prefix.rstrip(".") or "body"
 
 
-def parse_queue_pop(params: Any, prefix: str = "p.") -> list:
-    """Topics of queue.pop: `{"t": [..]}`, `{"t": ".."}` or the connmix list form `[..]`."""
+# docs/protocol.md, Queue acknowledgements: the bounds of `window` and `ack_timeout`, their defaults, and
+# the most delivery ids one queue.ack may carry (a whole window at most).
+DEFAULT_WINDOW = 100
+MAX_WINDOW = 10000
+DEFAULT_ACK_TIMEOUT = 30
+MAX_ACK_TIMEOUT = 3600
+MAX_ACK_IDS = MAX_WINDOW
+
+
+class AckOptions(NamedTuple):
+    """What an at-least-once queue.pop asked for; None: not given (the default, or what the connection has)."""
+    window: Optional[int] = None
+    ack_timeout: Optional[float] = None
+
+
+class PopParams(NamedTuple):
+    topics: list
+    ack: Optional[AckOptions] = None   # None: at most once
+
+
+def parse_queue_pop(params: Any, prefix: str = "p.") -> PopParams:
+    """Parameters of queue.pop: `{"t": [..]}` or `{"t": ".."}` (with `ack`, `window`, `ack_timeout`),
+    or the connmix list form `[..]`."""
     if isinstance(params, list):
-        return parse_names(params, _whole(prefix), "topic")
+        return PopParams(parse_names(params, _whole(prefix), "topic"))
     params = _require_object(params, _whole(prefix))
     if "t" not in params:
         raise _invalid(f"{prefix}t: topic list is required")
-    return parse_names(params["t"], f"{prefix}t", "topic")
+    topics = parse_names(params["t"], f"{prefix}t", "topic")
+    ack = params.get("ack", False)
+    if type(ack) is not bool:
+        raise _invalid(f"{prefix}ack: must be true or false")
+    window = params.get("window")
+    if "window" in params and (type(window) is not int or not 1 <= window <= MAX_WINDOW):
+        raise _invalid(f"{prefix}window: must be an integer from 1 to {MAX_WINDOW}")
+    timeout = params.get("ack_timeout")
+    if "ack_timeout" in params and (type(timeout) not in (int, float) or not 1 <= timeout <= MAX_ACK_TIMEOUT):
+        raise _invalid(f"{prefix}ack_timeout: must be a number of seconds from 1 to {MAX_ACK_TIMEOUT}")
+    # Without ack they are checked all the same, and change nothing.
+    return PopParams(topics, AckOptions(window, None if timeout is None else float(timeout)) if ack else None)
+
+
+def parse_queue_ack(params: Any, prefix: str = "p.") -> list:
+    """The delivery ids of queue.ack: `{"k": ["<id>", ...]}`, at most MAX_ACK_IDS of them."""
+    params = _require_object(params, _whole(prefix))
+    if "k" not in params:
+        raise _invalid(f"{prefix}k: delivery id list is required")
+    ids = params["k"]
+    if type(ids) is not list:
+        raise _invalid(f"{prefix}k: must be a list of delivery ids")
+    if len(ids) > MAX_ACK_IDS:
+        raise _invalid(f"{prefix}k: at most {MAX_ACK_IDS} delivery ids per queue.ack")
+    for index, delivery_id in enumerate(ids):
+        if type(delivery_id) is not str:
+            raise _invalid(f"{prefix}k[{index}]: a delivery id is a string")
+    return ids
 
 
 def parse_queue_unpop(params: Any, prefix: str = "p."):
@@ -395,7 +444,7 @@ def parse_count(params: Any, prefix: str = "p.") -> str:
 # --- requests ---------------------------------------------------------------
 
 METHODS = ("queue.pop", "queue.unpop", "conn.call", "mesh.send", "mesh.publish", "channel.presence",
-           "channel.count")
+           "channel.count", "queue.ack")
 
 
 class WsRequest(NamedTuple):
@@ -496,6 +545,20 @@ def queue_event(node_id: int, client_id: int, topic: str, data: Any) -> bytes:
     """The `queue.pop` event a consumer receives, encoded once (docs/protocol.md, queue.pop)."""
     return _dumps({"e": "queue.pop", "p": {"n": node_id, "c": str(client_id), "t": topic, "d": data},
                    "i": None}).encode("utf-8")
+
+
+_EVENT_HEAD = b'{"e":"queue.pop","p":{'   # how queue_event begins: `k` and `a` go in right after
+
+
+def acked_event(event: bytes, delivery_id: str, attempt: int) -> bytes:
+    """A queue event (as `queue_event` wrote it) for an at-least-once consumer: `p` carries `k`, the
+    delivery id, and `a`, the attempt (docs/protocol.md, Queue acknowledgements). `delivery_id` is
+    written as it is: it must need no JSON escaping."""
+    if event.startswith(_EVENT_HEAD):
+        return b'%s"k":"%s","a":%d,%s' % (_EVENT_HEAD, delivery_id.encode("ascii"), attempt, event[len(_EVENT_HEAD):])
+    value = ujson.loads(event)   # not ours byte for byte (another writer): the same fields, written again
+    value["p"] = {"k": delivery_id, "a": attempt, **value["p"]}
+    return _dumps(value).encode("utf-8")
 
 
 _OPCODE_TEXT = 0x81

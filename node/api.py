@@ -22,6 +22,7 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 from cluster import protocol
 from cluster.access import ALL_ROLES, READ, WRITE
 from cluster.protocol import ApiError, ErrorCode
+from node.acks import SettingsDiffer
 from node.forward import Deferred
 from node.metrics import FORWARDED, LOCAL, Requests
 from node.queues import AlreadyConsuming, TooManyTopics
@@ -170,10 +171,12 @@ class Api:
         result = self.node.presence.query(channel, False, 0)
         return _count_only(result) if type(result) is dict else _counted_only(result)
 
-    def queue_pop(self, topics: list, caller: Caller) -> dict:
+    def queue_pop(self, params: protocol.PopParams, caller: Caller) -> dict:
         consumer = _consumer(caller, "queue.pop")
         try:
-            self.node.queues.consume(consumer.consumer_id, consumer, topics)
+            self.node.queues.consume(consumer.consumer_id, consumer, params.topics, params.ack)
+        except SettingsDiffer as exc:
+            raise ApiError(ErrorCode.INVALID_PARAMS, f"{caller.prefix}{exc.field}: {exc.message}") from None
         except AlreadyConsuming:
             raise ApiError(ErrorCode.REPEATED_CONSUMPTION,
                            f"{caller.prefix}t: this connection already consumes one of these topics") from None
@@ -186,6 +189,10 @@ class Api:
         consumer = _consumer(caller, "queue.unpop")
         self.node.queues.stop_consuming(consumer.consumer_id, topics)
         return {"s": True}
+
+    def queue_ack(self, delivery_ids: list, caller: Caller) -> dict:
+        consumer = _consumer(caller, "queue.ack")
+        return {"s": True, "n": self.node.queues.ack(consumer.consumer_id, delivery_ids)}
 
     # --- conn.call on a local client ------------------------------------------------
 
@@ -271,5 +278,6 @@ METHODS = {
     "mesh.publish": Method(protocol.parse_publish, WRITE, Api.mesh_publish),
     "channel.presence": Method(protocol.parse_presence, READ, Api.channel_presence),
     "channel.count": Method(protocol.parse_count, READ, Api.channel_count),
+    "queue.ack": Method(protocol.parse_queue_ack, READ, Api.queue_ack),
 }
 assert tuple(METHODS) == protocol.METHODS and tuple(CONN_FUNCTIONS) == protocol.CALL_FUNCTIONS

@@ -9,7 +9,9 @@ that completes its handshake meanwhile is closed too), HTTP requests under way
 are answered (`Connection: close`; a connection whose first request has not
 come is not waited for), queue events waiting here go to consumers
 anywhere in the mesh (on a restart also to this node's own consumers once they
-reconnect elsewhere), and every event handed to a peer is answered. Then the
+reconnect elsewhere), every event handed to a peer is answered, and every
+event held here for an at-least-once consumer is acknowledged (or, released,
+delivered again and acknowledged). Then the
 adverts are flushed, the coordinator is told goodbye, the mesh point answers
 what peers still send for GOODBYE_S, and the node closes. Events still waiting
 are lost, and logged. Owned by the node's IOLoop.
@@ -47,6 +49,10 @@ async def drain(node, servers: list, restart: bool, deadline_s: float) -> None:
     left = node.queues.buffers.depth()
     if left:
         log.warning("%d queue events had no consumer to go to before the drain deadline; lost", left)
+    held = len(node.queues.acks.held)
+    if held:
+        log.warning("%d queue events were not acknowledged by their at-least-once consumers before the drain "
+                    "deadline; lost", held)
     node.close()
     log.info("node %d stopped", node.node_id)
 
@@ -66,7 +72,7 @@ def _drained(node, servers: list, awaited: set) -> bool:
     if node.hub.conns or node.api_sockets or any(server.busy() for server in servers):
         return False
     queues = node.queues
-    if queues.in_flight:
+    if queues.in_flight or len(queues.acks.held):   # events at-least-once consumers have not acknowledged yet
         return False
     for topic in queues.buffers.topics():
         if node.routing.has_consumers(topic):

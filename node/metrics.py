@@ -138,6 +138,11 @@ class _NodeCollector:
                        labels=("topic",), rows=top(buffers.dropped_by))
         yield _counter("meshgate_queue_events_lost", "Queue events handed to a peer that did not answer in "
                        "time (maybe written, never retried).", queues.lost)
+        yield _gauge("meshgate_queue_unacked", "Queue events this node holds until an at-least-once consumer "
+                     "acknowledges them (they count against the topic bounds).", queues.acks.unacked())
+        yield _counter("meshgate_queue_redeliveries", "Queue events this node delivered again, one attempt "
+                       "higher: not acknowledged in time, or their consumer closed or stopped first.",
+                       queues.acks.redeliveries)
         yield _counter("meshgate_messages", "Messages this node handled, by kind: client_message (received "
                        "from a client), send (written to one client), publish (fanned out to this node's "
                        "subscribers), queue_event (written to a consumer).",

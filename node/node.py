@@ -77,6 +77,8 @@ class Node:
                                  self.queues)
         self.presence = Presence(lambda: self.node_id, self.routing, self.hub, self.mesh_point)
         self.forward.serve(mesh.Presence, self.presence.handle)
+        self.forward.serve(mesh.QueueDelivery, self.queues.acks.handle_delivery)
+        self.forward.serve(mesh.QueueAcks, self.queues.acks.handle_acks)
         self.mesh_point.handle_request = self.forward.handle
         self.mesh_point.links.on_up = self.on_link_up
         self._process = psutil.Process()

@@ -5,13 +5,17 @@ node's consumers) and node/routing.py (every consumer in the mesh, the pick
 that keeps one client's messages on one consumer). An event goes straight to
 its consumer when its topic has nothing waiting; otherwise it waits in arrival
 order and is drained oldest first. At most once: an event written (or handed
-to a peer that then did not answer) is not delivered again. Owned by the
-node's IOLoop.
+to a peer that then did not answer) is not delivered again. Consumers whose
+ids carry `mesh.ACK_CONSUMER` acknowledge their events: those go through
+node/ack_dispatch.py, which holds them until then (docs/protocol.md, Queue
+acknowledgements); the rest never touches it. Owned by the node's IOLoop.
 """
 
 import asyncio
 
 from cluster import mesh, protocol
+from cluster.mesh import ACK_CONSUMER
+from node.ack_dispatch import SENT, WAIT, AckDispatch
 from node.clients import write_frame
 from node.mesh_point import LinkDown, PeerTimeout
 from node.queues import Buffers, Consumers, QueueFull
@@ -20,6 +24,11 @@ _DRAIN_BATCH = 10000
 _RETRY_S = 0.05     # pause before handing out events again after a peer could not be reached
 _PICK_TRIES = 64    # consumers tried for one event before it waits again
 _HEAD_ROOM = 1024   # the request's header around an event
+
+
+def _item(seq: int, client_id: int, event: bytes, attempt: int) -> tuple:
+    """What waits in node/queues.py: the attempt only when it is not the first (node/held.py)."""
+    return (seq, client_id, event) if attempt == 1 else (seq, client_id, event, attempt)
 
 
 class QueueDispatch:
@@ -41,6 +50,7 @@ class QueueDispatch:
         self.lost = 0          # events handed to a peer that did not answer in time
         self.in_flight = 0     # events handed to a peer, not answered yet (a draining node waits for them)
         self._arrivals = 0     # arrival sequence of pushes (keeps per-client order on retries)
+        self.acks = AckDispatch(self)
 
     # --- pushes ------------------------------------------------------------------------
 
@@ -62,25 +72,36 @@ class QueueDispatch:
             if self.routing.has_consumers(topic):
                 self.drain(topic)
             return
+        if topic in self.buffers.held:   # events of it wait for acknowledgements: they count against its bounds
+            self.buffers.admit(topic, len(event))
         self.dispatch(topic, self._arrivals, client_id, event)
 
-    def dispatch(self, topic: str, seq: int, client_id: int, event: bytes) -> bool:
-        """Hands one event to the consumer its client maps to; puts it back in order when none can take it."""
+    def dispatch(self, topic: str, seq: int, client_id: int, event: bytes, attempt: int = 1) -> bool:
+        """Hands one event to the consumer its client maps to; puts it back in order when none can take it.
+
+        `attempt` is above 1 for an event an at-least-once consumer had and did not acknowledge.
+        """
         for _ in range(_PICK_TRIES):
             target = self.routing.pick_consumer(topic, client_id, self.mesh_point.reachable)
             if target is None:
                 break
             origin, consumer_id = target
-            if origin != self.routing.node_id:
+            if consumer_id & ACK_CONSUMER:
+                done = self.acks.dispatch(topic, seq, client_id, event, attempt, origin, consumer_id)
+                if done is SENT:
+                    return True
+                if done is WAIT:
+                    break
+            elif origin != self.routing.node_id:
+                item = _item(seq, client_id, event, attempt)
                 future = self.mesh_point.request(origin, mesh.queue_event_request(topic, consumer_id, event))
                 self.in_flight += 1
-                future.add_done_callback(
-                    lambda f: self._on_event_reply(f, topic, (seq, client_id, event), origin, consumer_id))
+                future.add_done_callback(lambda f: self._on_event_reply(f, topic, item, origin, consumer_id))
                 return True
-            if self.write_local(consumer_id, topic, event):
+            elif self.write_local(consumer_id, topic, event):
                 return True
             self.routing.forget_consumer(origin, topic, consumer_id)
-        self.buffers.put_back(topic, (seq, client_id, event))
+        self.buffers.put_back(topic, _item(seq, client_id, event, attempt))
         return False
 
     def write_local(self, consumer_id: int, topic: str, event: bytes) -> bool:
@@ -121,18 +142,28 @@ class QueueDispatch:
         asyncio.get_running_loop().call_soon(self.drain, topic)
 
     def drain_all(self, topics) -> None:
+        self.acks.on_routing()
         for topic in topics:
             self.drain(topic)
 
     # --- consumers ---------------------------------------------------------------------
 
-    def consume(self, consumer_id: int, conn, topics: list) -> None:
+    def consume(self, consumer_id: int, conn, topics: list, ack=None) -> None:
         """Registers a consumer's topics; what waits for them follows after the caller's reply.
 
+        With `ack` (protocol.AckOptions) they are the connection's at-least-once consumer's, whose id is
+        `consumer_id` with ACK_CONSUMER; one connection may consume other topics at most once.
+
         Raises:
-            AlreadyConsuming, TooManyTopics (node/queues.py): nothing changed.
+            AlreadyConsuming, TooManyTopics (node/queues.py), SettingsDiffer (node/acks.py): nothing changed.
         """
-        self.consumers.add(consumer_id, conn, topics)
+        sibling = consumer_id | ACK_CONSUMER
+        if ack is not None:
+            consumer_id, sibling = sibling, consumer_id
+            self.acks.table.check(consumer_id, ack.window, ack.ack_timeout)
+        self.consumers.add(consumer_id, conn, topics, sibling)
+        if ack is not None:
+            self.acks.open(consumer_id, ack)
         self.adverts.consumers_changed(consumer_id, topics, True)
         loop = asyncio.get_running_loop()   # docs/protocol.md, queue.pop: the reply, then the events
         for topic in topics:
@@ -143,6 +174,16 @@ class QueueDispatch:
         gone = self.consumers.remove(consumer_id, topics)
         if gone:
             self.adverts.consumers_changed(consumer_id, gone, False)
+        acked = consumer_id | ACK_CONSUMER
+        if self.acks.table.has(acked):
+            gone = self.consumers.remove(acked, topics)
+            if gone:
+                self.adverts.consumers_changed(acked, gone, False)
+            self.acks.stop(acked, gone, acked not in self.consumers.topics)
+
+    def ack(self, consumer_id: int, delivery_ids: list) -> int:
+        """queue.ack of the connection whose consumer id is `consumer_id`: how many were outstanding."""
+        return self.acks.ack(consumer_id | ACK_CONSUMER, delivery_ids)
 
     def handle_queue_event(self, event: mesh.QueueEvent) -> bytes:
         """A peer hands an event to a consumer of this node."""

@@ -7,7 +7,9 @@ order, while their topic has no consumer anywhere in the mesh
 (docs/protocol.md, queue.pop delivery semantics): at most
 `topic_size` per topic and `max_topics` topics; over either bound the push is
 refused and counted, and what already waits is kept. All buffers of a node
-together hold at most `max_bytes`.
+together hold at most `max_bytes`. Events delivered to an at-least-once
+consumer and not yet acknowledged (node/held.py) count against the same
+bounds (`hold`), except `max_topics` (docs/protocol.md, Queue acknowledgements).
 """
 
 from collections import deque
@@ -48,6 +50,8 @@ class Buffers:
         self.bytes = 0
         self.dropped = 0
         self.dropped_by = {}   # topic -> drops (the first _DROP_TOPICS topics by name; later ones as "other")
+        self.held = {}         # topic -> its events held until acknowledged (not waiting here)
+        self.held_bytes = 0
 
     def depth(self) -> int:
         return sum(len(queue) for queue in self._topics.values())
@@ -73,20 +77,45 @@ class Buffers:
             QueueFull: the topic holds `topic_size` items, or it is new and `max_topics` topics wait.
         """
         size = self._size_of(item)
-        if self.bytes + size > self.max_bytes:
-            self._drop(topic)
-            raise QueueFull(f"topic {topic!r}: the node's buffers hold {self.max_bytes} bytes already")
         queue = self._topics.get(topic)
+        self._check(topic, queue, size)
         if queue is None:
             if len(self._topics) >= self.max_topics:
                 self._drop(topic)
                 raise QueueFull(f"topic {topic!r}: node already buffers {self.max_topics} topics")
             queue = self._topics[topic] = deque()
-        elif len(queue) >= self.topic_size:
-            self._drop(topic)
-            raise QueueFull(f"topic {topic!r}: buffer full ({self.topic_size} messages)")
         queue.append(item)
         self.bytes += size
+
+    def admit(self, topic: str, size: int) -> None:
+        """Checks a push that goes straight to a consumer while events of its topic are held.
+
+        Raises:
+            QueueFull: the topic's waiting and held events are `topic_size`, or the bytes `max_bytes`.
+        """
+        self._check(topic, self._topics.get(topic), size)
+
+    def _check(self, topic: str, queue, size: int) -> None:
+        if self.bytes + self.held_bytes + size > self.max_bytes:
+            self._drop(topic)
+            raise QueueFull(f"topic {topic!r}: the node's buffers hold {self.max_bytes} bytes already")
+        if (len(queue) if queue else 0) + self.held.get(topic, 0) >= self.topic_size:
+            self._drop(topic)
+            raise QueueFull(f"topic {topic!r}: buffer full ({self.topic_size} messages)")
+
+    def hold(self, topic: str, size: int) -> None:
+        """One event of `topic` (`size` bytes) is held until acknowledged: it counts against the bounds."""
+        self.held[topic] = self.held.get(topic, 0) + 1
+        self.held_bytes += size
+
+    def unhold(self, topic: str, size: int) -> None:
+        """A held event was acknowledged, or comes back to wait (`put_back`)."""
+        left = self.held[topic] - 1
+        if left:
+            self.held[topic] = left
+        else:
+            del self.held[topic]
+        self.held_bytes -= size
 
     def put_back(self, topic: str, item) -> None:
         """Puts an item that could not be delivered back in arrival order.
@@ -135,17 +164,21 @@ class Consumers:
         self._next_id += 1
         return self._next_id
 
-    def add(self, consumer_id: int, connection, topics: list) -> list:
+    def add(self, consumer_id: int, connection, topics: list, sibling: int = 0) -> list:
         """Adds topics to a consumer; returns them. Nothing changes on error.
 
+        `sibling` is the connection's other consumer id, if any (an at-least-once consumer's and an
+        at-most-once one's): the topics of both count together.
+
         Raises:
-            AlreadyConsuming: it already consumes one of them.
+            AlreadyConsuming: it (or its sibling) already consumes one of them.
             TooManyTopics: it would consume more than `max_topics_per_consumer`.
         """
         current = self.topics.get(consumer_id, set())
-        if current.intersection(topics):
+        other = self.topics.get(sibling, ())
+        if current.intersection(topics) or other and other.intersection(topics):
             raise AlreadyConsuming(f"consumer {consumer_id} already consumes one of {topics}")
-        if len(current) + len(topics) > self.max_topics_per_consumer:
+        if len(current) + len(other) + len(topics) > self.max_topics_per_consumer:
             raise TooManyTopics(f"a consumer may consume at most {self.max_topics_per_consumer} topics")
         self.by_id[consumer_id] = connection
         self.topics[consumer_id] = current | set(topics)

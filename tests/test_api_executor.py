@@ -17,6 +17,7 @@ from cluster import protocol
 from node import api as api_module
 from node.api import ALL_ROLES, Api, Caller, HTTP_CALLER
 from node.forward import Deferred
+from node.acks import SettingsDiffer
 from node.queues import AlreadyConsuming, TooManyTopics
 from conftest import names_field
 
@@ -32,7 +33,7 @@ class Parts:
         self.config = SimpleNamespace(node=SimpleNamespace(api=SimpleNamespace(access_log=False)))
         self.hub = SimpleNamespace(conns={})
         self.forward = SimpleNamespace(send=self._send, publish=self._publish, call=self._call)
-        self.queues = SimpleNamespace(consume=self._consume, stop_consuming=self._stop,
+        self.queues = SimpleNamespace(consume=self._consume, stop_consuming=self._stop, ack=self._ack,
                                       consumers=SimpleNamespace(max_topics_per_consumer=3))
         self.presence = SimpleNamespace(query=self._presence)
 
@@ -52,8 +53,12 @@ class Parts:
         self.calls.append(("presence", channel, context, limit))
         return {"s": True, "count": 1, "clients": [{"c": CLIENT, "n": 1}][:limit]}
 
-    def _consume(self, consumer_id, conn, topics):
-        self.calls.append(("consume", consumer_id, topics))
+    def _consume(self, consumer_id, conn, topics, ack=None):
+        self.calls.append(("consume", consumer_id, topics, ack))
+
+    def _ack(self, consumer_id, delivery_ids):
+        self.calls.append(("ack", consumer_id, delivery_ids))
+        return len(delivery_ids)
 
     def _stop(self, consumer_id, topics):
         self.calls.append(("stop", consumer_id, topics))
@@ -107,6 +112,7 @@ def test_method_table_is_the_protocol_method_list():
     ("mesh.publish", {"c": "ch", "d": "x"}, "write"),
     ("channel.presence", {"c": "ch"}, "read"),
     ("channel.count", {"c": "ch"}, "read"),
+    ("queue.ack", {"k": ["1"]}, "read"),
 ])
 def test_roles_are_checked_in_the_executor(method, params, role):
     """A caller without the method's role gets 102 naming the role; with it, the call runs (docs/protocol.md roles)."""
@@ -146,9 +152,9 @@ def test_bad_params_name_the_field_in_the_callers_terms(caller, field):
 
 
 def test_queue_methods_need_a_ws_connection():
-    """queue.pop and queue.unpop without a consumer connection (HTTP) are 101."""
-    for method in ("queue.pop", "queue.unpop"):
-        code, envelope, parts = run(method, {"t": ["a"]}, caller=HTTP_CALLER)
+    """queue.pop, queue.unpop and queue.ack without a consumer connection (HTTP) are 101."""
+    for method, params in (("queue.pop", {"t": ["a"]}), ("queue.unpop", {"t": ["a"]}), ("queue.ack", {"k": []})):
+        code, envelope, parts = run(method, params, caller=HTTP_CALLER)
         assert code == protocol.ErrorCode.INVALID_PARAMS and "/ws/v1" in envelope["E"]["m"]
         assert parts.calls == []
 
@@ -163,6 +169,23 @@ def test_queue_pop_refusals_keep_their_codes(error, expected):
     parts.queues.consume = raiser(error)
     code, envelope, _ = run("queue.pop", {"t": ["a"]}, parts=parts)
     assert code == expected and names_field(envelope["E"]["m"], "p.t")
+
+
+@pytest.mark.parametrize("field", ["window", "ack_timeout"])
+def test_queue_pop_with_other_ack_settings_is_101_naming_the_field(field):
+    """A connection's later at-least-once queue.pop asking for another window or ack_timeout is 101 naming it."""
+    parts = Parts()
+    parts.queues.consume = raiser(SettingsDiffer(field, "this connection consumes with another one already"))
+    code, envelope, _ = run("queue.pop", {"t": ["a"], "ack": True, field: 5}, parts=parts)
+    assert code == protocol.ErrorCode.INVALID_PARAMS and names_field(envelope["E"]["m"], f"p.{field}")
+
+
+def test_queue_pop_and_ack_reach_the_queues():
+    """queue.pop hands its options over; queue.ack answers how many ids were outstanding."""
+    code, envelope, parts = run("queue.pop", {"t": ["a"], "ack": True, "window": 7})
+    assert code is None and parts.calls == [("consume", 7, ["a"], protocol.AckOptions(7, None))]
+    code, envelope, parts = run("queue.ack", {"k": ["x", "y"]})
+    assert envelope["r"] == {"s": True, "n": 2} and parts.calls == [("ack", 7, ["x", "y"])]
 
 
 def test_api_error_from_a_running_call_keeps_its_code():

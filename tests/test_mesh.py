@@ -13,10 +13,10 @@ import pytest
 from cluster import mesh, protocol
 from cluster.ids import MAX_NODE_ID
 from cluster.mesh import (
-    FROM_COORDINATOR, FROM_NODE, FROM_SUPERVISOR, Advert, Bye, Call, Delivered, Exited, Failure, FrameError,
-    Heartbeat, Lost, Metrics, NodeEntry, NodeState, PeerAdvert, Present, Presence, Publish, QueueEvent, Refused, Register,
-    Reregister, Request,
-    Send, Snapshot, Sync, Update, Welcome,
+    ACK_CONSUMER, FROM_COORDINATOR, FROM_NODE, FROM_SUPERVISOR, Advert, Bye, Call, Delivered, DeliveryOutcome,
+    Exited, Failure, FrameError, Heartbeat, Lost, Metrics, NodeEntry, NodeState, PeerAdvert, Present, Presence,
+    Publish, QueueAcks, QueueDelivery, QueueEvent, Refused, Register, Reregister, Request, Send, Snapshot, Sync,
+    Update, Welcome,
 )
 from cluster.protocol import ErrorCode
 
@@ -375,6 +375,8 @@ BAD = {
     "row3": bad_row(3),
     "row4": bad_row(4),
     "row5": bad_row(5),
+    "row2": bad_row(2),
+    "ack_consumer_id": WRONG_INT + [0, -1, 9, BIG + 1, ACK_CONSUMER - 1],   # the bit, and within range
 }
 
 INTEREST = ("name", "count", "seq")                          # [channel, count, seq]
@@ -808,6 +810,9 @@ REQUESTS = [
     (mesh.queue_event_request("jobs", 9, EVENT), QueueEvent("jobs", 9, EVENT)),
     (mesh.advert_request(7, [["news", 1, 2]]), PeerAdvert(7, [["news", 1, 2]])),
     (mesh.presence_request("room:1", True, 100000), Presence("room:1", True, 100000)),
+    (mesh.queue_delivery_request("jobs", ACK_CONSUMER | 9, 7, BIG, 3, True, EVENT),
+     QueueDelivery("jobs", ACK_CONSUMER | 9, 7, BIG, 3, True, EVENT)),
+    (mesh.queue_acks_request(7, BIG, [1, BIG], [(2, 1)], True), QueueAcks(7, BIG, [1, BIG], [[2, 1]], True)),
 ]
 
 
@@ -842,8 +847,19 @@ REQUEST_WIRE = [
      PeerAdvert(7, [["news", 1, 2]], [["jobs", 9, 1, 3]])),
     (mesh.advert_request(7), 5, {"o": 7}, b"", PeerAdvert(7)),
     (mesh.presence_request("room", False, 0), 8, {"ch": "room", "x": False, "l": 0}, b"", Presence("room", False, 0)),
+    (mesh.queue_delivery_request("jobs", ACK_CONSUMER | 9, 7, 3, 1, False, EVENT), 9,
+     {"t": "jobs", "k": ACK_CONSUMER | 9, "o": 7, "q": 3, "a": 1}, EVENT,
+     QueueDelivery("jobs", ACK_CONSUMER | 9, 7, 3, 1, False, EVENT)),
+    (mesh.queue_delivery_request("jobs", ACK_CONSUMER | 9, 7, 3, 2, True, EVENT), 9,
+     {"t": "jobs", "k": ACK_CONSUMER | 9, "o": 7, "q": 3, "a": 2, "r": True}, EVENT,
+     QueueDelivery("jobs", ACK_CONSUMER | 9, 7, 3, 2, True, EVENT)),
+    (mesh.queue_acks_request(7, ACK_CONSUMER | 9, [3, 4], [(5, 1)], True), 10,
+     {"n": 7, "k": ACK_CONSUMER | 9, "acked": [3, 4], "released": [[5, 1]], "room": True}, b"",
+     QueueAcks(7, ACK_CONSUMER | 9, [3, 4], [[5, 1]], True)),
+    (mesh.queue_acks_request(7, ACK_CONSUMER | 9), 10, {"n": 7, "k": ACK_CONSUMER | 9}, b"",
+     QueueAcks(7, ACK_CONSUMER | 9)),
 ]
-WIRE_IDS = ["SEND", "PUB", "CALL", "QEV", "ADV", "ADV-empty", "PRES"]
+WIRE_IDS = ["SEND", "PUB", "CALL", "QEV", "ADV", "ADV-empty", "PRES", "QAEV", "QAEV-resume", "QACK", "QACK-empty"]
 
 
 @pytest.mark.parametrize("outbound, code, header, body, message", REQUEST_WIRE, ids=WIRE_IDS)
@@ -866,7 +882,7 @@ def test_request_reads_from_wire(outbound, code, header, body, message):
 
 
 @pytest.mark.parametrize("kind, name", [(Send, "SEND"), (Publish, "PUB"), (Call, "CALL"), (QueueEvent, "QEV"),
-                                        (PeerAdvert, "ADV")])
+                                        (PeerAdvert, "ADV"), (QueueDelivery, "QAEV"), (QueueAcks, "QACK")])
 def test_kind_name(kind, name):
     """Each request class has its documented wire name."""
     assert mesh.kind_name(kind) == name
@@ -880,7 +896,7 @@ def test_request_exact_bytes():
 
 # --- mesh requests: bad headers --------------------------------------------------------------
 
-NAMES = {1: "SEND", 2: "PUB", 3: "CALL", 4: "QEV", 5: "ADV", 8: "PRES"}
+NAMES = {1: "SEND", 2: "PUB", 3: "CALL", 4: "QEV", 5: "ADV", 8: "PRES", 9: "QAEV", 10: "QACK"}
 REQUEST_BASES = {
     1: ({"c": 5}, TEXT_FRAME),
     2: ({"ch": ["news", "jobs"]}, TEXT_FRAME),
@@ -888,6 +904,8 @@ REQUEST_BASES = {
     4: ({"t": "jobs", "k": 9}, EVENT),
     5: ({"o": 7, "interest": [["news", 2, 7]], "consumers": [["jobs", 3, 1, 9]]}, b""),
     8: ({"ch": "room", "x": True, "l": 10}, b""),
+    9: ({"t": "jobs", "k": ACK_CONSUMER | 9, "o": 7, "q": 3, "a": 1, "r": True}, EVENT),
+    10: ({"n": 7, "k": ACK_CONSUMER | 9, "acked": [3], "released": [[4, 2]], "room": True}, b""),
 }
 BAD["channels"] = BAD["list"] + [[]]
 BAD["function"] = ["nope", "", "Close", "close ", "get_context\x00", "CALL", None, 1, True, [], {}]
@@ -898,6 +916,9 @@ REQUEST_FIELDS = {
     4: [("t", "name"), ("k", "consumer_id")],
     5: [("o", "node_id")] + rows("interest", INTEREST) + rows("consumers", CONSUMERS),
     8: [("ch", "name"), ("x", "flag"), ("l", "limit")],
+    9: [("t", "name"), ("k", "ack_consumer_id"), ("o", "node_id"), ("q", "seq"), ("a", "seq"), ("r", "flag")],
+    10: [("n", "node_id"), ("k", "ack_consumer_id"), ("acked", "list"), ("acked[0]", "seq"), ("released", "list"),
+         ("released[0]", "row2"), ("released[0][0]", "seq"), ("released[0][1]", "seq"), ("room", "flag")],
 }
 BAD["limit"] = WRONG_INT + [-1, protocol.MAX_PRESENCE_LIMIT + 1]
 
@@ -926,7 +947,7 @@ def test_request_bad_field(code, path, check):
 
 
 REQUIRED_HEADER = [(1, "c"), (2, "ch"), (3, "c"), (3, "f"), (3, "a"), (4, "t"), (4, "k"), (5, "o"), (8, "ch"), (8, "x"),
-                   (8, "l")]
+                   (8, "l"), (9, "t"), (9, "k"), (9, "o"), (9, "q"), (9, "a"), (10, "n"), (10, "k")]
 
 
 @pytest.mark.parametrize("code, key", REQUIRED_HEADER, ids=[f"{NAMES[c]}.{k}" for c, k in REQUIRED_HEADER])
@@ -934,6 +955,30 @@ def test_request_missing_header_key(code, key):
     """A request header without one of its required keys is refused, naming the key."""
     header, body = REQUEST_BASES[code]
     assert_frame_error(mesh.read_request, request(code, mutate(header, key, DROP), body), field=f"{NAMES[code]}.{key}")
+
+
+@pytest.mark.parametrize("key, default", [("r", False), ("acked", ()), ("released", ()), ("room", False)])
+def test_queue_delivery_and_acks_absent_optional_keys(key, default):
+    """A QAEV without `r`, a QACK without `acked`, `released` or `room` takes the default."""
+    code = 9 if key == "r" else 10
+    header, body = REQUEST_BASES[code]
+    got = mesh.read_request(request(code, mutate(header, key, DROP), body)).message
+    same(getattr(got, {"r": "resume"}.get(key, key)), default)
+
+
+@pytest.mark.parametrize("key, most", [("acked", protocol.MAX_ACK_IDS), ("released", protocol.MAX_WINDOW)])
+def test_queue_acks_lists_are_bounded(key, most):
+    """A QACK carries at most a window's worth of keys in each list."""
+    header, body = REQUEST_BASES[10]
+    row = 3 if key == "acked" else [3, 1]
+    assert len(getattr(mesh.read_request(request(10, dict(header, **{key: [row] * most}), body)).message, key)) == most
+    assert_frame_error(mesh.read_request, request(10, dict(header, **{key: [row] * (most + 1)}), body),
+                       field=f"QACK.{key}")
+
+
+def test_queue_acks_has_no_body():
+    """A QACK with a body is refused."""
+    assert_frame_error(mesh.read_request, request(10, REQUEST_BASES[10][0], b"x"), field="QACK body")
 
 
 @pytest.mark.parametrize("key, default", [("interest", ()), ("consumers", ())])
@@ -1060,8 +1105,10 @@ BAD_QUEUE_EVENTS = [
 
 @pytest.mark.parametrize("body", BAD_QUEUE_EVENTS, ids=label)
 def test_bad_queue_event_body(body):
-    """A QEV body must be the bare JSON of a queue.pop event (an object whose e is queue.pop and p an object)."""
+    """A QEV (or QAEV) body must be the bare JSON of a queue.pop event (an object whose e is queue.pop and p an
+    object)."""
     assert_frame_error(mesh.read_request, request(4, {"t": "jobs", "k": 9}, body), field="QEV body")
+    assert_frame_error(mesh.read_request, request(9, REQUEST_BASES[9][0], body), field="QAEV body")
 
 
 # --- mesh requests: bad framing --------------------------------------------------------------
@@ -1124,7 +1171,7 @@ def test_request_bad_input_as_bytearray(code):
     header, body = REQUEST_BASES[code]
     frame = request(code, header, body)[0]
     assert_frame_error(mesh.read_request, [bytearray(frame[:-1])])
-    assert_frame_error(mesh.read_request, [bytearray(b"\x09" + frame[1:])])
+    assert_frame_error(mesh.read_request, [bytearray(b"\xff" + frame[1:])])
 
 
 @pytest.mark.parametrize("header, field", [
@@ -1153,6 +1200,11 @@ RESULTS = [
     (QueueEvent, mesh.queue_event_result(True), True),
     (QueueEvent, mesh.queue_event_result(False), False),
     (PeerAdvert, mesh.advert_result(), True),
+    (QueueDelivery, mesh.queue_delivery_result(mesh.WRITTEN, 30.0), DeliveryOutcome("written", 30.0)),
+    (QueueDelivery, mesh.queue_delivery_result(mesh.WRITTEN, 3600), DeliveryOutcome("written", 3600)),
+    (QueueDelivery, mesh.queue_delivery_result(mesh.FULL), DeliveryOutcome("full")),
+    (QueueDelivery, mesh.queue_delivery_result(mesh.GONE), DeliveryOutcome("gone")),
+    (QueueAcks, mesh.queue_acks_result(), True),
     (Presence, mesh.presence_result(0, []), Present(0, [])),
     (Presence, mesh.presence_result(3, [[5], [MAX_ID, {"seat": "é", "n": [1]}]]),
      Present(3, [(5, None), (MAX_ID, {"seat": "é", "n": [1]})])),
@@ -1178,7 +1230,7 @@ def test_result_bytearray_frame(kind, result, expected):
     same(mesh.read_result(kind, raw), expected)
 
 
-KINDS = (Send, Publish, Call, QueueEvent, PeerAdvert)
+KINDS = (Send, Publish, Call, QueueEvent, PeerAdvert, QueueDelivery, QueueAcks)
 
 
 @pytest.mark.parametrize("code", list(ErrorCode), ids=lambda code: code.name)
@@ -1213,6 +1265,10 @@ def test_failure_message_length(message, expected):
     (mesh.queue_event_result(True), {"ok": True}),
     (mesh.queue_event_result(False), {"ok": False}),
     (mesh.advert_result(), {"ok": True}),
+    (mesh.queue_delivery_result(mesh.WRITTEN, 1.5), {"s": "written", "to": 1.5}),
+    (mesh.queue_delivery_result(mesh.FULL), {"s": "full"}),
+    (mesh.queue_delivery_result(mesh.GONE), {"s": "gone"}),
+    (mesh.queue_acks_result(), {"ok": True}),
     (mesh.failure(ErrorCode.SEND_FAILED, "gone"), {"e": 401, "m": "gone"}),
     (mesh.failure(ErrorCode.MESH_UNAVAILABLE, "busy"), {"e": 501, "m": "busy"}),
 ], ids=label)
@@ -1289,6 +1345,16 @@ BAD_RESULTS = [
     (Presence, wire({"n": 1, "c": [[5, []]]}), "PRES result.c[0][1]"),
     (Presence, wire({"n": 1, "c": [[5, "ctx"]]}), "PRES result.c[0][1]"),
     (Presence, wire({"n": 1, "c": [[5]] * (protocol.MAX_PRESENCE_LIMIT + 1)}), "PRES result.c"),
+    (QueueDelivery, wire({}), "QAEV result.s"), (QueueDelivery, wire({"s": "lost"}), "QAEV result.s"),
+    (QueueDelivery, wire({"s": 1}), "QAEV result.s"), (QueueDelivery, wire({"s": ["full"]}), "QAEV result.s"),
+    (QueueDelivery, wire({"s": "Written", "to": 30}), "QAEV result.s"),
+    (QueueDelivery, wire({"s": "written"}), "QAEV result.to"),
+    (QueueDelivery, wire({"s": "written", "to": 0.5}), "QAEV result.to"),
+    (QueueDelivery, wire({"s": "written", "to": 3601}), "QAEV result.to"),
+    (QueueDelivery, wire({"s": "written", "to": "30"}), "QAEV result.to"),
+    (QueueDelivery, wire({"s": "written", "to": True}), "QAEV result.to"),
+    (QueueDelivery, wire({"s": "written", "to": NAN}), "QAEV result.to"),
+    (QueueAcks, wire({}), "QACK result.ok"), (QueueAcks, wire({"ok": 1}), "QACK result.ok"),
 ]
 
 

@@ -49,7 +49,7 @@ def _dumps(value) -> str:
 def test_parameter_parsers_raise_only_api_errors(params, prefix):
     """Every parse_* of method parameters returns or raises ApiError, whatever the parameters."""
     for parse in (protocol.parse_send, protocol.parse_publish, protocol.parse_conn_call, protocol.parse_queue_pop,
-                  protocol.parse_queue_unpop):
+                  protocol.parse_queue_unpop, protocol.parse_queue_ack):
         _only(ApiError, parse, params, prefix)
 
 

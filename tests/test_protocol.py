@@ -400,8 +400,86 @@ def test_parse_publish_bad_http(params, field):
     (["a", "b", "b"], ["a", "b"]),
 ])
 def test_parse_queue_pop_good(params, expected):
-    """queue.pop accepts {"t": [..]}, {"t": ".."} and the list form."""
-    assert protocol.parse_queue_pop(params) == expected
+    """queue.pop accepts {"t": [..]}, {"t": ".."} and the list form; without `ack` it is at most once."""
+    assert protocol.parse_queue_pop(params) == protocol.PopParams(expected, None)
+
+
+@pytest.mark.parametrize("params, ack", [
+    ({"t": "a", "ack": True}, protocol.AckOptions(None, None)),
+    ({"t": "a", "ack": True, "window": 1, "ack_timeout": 1}, protocol.AckOptions(1, 1.0)),
+    ({"t": "a", "ack": True, "window": 10000, "ack_timeout": 3600}, protocol.AckOptions(10000, 3600.0)),
+    ({"t": "a", "ack": True, "ack_timeout": 2.5}, protocol.AckOptions(None, 2.5)),
+    ({"t": "a", "ack": False, "window": 5, "ack_timeout": 5}, None),
+    ({"t": "a", "window": 5}, None),
+])
+def test_parse_queue_pop_ack_options(params, ack):
+    """`ack: true` asks for acknowledgements; `window` and `ack_timeout` are None when not given, and
+    change nothing without `ack`."""
+    assert protocol.parse_queue_pop(params) == protocol.PopParams(["a"], ack)
+
+
+@pytest.mark.parametrize("extra, field", [
+    ({"ack": 1}, "p.ack"),
+    ({"ack": "true"}, "p.ack"),
+    ({"ack": None}, "p.ack"),
+    ({"ack": True, "window": 0}, "p.window"),
+    ({"ack": True, "window": 10001}, "p.window"),
+    ({"ack": True, "window": 1.0}, "p.window"),
+    ({"ack": True, "window": True}, "p.window"),
+    ({"ack": True, "window": "5"}, "p.window"),
+    ({"ack": True, "window": None}, "p.window"),
+    ({"window": -1}, "p.window"),
+    ({"ack": True, "ack_timeout": 0}, "p.ack_timeout"),
+    ({"ack": True, "ack_timeout": 0.5}, "p.ack_timeout"),
+    ({"ack": True, "ack_timeout": 3601}, "p.ack_timeout"),
+    ({"ack": True, "ack_timeout": float("nan")}, "p.ack_timeout"),
+    ({"ack": True, "ack_timeout": float("inf")}, "p.ack_timeout"),
+    ({"ack": True, "ack_timeout": False}, "p.ack_timeout"),
+    ({"ack": True, "ack_timeout": "30"}, "p.ack_timeout"),
+    ({"ack_timeout": None}, "p.ack_timeout"),
+])
+def test_parse_queue_pop_bad_ack_options(extra, field):
+    """A bad `ack`, `window` or `ack_timeout` is 101 naming it, with or without acknowledgements."""
+    assert_invalid(protocol.parse_queue_pop, {"t": ["a"], **extra}, field=field)
+
+
+@pytest.mark.parametrize("params, expected", [
+    ({"k": []}, []),
+    ({"k": ["1"]}, ["1"]),
+    ({"k": ["a", "b", "a"]}, ["a", "b", "a"]),
+    ({"k": ["x"] * protocol.MAX_ACK_IDS}, ["x"] * protocol.MAX_ACK_IDS),
+])
+def test_parse_queue_ack_good(params, expected):
+    """queue.ack takes a list of delivery ids (any strings; unknown ones count 0 later)."""
+    assert protocol.parse_queue_ack(params) == expected
+
+
+@pytest.mark.parametrize("params, field", [
+    ({}, "p.k"),
+    ({"k": None}, "p.k"),
+    ({"k": "1"}, "p.k"),
+    ({"k": {"1": True}}, "p.k"),
+    ({"k": ["1", 2]}, "p.k[1]"),
+    ({"k": [None]}, "p.k[0]"),
+    ({"k": [["1"]]}, "p.k[0]"),
+    ({"k": ["x"] * (protocol.MAX_ACK_IDS + 1)}, "p.k"),
+    (["1"], "p"),
+    (None, "p"),
+])
+def test_parse_queue_ack_bad(params, field):
+    """Not a list, not strings, or more than MAX_ACK_IDS ids: 101 naming the field."""
+    assert_invalid(protocol.parse_queue_ack, params, field=field)
+
+
+@pytest.mark.parametrize("data", [{"frame": {"type": "text", "data": "x/é", "finish": True}}, "plain", [1, None]])
+def test_acked_event_adds_k_and_a_first(data):
+    """An at-least-once consumer's event is the same event with `k` and `a` first in `p`."""
+    event = protocol.queue_event(3, 12345, "topic1", data)
+    acked = protocol.acked_event(event, "1f", 2)
+    assert json.loads(acked) == {"e": "queue.pop", "p": {"k": "1f", "a": 2, **json.loads(event)["p"]}, "i": None}
+    assert list(json.loads(acked)["p"])[:2] == ["k", "a"]
+    other = json.dumps(json.loads(event)).encode()   # the same event written by someone else (spaces)
+    assert json.loads(protocol.acked_event(other, "1f", 2)) == json.loads(acked)
 
 
 @pytest.mark.parametrize("params, field", [
@@ -608,7 +686,7 @@ def test_parse_ws_request_every_method(method):
 def test_methods_match_protocol():
     """The method list is exactly the one docs/protocol.md documents."""
     assert set(protocol.METHODS) == {"queue.pop", "queue.unpop", "conn.call", "mesh.send", "mesh.publish",
-                                     "channel.presence", "channel.count"}
+                                     "channel.presence", "channel.count", "queue.ack"}
 
 
 @pytest.mark.parametrize("text", ["", "{", "{'m': 1}", '{"m": "mesh.send",}', "nope", b"\xff\xfe", '{"m": "x"} junk'])

@@ -284,3 +284,58 @@ def test_buffers_byte_budget_covers_all_topics():
     buffers.push("c", (3, b"xyz"))
     buffers.put_back("a", (0, b"12345"))          # returned items are never refused
     assert buffers.bytes == 14 and buffers.depth() == 3
+
+
+# --- held events (node/held.py) count against the bounds ------------------------------------
+
+def test_held_events_count_against_topic_size():
+    """Waiting and held events of a topic together are at most topic_size; a push past it is a drop."""
+    buffers = Buffers(topic_size=3, max_topics=10, size_of=lambda item: len(item[1]))
+    buffers.hold("t", 1)
+    buffers.hold("t", 1)
+    buffers.push("t", (1, b"x"))
+    with pytest.raises(QueueFull, match="buffer full"):
+        buffers.push("t", (2, b"x"))
+    with pytest.raises(QueueFull, match="buffer full"):
+        buffers.admit("t", 1)
+    assert buffers.dropped == 2 and buffers.dropped_by == {"t": 2}
+    buffers.admit("other", 1)                      # other topics are not held back
+    buffers.unhold("t", 1)
+    buffers.admit("t", 1)
+    buffers.push("t", (2, b"x"))
+    assert buffers.depth() == 2 and buffers.held == {"t": 1}
+
+
+def test_held_events_count_against_max_bytes():
+    """Held bytes and waiting bytes share max_bytes; releasing the hold frees them."""
+    buffers = Buffers(topic_size=100, max_topics=10, max_bytes=10, size_of=lambda item: len(item[1]))
+    buffers.hold("a", 8)
+    with pytest.raises(QueueFull, match="10 bytes"):
+        buffers.push("b", (1, b"xyz"))
+    with pytest.raises(QueueFull, match="10 bytes"):
+        buffers.admit("b", 3)
+    buffers.push("b", (1, b"xy"))
+    buffers.unhold("a", 8)
+    assert (buffers.held, buffers.held_bytes, buffers.bytes) == ({}, 0, 2)
+    buffers.push("a", (2, b"12345678"))
+
+
+def test_held_topic_without_waiting_events_is_not_a_buffered_topic():
+    """max_topics counts topics with events waiting; held ones alone do not take a slot."""
+    buffers = Buffers(topic_size=5, max_topics=1)
+    buffers.hold("held", 0)
+    buffers.push("waiting", (1,))
+    assert buffers.topics() == ["waiting"]
+
+
+def test_consumers_sibling_topics_count_together():
+    """A connection's two consumer ids (at most once, at least once) may not share a topic; their topics
+    count together against the limit."""
+    consumers = Consumers(max_topics_per_consumer=3)
+    consumers.add(1, "conn", ["a", "b"])
+    with pytest.raises(AlreadyConsuming):
+        consumers.add(2, "conn", ["c", "a"], sibling=1)
+    with pytest.raises(TooManyTopics):
+        consumers.add(2, "conn", ["c", "d"], sibling=1)
+    consumers.add(2, "conn", ["c"], sibling=1)
+    assert consumers.topics == {1: {"a", "b"}, 2: {"c"}}
