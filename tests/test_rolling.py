@@ -73,8 +73,9 @@ def _close_code(frame) -> int:
 class Traffic:
     """Clients, a consumer and a backend that keep working during a rolling restart, and what they saw."""
 
-    def __init__(self, cluster, senders: int, connectors: int = 2):
+    def __init__(self, cluster, senders: int, connectors: int = 2, ack: bool = False):
         self.cluster = cluster
+        self.ack = ack                   # the consumer is at least once: it acknowledges each event
         self.quiet = threading.Event()   # clients and backend stop; the consumer reads on
         self.stop = threading.Event()    # the consumer stops too
         self.lock = threading.Lock()
@@ -185,7 +186,8 @@ class Traffic:
             ws = self._ws("/ws/v1", name, "consumer connection")
             if ws is None:
                 return
-            ws.send(json.dumps({"m": "queue.pop", "p": {"t": [_TOPIC]}, "i": 1}))
+            ws.send(json.dumps({"m": "queue.pop", "p": {"t": [_TOPIC], **({"ack": True} if self.ack else {})},
+                                "i": 1}))
             ws.settimeout(0.5)
             while not self.stop.is_set():
                 try:
@@ -205,6 +207,8 @@ class Traffic:
                 if message.get("i") == 1 and message["E"] is not None:
                     self.problem(f"{name}: queue.pop refused: {message}")
                 if message.get("e") == "queue.pop":
+                    if self.ack:   # acknowledged once recorded below (the reply, i 2, is not waited for)
+                        ws.send(json.dumps({"m": "queue.ack", "p": {"k": [message["p"]["k"]]}, "i": 2}))
                     data = message["p"]["d"]["frame"]["data"]
                     with self.lock:
                         self.consumed.add(data)
@@ -288,6 +292,22 @@ def test_rolling_restart_under_traffic_refuses_nothing_and_loses_nothing(tmp_pat
         for client in clients:
             assert client.recv() == "news"
     assert cluster.process.returncode == 0   # SIGTERM after a rolling restart stops it as before
+
+
+def test_an_at_least_once_consumer_loses_nothing_in_a_rolling_restart(tmp_path):
+    """The consumer acknowledges each event: what the restarted processes held for it, or what it had not
+    acknowledged when it was closed 1012, reaches it again; every message a client sent arrives."""
+    with running(_rolling_cluster(tmp_path, workers=2, drain_timeout=3)) as cluster:
+        before = _pids(cluster)
+        with Traffic(cluster, senders=2, connectors=1, ack=True) as traffic:
+            wait_until(lambda: len(traffic.consumed) >= 20 and len(traffic.client_of) == 2, what="traffic flowing")
+            assert cluster.restart().returncode == 0
+            _wait_restarted(cluster, before, timeout=_PER_WORKER_S * cluster.workers)
+            acked_during = len(traffic.acked)
+            wait_until(lambda: len(traffic.acked) > acked_during + 10, what="traffic after the restart")
+            traffic.settle()
+        assert not traffic.problems, traffic.problems
+        assert "not acknowledged" not in _log(cluster)
 
 
 def test_fixed_mesh_ports_alternate_between_two_ranges(tmp_path):
