@@ -270,7 +270,7 @@ class MeshPoint:
             return
         future, sent, node_id, size, kind = entry
         self._settled(node_id, size)
-        self.round_trips.observe((str(node_id),), now - sent)
+        self.round_trips.observe((node_id,), now - sent)
         if future.done():
             return
         try:

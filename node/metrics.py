@@ -49,36 +49,52 @@ class Timings:
             for bound, count in zip(_BOUNDS, series[1:]):
                 cumulative += count
                 buckets.append((bound, cumulative))
-            family.add_metric(labels, buckets, series[0])
+            family.add_metric([str(label) for label in labels], buckets, series[0])
         return family
 
 
 class Requests:
-    """API requests: how many by method, transport and result, and how long, local or forwarded."""
+    """API requests: how many by method, transport and result, and how long, local or forwarded.
+
+    One series per (method, ws, code, route) as they come, with no label made per request (this runs
+    for every request); `counts` and `durations` turn them into Prometheus' label sets when read.
+    """
 
     def __init__(self, methods):
         self.methods = frozenset(methods)
-        self.counts = {}          # (method, transport, result) -> requests
-        self.durations = Timings()  # (method, route)
+        self._series = Timings()   # (method, ws, code, route) -> durations; route None: refused, not timed
 
     def done(self, method: str, ws: bool, code, route: str, started: float) -> float:
         """One request answered: `code` None (success) or its ErrorCode; `started` its time.monotonic().
         Returns how long it took."""
         seconds = time.monotonic() - started
-        method = self._count(method, ws, code)
-        self.durations.observe((method, route), seconds)
+        self._series.observe((method if method in self.methods else "unknown", ws, code, route), seconds)
         return seconds
 
     def refused(self, method, ws: bool, code) -> None:
-        """One request its transport refused before it ran (not timed)."""
-        self._count(method, ws, code)
+        """One request its transport refused before it ran (counted, not timed)."""
+        self._series.observe((method if method in self.methods else "unknown", ws, code, None), 0.0)
 
-    def _count(self, method, ws: bool, code) -> str:
-        if method not in self.methods:
-            method = "unknown"   # names come from callers: never a label of their own
-        key = (method, "ws" if ws else "http", "ok" if code is None else str(int(code)))
-        self.counts[key] = self.counts.get(key, 0) + 1
-        return method
+    @property
+    def counts(self) -> dict:
+        """(method, transport, result) -> requests."""
+        counts = {}
+        for (method, ws, code, _), series in self._series.series.items():
+            key = (method, "ws" if ws else "http", "ok" if code is None else str(int(code)))
+            counts[key] = counts.get(key, 0) + int(sum(series[1:]))
+        return counts
+
+    @property
+    def durations(self) -> Timings:
+        """(method, route) -> durations of the requests that ran."""
+        merged = Timings()
+        for (method, _, _, route), series in self._series.series.items():
+            if route is None:
+                continue
+            into = merged.series.setdefault((method, route), [0.0] * len(series))
+            for index, value in enumerate(series):
+                into[index] += value
+        return merged
 
 
 def top(figures: dict) -> list:
