@@ -182,6 +182,15 @@ def _dumps(value: Any) -> str:
     return ujson.dumps(value, ensure_ascii=False, escape_forward_slashes=False, allow_nan=False)
 
 
+def json_carries(value: Any) -> bool:
+    """Whether a reply can carry `value` as UTF-8 JSON (an entry may put anything in a context)."""
+    try:
+        _dumps(value).encode("utf-8")
+    except (TypeError, OverflowError, ValueError):   # UnicodeEncodeError included
+        return False
+    return True
+
+
 class Payload(NamedTuple):
     """Data for a client: the bytes of one WebSocket message and its type."""
 

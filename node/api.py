@@ -168,8 +168,7 @@ class Api:
         return self.node.presence.query(params.channel, params.context, params.limit)
 
     def channel_count(self, channel: str, caller: Caller):
-        result = self.node.presence.query(channel, False, 0)
-        return _count_only(result) if type(result) is dict else _counted_only(result)
+        return self.node.presence.count(channel)
 
     def queue_pop(self, params: protocol.PopParams, caller: Caller) -> dict:
         consumer = _consumer(caller, "queue.pop")
@@ -234,16 +233,6 @@ async def _counted(awaitable) -> dict:
     return _counts(await awaitable)
 
 
-def _count_only(result: dict) -> dict:
-    """channel.count's reply: channel.presence's without the list."""
-    del result["clients"]
-    return result
-
-
-async def _counted_only(awaitable) -> dict:
-    return _count_only(await awaitable)
-
-
 def _consumer(caller: Caller, method: str):
     if caller.consumer is None:
         raise ApiError(ErrorCode.INVALID_PARAMS, f"{method}: only on a /ws/v1 connection")
@@ -251,11 +240,8 @@ def _consumer(caller: Caller, method: str):
 
 
 def _get_context(node, conn, args) -> dict:
-    try:   # an entry may have put something in that JSON (or UTF-8) cannot carry
-        protocol.ok_body(conn.context).encode("utf-8")
-    except (TypeError, OverflowError, ValueError):
-        raise ApiError(ErrorCode.CALL_FAILED,
-                       f"client {conn.client_id}: its context holds a value that is not JSON") from None
+    if not protocol.json_carries(conn.context):
+        raise ApiError(ErrorCode.CALL_FAILED, f"client {conn.client_id}: its context holds a value that is not JSON")
     return {"s": True, "d": conn.context}
 
 

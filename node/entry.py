@@ -112,9 +112,9 @@ class Mesh:
 
     async def count(self, channel: str) -> dict:
         """How many clients are subscribed to `channel` mesh-wide: `{"s": True, "count": N}` (and `missing`)."""
-        result = await self.presence(channel, limit=0)
-        del result["clients"]
-        return result
+        check_name(channel, "channel")
+        result = self._node.presence.count(channel)
+        return result if isinstance(result, dict) else await result
 
 
 class Queue:

@@ -116,7 +116,8 @@ class Node:
     def on_link_up(self, node_id: int) -> None:
         """A peer's mesh link is back after a drop (node/peer_links.py): tell it what it missed, and hand it
         the queue events that waited for it."""
-        self.adverts.tell_peer(node_id, self._full_state())
+        # Peers learn interest and consumers only: no client list, no watched clients to gather.
+        self.adverts.tell_peer(node_id, self.adverts.full_state(self.hub.subs, self.queues.consumers.topics, (), ()))
         self.queues.drain_all(self.queues.buffers.topics())
 
     def _full_state(self) -> mesh.NodeState:

@@ -9,19 +9,8 @@ subscribers are not counted. Owned by the node's IOLoop.
 
 import asyncio
 
-import ujson
-
-from cluster import mesh
+from cluster import mesh, protocol
 from cluster.ids import to_wire
-
-
-def _context_of(conn):
-    """A client's context as JSON can carry it; None when an entry put something else in it."""
-    try:
-        ujson.dumps(conn.context, ensure_ascii=False, allow_nan=False)
-    except (TypeError, OverflowError, ValueError):
-        return None
-    return conn.context
 
 
 def local_rows(hub, channel: str, context: bool, limit: int) -> tuple:
@@ -32,7 +21,10 @@ def local_rows(hub, channel: str, context: bool, limit: int) -> tuple:
     for conn in members:
         if len(rows) >= limit:
             break
-        rows.append([conn.client_id, _context_of(conn) or {}] if context else [conn.client_id])
+        if context:   # a context JSON cannot carry (an entry's doing) is listed as {}
+            rows.append([conn.client_id, conn.context if protocol.json_carries(conn.context) else {}])
+        else:
+            rows.append([conn.client_id])
     return len(members), rows
 
 
@@ -54,6 +46,11 @@ class Presence:
         """A peer's PRES request: this node's own subscribers."""
         return mesh.presence_result(*local_rows(self.hub, request.channel, request.context, request.limit))
 
+    def count(self, channel: str):
+        """The `r` of channel.count: channel.presence's without the list (a dict, or an awaitable of it)."""
+        result = self.query(channel, False, 0)
+        return _without_list(result) if type(result) is dict else _counted(result)
+
     def query(self, channel: str, context: bool, limit: int):
         """The `r` of channel.presence: a dict now when no peer has subscribers, else an awaitable of it."""
         count, rows = local_rows(self.hub, channel, context, limit)
@@ -64,6 +61,15 @@ class Presence:
         waiting = [(peer, self.mesh_point.request(peer, mesh.presence_request(channel, context, limit)))
                    for peer in peers]
         return result.gather(waiting)
+
+
+def _without_list(result: dict) -> dict:
+    del result["clients"]
+    return result
+
+
+async def _counted(awaitable) -> dict:
+    return _without_list(await awaitable)
 
 
 class _Gathered:

@@ -64,7 +64,7 @@ class QueueDispatch:
         """
         event = protocol.queue_event(holder or self.routing.node_id, client_id, topic, data)
         if len(event) + _HEAD_ROOM > self.mesh_point.max_bytes:   # it could not reach a consumer on another node
-            self.buffers.dropped += 1
+            self.buffers.count_drop(topic)
             raise QueueFull(f"topic {topic!r}: a {len(event)}-byte event is larger than the mesh carries")
         self._arrivals += 1
         if self.buffers.waiting(topic) or not self.routing.has_consumers(topic):

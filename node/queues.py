@@ -59,7 +59,8 @@ class Buffers:
     def depths(self) -> dict:
         return {topic: len(queue) for topic, queue in self._topics.items()}
 
-    def _drop(self, topic: str) -> None:
+    def count_drop(self, topic: str) -> None:
+        """One message of `topic` refused (here, or by the dispatch for a bound of its own)."""
         self.dropped += 1
         by = self.dropped_by
         if topic not in by and len(by) >= _DROP_TOPICS:
@@ -81,7 +82,7 @@ class Buffers:
         self._check(topic, queue, size)
         if queue is None:
             if len(self._topics) >= self.max_topics:
-                self._drop(topic)
+                self.count_drop(topic)
                 raise QueueFull(f"topic {topic!r}: node already buffers {self.max_topics} topics")
             queue = self._topics[topic] = deque()
         queue.append(item)
@@ -97,10 +98,10 @@ class Buffers:
 
     def _check(self, topic: str, queue, size: int) -> None:
         if self.bytes + self.held_bytes + size > self.max_bytes:
-            self._drop(topic)
+            self.count_drop(topic)
             raise QueueFull(f"topic {topic!r}: the node's buffers hold {self.max_bytes} bytes already")
         if (len(queue) if queue else 0) + self.held.get(topic, 0) >= self.topic_size:
-            self._drop(topic)
+            self.count_drop(topic)
             raise QueueFull(f"topic {topic!r}: buffer full ({self.topic_size} messages)")
 
     def hold(self, topic: str, size: int) -> None:

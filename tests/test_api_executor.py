@@ -35,7 +35,7 @@ class Parts:
         self.forward = SimpleNamespace(send=self._send, publish=self._publish, call=self._call)
         self.queues = SimpleNamespace(consume=self._consume, stop_consuming=self._stop, ack=self._ack,
                                       consumers=SimpleNamespace(max_topics_per_consumer=3))
-        self.presence = SimpleNamespace(query=self._presence)
+        self.presence = SimpleNamespace(query=self._presence, count=self._count)
 
     # As node/forward.py answers for the local path: at once (a Deferred when a peer must answer).
     def _send(self, client_id, frame):
@@ -52,6 +52,11 @@ class Parts:
     def _presence(self, channel, context, limit):   # as node/presence.py answers when no peer has subscribers
         self.calls.append(("presence", channel, context, limit))
         return {"s": True, "count": 1, "clients": [{"c": CLIENT, "n": 1}][:limit]}
+
+    def _count(self, channel):   # node/presence.py's count: the same query, without the list
+        result = self._presence(channel, False, 0)
+        del result["clients"]
+        return result
 
     def _consume(self, consumer_id, conn, topics, ack=None):
         self.calls.append(("consume", consumer_id, topics, ack))

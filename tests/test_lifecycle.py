@@ -51,14 +51,6 @@ def consume(life):
         consumer.ws.close()
 
 
-def no_event(consumer, seconds: float) -> bool:
-    try:
-        consumer.event(timeout=seconds)
-    except (AssertionError, websocket.WebSocketTimeoutException):
-        return True
-    return False
-
-
 def events_of(consumer, count: int) -> list:
     return [consumer.event()["p"] for _ in range(count)]
 
@@ -112,13 +104,13 @@ def test_every_open_has_one_close_on_every_node(life, consume):
         kind = next(iter(event["d"]))
         seen.setdefault(event["c"], []).append(kind)
     assert len(seen) == 30 and all(kinds == ["open", "close"] for kinds in seen.values()), seen
-    assert no_event(consumer, 0.3)
+    assert consumer.no_event_for(0.3)
 
 
 def test_a_server_without_lifecycle_topic_pushes_nothing(life, consume):
     consumer = consume("life", "slow-life")
     life.client("/quiet").ws.close()
-    assert no_event(consumer, 0.5)
+    assert consumer.no_event_for(0.5)
 
 
 @pytest.mark.parametrize("topic", ["", "a b", "x" * 256, 5])
@@ -159,6 +151,6 @@ def test_a_node_killed_has_a_lost_close_for_each_of_its_clients(life, consume):
     assert set(closes) == set(held[victim]) and time.monotonic() - started <= 3 + 1
     for event in closes.values():
         assert event["d"] == {"close": {"code": 1006, "reason": "node lost", "lost": True}} and event["n"] == victim
-    assert no_event(consumer, 0.5)   # nothing twice, nothing for the clients still connected
+    assert consumer.no_event_for(0.5)   # nothing twice, nothing for the clients still connected
     for client in clients:
         client.ws.close()
