@@ -179,7 +179,9 @@ def test_wait_context_value_times_out_with_a_clear_error(entry_cluster):
     started = time.monotonic()
     client.ws.send("login 0.3")
     assert client.recv() == "timeout: context key 'uid' was not set within 0.3 s"
-    assert time.monotonic() - started >= 0.3
+    # The node's timer counts from its loop's clock, which uvloop reads once per
+    # loop turn: it may fire a fraction of a millisecond before 0.3 s of wall time.
+    assert time.monotonic() - started >= 0.29
 
 
 def test_set_context_wakes_a_waiter_too(entry_cluster):
