@@ -88,7 +88,7 @@ def test_the_open_waits_for_on_open_and_comes_before_a_quick_close(life, consume
     client = life.client("/slow?x=y")
     client.ws.close()
     opened, closed = events_of(consumer, 2)
-    assert time.monotonic() - started >= 0.3
+    assert time.monotonic() - started >= 0.29   # the loop clock may run a fraction of a millisecond behind
     assert opened["d"] == {"open": {"path": "/slow", "remote_addr": "127.0.0.1", "query": "x=y",
                                     "context": {"seat": 7}}}
     assert closed["c"] == opened["c"] and closed["d"]["close"]["lost"] is False
