@@ -8,8 +8,10 @@ Deadlines sit in a heap checked by one periodic sweep, not a timer per
 request. Every frame in or out goes through cluster/mesh.py. What goes to one peer during one loop turn, requests or
 replies, leaves packed into one ZeroMQ frame at the end of the turn
 (`mesh.pack`, within the mesh's size bound): one hand-over to ZeroMQ's I/O
-thread, and one frame for pyzmq, instead of one per message. Owned by the
-node's IOLoop.
+thread, and one frame for pyzmq, instead of one per message. Peers of the
+same host are reached, and reach this node, over local links instead
+(node/local_links.py: `listen_local`); the requests and replies are the same.
+Owned by the node's IOLoop.
 """
 
 import asyncio
@@ -24,6 +26,7 @@ from cluster import mesh
 from cluster.logs import Throttled
 from cluster.protocol import ErrorCode
 from cluster.zloop import ZSocket, new_socket
+from node.local_links import LocalListener, key_material, socket_name
 from node.metrics import Timings
 from node.peer_links import PeerLinks
 
@@ -80,6 +83,7 @@ class MeshPoint:
             whole forward timeout).
         key: the ClusterKey every socket here uses.
         max_bytes: the largest mesh message sent or taken (mesh.max_mesh_bytes).
+        local_links: whether peers of this host are reached over local links (node.mesh.local_links).
 
     `handle_request(peer_routing_id, mesh.Request)` serves what peers ask (set
     it before the loop runs): it returns the result bytes, an awaitable of
@@ -87,7 +91,7 @@ class MeshPoint:
     """
 
     def __init__(self, context: zmq.Context, bind: str, timeout: float, max_pending_bytes: int, key,
-                 max_bytes: int):
+                 max_bytes: int, local_links: bool = True):
         self.timeout = timeout
         self.max_pending_bytes, self.max_bytes = max_pending_bytes, max_bytes
         self.handle_request = None
@@ -102,7 +106,10 @@ class MeshPoint:
             socket.bind(bind)
             self.address = bind
         self.router = ZSocket(socket, self.on_request)
-        self.links = PeerLinks(context, key, _HWM, max_bytes, self.on_reply)   # the node sets links.on_up
+        self._material = key_material(key) if local_links else None
+        self.local = None   # the LocalListener, once listen_local ran
+        self.links = PeerLinks(context, key, _HWM, max_bytes, self.on_reply,   # the node sets links.on_up
+                               (self._material, max_pending_bytes) if local_links else None)
         self.links.on_down = lambda node_id, why: self._fail(node_id, LinkDown, why)
         self._pending = {}      # request id -> (future, time sent, node_id, size, kind)
         self._deadlines = []    # heap of (deadline, request id); answered ids are skipped when they come up
@@ -120,7 +127,22 @@ class MeshPoint:
         self._sweeper.stop()
         for node_id in self.links.node_ids():
             self.disconnect(node_id)
+        if self.local is not None:
+            self.local.close()
         self.router.close()
+
+    def local_refused(self) -> int:
+        return self.local.refused if self.local is not None else 0
+
+    def listen_local(self, address: str) -> None:
+        """Takes local links from peers of this host, named after this node's mesh address as peers know it."""
+        name = socket_name(address) if self._material is not None else None
+        if name is None:
+            return
+        try:
+            self.local = LocalListener(name, self._material, self.max_bytes, self.on_request)
+        except OSError as exc:
+            log.warning("no local mesh socket for %s (%s); peers of this host use ZeroMQ", address, exc)
 
     # --- peers -------------------------------------------------------------
 
@@ -344,8 +366,11 @@ class MeshPoint:
         self._add(self._replies, peer, frames[0], 0, self._send_replies)
 
     def _send_replies(self, peer: bytes, batch: "_Batch") -> None:
+        payload = mesh.pack(batch.messages)
+        if self.local is not None and self.local.send(peer, payload):
+            return
         try:
-            self.router.send([peer, mesh.pack(batch.messages)])
+            self.router.send([peer, payload])
         except zmq.Again:
             log.warning("%d mesh replies dropped: peer link full", len(batch.messages))
         except zmq.ZMQError as exc:

@@ -144,6 +144,8 @@ class _NodeCollector:
         yield _gauge("meshgate_consumers", "Queue consumers (/ws/v1 connections in queue.pop) on this node.",
                      queues.consumers.count())
         yield _gauge("meshgate_peers", "Other nodes this node has a mesh link to.", len(mesh_point.connected()))
+        yield _gauge("meshgate_local_peers", "Peers on this host whose mesh messages go over a local link "
+                     "(a Unix socket) rather than ZeroMQ.", mesh_point.links.local_count())
         buffers = queues.buffers
         yield _gauge("meshgate_queue_depth", "Queue events waiting on this node for a consumer, per topic "
                      f"(the {TOP_TOPICS} deepest; the rest as topic=\"other\").",
@@ -197,8 +199,8 @@ class _NodeCollector:
                        rows=[("api", node.access.refused), ("client", counters.client_auth_refused)])
         yield _counter("meshgate_mesh_messages_refused", "Messages from peers or the coordinator dropped "
                        "because they could not be read.", mesh_point.refused + node.link.refused)
-        yield _counter("meshgate_mesh_handshakes_refused", "Mesh handshakes refused (another cluster key).",
-                       node.zap.refused)
+        yield _counter("meshgate_mesh_handshakes_refused", "Mesh handshakes refused (another cluster key, "
+                       "or a local link that broke its rules).", node.zap.refused + mesh_point.local_refused())
 
 
 def node_metrics(node) -> Exposition:

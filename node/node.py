@@ -62,9 +62,10 @@ class Node:
         port = settings.mesh.port + (worker if mesh_index is None else mesh_index) if settings.mesh.port else 0
         max_bytes = mesh.max_mesh_bytes(settings.api.max_body, max(s.max_message_size for s in settings.servers))
         self.mesh_point = MeshPoint(context, f"tcp://{settings.mesh.bind}:{port}", settings.forward_timeout,
-                                    settings.mesh.max_pending_bytes, key, max_bytes)
+                                    settings.mesh.max_pending_bytes, key, max_bytes, settings.mesh.local_links)
         host = f"[{settings.advertise}]" if ":" in settings.advertise else settings.advertise   # an IPv6 address
         self.mesh_address = f"tcp://{host}:{self.mesh_point.address.rpartition(':')[2]}"
+        self.mesh_point.listen_local(self.mesh_address)
         self.api_server = f"{host}:{settings.api.port}"
         identity = Identity(socket.gethostname(), os.getpid(), self.api_server, self.mesh_address, self.started_at)
         self.link = CoordinatorLink(context, config, self.routing, identity, self._full_state, self.stats,
@@ -181,5 +182,5 @@ class Node:
             "hook_errors": counters.hook_errors, "handshakes_refused": counters.handshakes_refused,
             "limit_closed": counters.limit_closed, "cpu": self._process.cpu_percent(None),
             "rss": self._process.memory_info().rss, "id_ms": self.ids.last_ms if self.ids else 0,
-            "mesh_refused": self.mesh_point.refused + self.link.refused, "mesh_handshakes_refused": self.zap.refused,
+            "mesh_refused": self.mesh_point.refused + self.link.refused, "mesh_handshakes_refused": self.zap.refused + self.mesh_point.local_refused(),
         }

@@ -12,6 +12,12 @@ for the coordinator (which may be gone too):
   HEARTBEAT_TIMEOUT_MS without an answer. ZeroMQ's I/O thread answers them,
   not the peer's event loop: a peer busy in a long loop turn still does.
 
+A peer of the same host also gets a local link (node/local_links.py): once it
+is open, mesh messages go that way, and while it opens they wait for it; a peer
+without one (another host) gets them through ZeroMQ. A local link that ends is
+the link going down; the ZeroMQ link going down closes the local one, which is
+opened again when ZeroMQ's is back up.
+
 A link is usable while it connects for the first time and while it is up; once
 down it is up again when a handshake with the same mesh point succeeds. Going
 down, the link is opened afresh, so that nothing queued on it reaches the peer
@@ -23,12 +29,14 @@ coordinator's tables do (node/node.py, `on_changes`). Owned by the node's IOLoop
 import itertools
 import logging
 import time
+from functools import partial
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from cluster.logs import Throttled
 from cluster.zloop import ZSocket, new_socket
+from node.local_links import FAILED, OPEN, LocalLink, socket_name
 
 log = logging.getLogger("meshgate.mesh")
 
@@ -54,11 +62,12 @@ _monitor_names = itertools.count(1)
 
 
 class _Link:
-    __slots__ = ("address", "own_id", "stream", "monitor", "down")
+    __slots__ = ("address", "own_id", "stream", "monitor", "down", "local")
 
     def __init__(self, address: str, own_id: int, down: bool):
         self.address, self.own_id, self.down = address, own_id, down
         self.stream = self.monitor = None
+        self.local = None   # a LocalLink that is opening or open; None: ZeroMQ carries the messages
 
 
 class PeerLinks:
@@ -68,14 +77,16 @@ class PeerLinks:
         hwm: messages that may wait on one link.
         max_bytes: the largest mesh message (mesh.max_mesh_bytes).
         on_reply: called with the frames of every message a peer sends back.
+        local: `(key_material, max_buffer)` for local links (node/local_links.py), or None for none.
 
     Set `on_down(node_id, why)` (the mesh point fails what waits for that peer; `why` says so in a sentence)
     and `on_up(node_id)` before the loop runs.
     """
 
-    def __init__(self, context: zmq.Context, key, hwm: int, max_bytes: int, on_reply):
+    def __init__(self, context: zmq.Context, key, hwm: int, max_bytes: int, on_reply, local=None):
         self._context, self._key, self._hwm, self._max_bytes = context, key, hwm, max_bytes
         self._on_reply = on_reply
+        self._local = local
         self.on_down = self.on_up = None
         self._links = {}   # node_id -> _Link
         self._log = Throttled(log, burst=10)   # a flapping peer does not flood the log
@@ -95,6 +106,36 @@ class PeerLinks:
         link.monitor = ZSocket(monitor, lambda frames: self._on_event(node_id, link, frames))
         link.stream = ZSocket(socket, self._on_reply)
         socket.connect(address)
+        if not down:
+            self._open_local(node_id, link)
+
+    def _open_local(self, node_id: int, link: _Link) -> None:
+        name = socket_name(link.address) if self._local is not None else None
+        if name is None:
+            return
+        material, max_buffer = self._local
+        local = LocalLink(name, material, self._max_bytes, max_buffer, self._on_reply,
+                          partial(self._local_ended, node_id))
+        if local.state != FAILED:
+            link.local = local
+        else:
+            log.debug("mesh link to node %d: %s; ZeroMQ carries its messages", node_id, local.why)
+
+    def _local_ended(self, node_id: int, local: LocalLink, was_open: bool, why: str, waiting: list) -> None:
+        link = self._links.get(node_id)
+        if link is None or link.local is not local:
+            return
+        link.local = None
+        if was_open:
+            self._down(node_id, link, f"its local connection ended: {why}")
+            return
+        self._log.info("mesh link to node %d: the local socket did not open (%s); ZeroMQ carries its messages",
+                       node_id, why)
+        for payload in waiting:   # nothing went the local way: the order holds
+            try:
+                link.stream.send([payload])
+            except zmq.Again:
+                self._log.warning("mesh link to node %d is full; a message is dropped", node_id)
 
     def close(self, node_id: int) -> None:
         link = self._links.pop(node_id, None)
@@ -102,9 +143,16 @@ class PeerLinks:
             _close(link)
 
     def usable(self, node_id: int):
-        """The peer's ZSocket while its link is usable; None while it is down or there is no link."""
+        """What carries messages to the peer while its link is usable (its LocalLink, or its ZSocket: both
+        `send([payload])`, raising zmq.Again when full); None while it is down or there is no link."""
         link = self._links.get(node_id)
-        return link.stream if link is not None and not link.down else None
+        if link is None or link.down:
+            return None
+        return link.stream if link.local is None else link.local
+
+    def local_count(self) -> int:
+        """Peers whose messages go over an open local link."""
+        return sum(1 for link in self._links.values() if link.local is not None and link.local.state == OPEN)
 
     def known(self, node_id: int) -> bool:
         return node_id in self._links
@@ -120,16 +168,21 @@ class PeerLinks:
             if link.down:
                 link.down = False
                 self._log.info("mesh link to node %d is up again", node_id)
+                self._open_local(node_id, link)
                 self.on_up(node_id)
         elif event in _DOWN and not link.down:
-            reason = _DOWN[event]
-            self._log.warning("mesh link to node %d is down (%s); requests to it fail at once until it is back",
-                              node_id, reason)
-            self.open(node_id, link.address, link.own_id, down=True)
-            self.on_down(node_id, f"the mesh link to node {node_id} went down ({reason})")
+            self._down(node_id, link, _DOWN[event])
+
+    def _down(self, node_id: int, link: _Link, reason: str) -> None:
+        self._log.warning("mesh link to node %d is down (%s); requests to it fail at once until it is back",
+                          node_id, reason)
+        self.open(node_id, link.address, link.own_id, down=True)
+        self.on_down(node_id, f"the mesh link to node {node_id} went down ({reason})")
 
 
 def _close(link: _Link) -> None:
+    if link.local is not None:
+        link.local.close()
     link.stream.socket.disable_monitor()
     link.monitor.close()
     link.stream.close()
