@@ -30,7 +30,7 @@ class Budget:
         self._servers = []
 
     def held(self) -> int:
-        return sum(len(server._connections) for server in self._servers) + self.extra()
+        return sum(server.held() for server in self._servers) + self.extra()
 
 
 BUDGET = Budget()
@@ -83,12 +83,21 @@ class BoundedHTTPServer(HTTPServer):
         """Connections reading or answering a request (a new one whose request has not come is not counted)."""
         return sum(1 for request, _ in self._requests.values() if request._request_start_line is not None)
 
-    def _handle_connection(self, connection, address) -> None:
+    def held(self) -> int:
+        """Connections this server holds."""
+        return len(self._connections)
+
+    def over_budget(self, connection) -> bool:
+        """Closes a new connection at once, and says so, when the process holds its budget."""
         if BUDGET.limit is not None and BUDGET.held() >= BUDGET.limit:
             BUDGET.refused += 1
             connection.close()
-            return
-        super()._handle_connection(connection, address)
+            return True
+        return False
+
+    def _handle_connection(self, connection, address) -> None:
+        if not self.over_budget(connection):
+            super()._handle_connection(connection, address)
 
     def stop(self) -> None:
         super().stop()

@@ -25,6 +25,7 @@ from tornado.netutil import bind_sockets
 
 from cluster import event_loop, handover, live, logs, tls
 from cluster.http_server import BUDGET, BoundedHTTPServer, raise_file_limit
+from node.api_fast import ApiServer
 from cluster.supervisor import SUPERVISED_ENV, watch_parent
 from cluster.token_keys import TokenKeyError
 from node import entry as entries, hooks
@@ -46,10 +47,10 @@ _API_BODY_S = 60.0       # a request body must arrive within this
 _API_EARLY_BODY = 4096
 
 
-def _listen(app, handed, bind: str, port: int, **server_options) -> HTTPServer:
+def _listen(app, handed, bind: str, port: int, server_class=BoundedHTTPServer, **server_options) -> HTTPServer:
     """An HTTP server on a port shared by every node process of the host (`ssl_options`: TLS, or None),
     on the sockets the supervisor handed over (`handed`) or, without them, on its own."""
-    server = BoundedHTTPServer(app, **server_options)
+    server = server_class(app, **server_options)
     server.add_sockets(handover.listening(handed, bind, port) or bind_sockets(port, address=bind, reuse_port=True))
     return server
 
@@ -135,7 +136,8 @@ async def _serve(config, worker: int, key) -> int:
         servers.append(_listen(ApiRouter(api_app(node), node.api, config.node.api.max_body), handed,
                                config.node.api.bind, config.node.api.port,
                                ssl_options=ssl_by_port.get(config.node.api.port), max_body_size=_API_EARLY_BODY,
-                               idle_connection_timeout=_API_IDLE_S, body_timeout=_API_BODY_S))
+                               idle_connection_timeout=_API_IDLE_S, body_timeout=_API_BODY_S,
+                               server_class=ApiServer, api=node.api, max_body=config.node.api.max_body))
         for port, group in servers_by_port(config.node.servers).items():
             # docs/protocol.md, Client WebSocket server, Limits: per port, the strictest
             # handshake_timeout and the largest max_header_size (node/client_limits.py refuses

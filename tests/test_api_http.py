@@ -417,3 +417,73 @@ def test_http_1_0_request_is_answered_then_closed(cluster):
         assert (status, reply) == (200, {"E": None, "r": {"s": 0, "f": 0}})
         sock.settimeout(10)
         assert sock.recv(1) == b""
+
+
+def test_a_request_that_arrives_a_byte_at_a_time_is_answered(cluster):
+    """Head and body in many pieces (a slow network): read until whole, then answered, and the next one too."""
+    import socket
+    import time
+    request = _raw_request(json.dumps({"c": channel(), "d": "x"}).encode())
+    with socket.create_connection(("127.0.0.1", cluster.api_port), timeout=10) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for n in range(len(request)):
+            sock.sendall(request[n:n + 1])
+            if n % 16 == 0:
+                time.sleep(0.002)
+        sock.sendall(request)
+        first, second = _read_responses(sock, 2)
+    assert first[0] == second[0] == 200 and first[2] == second[2] == {"E": None, "r": {"s": 0, "f": 0}}
+
+
+def test_a_thousand_pipelined_requests_are_answered_in_order(cluster):
+    """Written at once: every one answered, in order, with good and refused ones mixed."""
+    import socket
+    bodies = [b'{"c": ""}' if n % 7 == 3 else json.dumps({"c": channel(), "d": f"m{n}"}).encode() for n in range(1000)]
+    with socket.create_connection(("127.0.0.1", cluster.api_port), timeout=10) as sock:
+        sock.sendall(b"".join(_raw_request(body) for body in bodies))
+        responses = _read_responses(sock, len(bodies))
+    assert [status for status, _, _ in responses] == [400 if n % 7 == 3 else 200 for n in range(1000)]
+    assert all(fields["x-meshgate-node"].isdigit() and fields["content-type"] == "application/json"
+               for _, fields, _ in responses)
+
+
+def test_connection_close_is_answered_with_it_then_closed(cluster):
+    import socket
+    with socket.create_connection(("127.0.0.1", cluster.api_port), timeout=10) as sock:
+        sock.sendall(_raw_request(json.dumps({"c": channel(), "d": "x"}).encode(), headers="Connection: close\r\n"))
+        [(status, fields, reply)] = _read_responses(sock, 1)
+        assert (status, fields["connection"], reply) == (200, "close", {"E": None, "r": {"s": 0, "f": 0}})
+        assert sock.recv(1) == b""
+
+
+@pytest.mark.parametrize("request_text", [
+    b"GET /v1/nowhere HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+    b"POST /v1/mesh/publish?x=1 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\n\r\n{}",
+    b"POST /v1/mesh/publish HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+    b"POST /v1/mesh/publish HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n{}",
+])
+def test_what_the_quick_reader_is_not_sure_of_goes_on_to_tornado_on_the_same_connection(cluster, request_text):
+    """A good request, one the node's own reader leaves to Tornado (with every byte it read), then another
+    good one: three answers on one connection, the middle one Tornado's."""
+    import socket
+    good = _raw_request(json.dumps({"c": channel(), "d": "x"}).encode())
+    with socket.create_connection(("127.0.0.1", cluster.api_port), timeout=10) as sock:
+        sock.sendall(good + request_text + good)
+        first, middle, last = _read_responses(sock, 3)
+    assert first[0] == last[0] == 200 and first[2] == last[2] == {"E": None, "r": {"s": 0, "f": 0}}
+    assert middle[0] in (200, 400, 404) and "E" in middle[2] and middle[1]["x-meshgate-node"].isdigit()
+
+
+def test_a_malformed_head_after_a_good_request_ends_the_connection_as_tornado_does(cluster):
+    """A folded header line (RFC 9112 forbids them) is left to Tornado: 400, and the connection closes."""
+    import socket
+    good = _raw_request(json.dumps({"c": channel(), "d": "x"}).encode())
+    folded = b"POST /v1/mesh/publish HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Folded: a\r\n b\r\nContent-Length: 2\r\n\r\n{}"
+    with socket.create_connection(("127.0.0.1", cluster.api_port), timeout=10) as sock:
+        sock.sendall(good + folded)
+        [(status, _, _)] = _read_responses(sock, 1)
+        assert status == 200
+        rest = b""
+        while chunk := sock.recv(65536):
+            rest += chunk
+        assert rest.startswith(b"HTTP/1.1 400 ")
