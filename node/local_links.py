@@ -290,7 +290,8 @@ class LocalLink:
         name: the peer's abstract socket name.
         material: `key_material(key)`.
         max_bytes: the largest mesh message.
-        max_buffer: bytes that may wait to be written; past it `send` raises zmq.Again.
+        max_buffer: bytes that may wait to be written; past it `send` raises zmq.Again (a link with
+            nothing waiting takes any one message).
         on_reply: called with `[payload]` for each message from the peer (replies).
         on_end: called with `(link, was_open, why, waiting)` when it fails to open (then `waiting`,
             the payloads sent meanwhile, are for ZeroMQ to carry) or, once open, when it ends.
@@ -330,10 +331,11 @@ class LocalLink:
         payload = frames[0]
         connection = self._connection
         if connection.state == OPEN:
-            if connection.waiting() + len(payload) > self.max_buffer:
+            waiting = connection.waiting()
+            if waiting and waiting + len(payload) > self.max_buffer:   # an empty link takes any one message
                 raise zmq.Again()
             connection.write(payload)
-        elif self._waiting_bytes + len(payload) > self.max_buffer:
+        elif self._waiting_bytes and self._waiting_bytes + len(payload) > self.max_buffer:
             raise zmq.Again()
         else:
             self._waiting.append(payload)

@@ -109,7 +109,7 @@ class MeshPoint:
         self._material = key_material(key) if local_links else None
         self.local = None   # the LocalListener, once listen_local ran
         self.links = PeerLinks(context, key, _HWM, max_bytes, self.on_reply,   # the node sets links.on_up
-                               (self._material, max_pending_bytes) if local_links else None)
+                               (self._material, max_pending_bytes + max_bytes) if local_links else None)
         self.links.on_down = lambda node_id, why: self._fail(node_id, LinkDown, why)
         self._pending = {}      # request id -> (future, time sent, node_id, size, kind)
         self._deadlines = []    # heap of (deadline, request id); answered ids are skipped when they come up
