@@ -81,8 +81,8 @@ class MeshConfig:
     port: int = field(default=0, metadata=_meta(min=0, max=65535))
     # Bytes of requests one peer has not answered yet; past it, requests to that peer fail at once.
     max_pending_bytes: int = field(default=67108864, metadata=_meta(min=1024))
-    # Peers of the same host are reached over a Unix socket (node/local_links.py); false = ZeroMQ only.
-    local_links: bool = True
+    # Peers of the same host are reached over a Unix socket (node/local_links.py) instead of ZeroMQ.
+    local_links: bool = False
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,8 @@ messages over a Unix socket once each has shown the other the cluster key; a str
 squatting on a node's socket name, gets no mesh message and breaks nothing."""
 
 import asyncio
+import os
+import signal
 import socket
 import time
 import uuid
@@ -11,12 +13,15 @@ import pytest
 import zmq
 
 from conftest import WAIT, Cluster, free_port, running, wait_until
+from test_dead_nodes import SLOW_FORWARD, check_fast_failures, coordinator_of, pid_of, spread_and_subscribe
 from cluster import cluster_key
 from node import local_links
 from node.local_links import MAGIC, LocalLink, LocalListener, key_material, socket_name
 from test_metrics import families, value
 
 pytestmark = pytest.mark.timeout(120)
+
+LOCAL = {"local_links": True}
 
 
 def local_peers(cluster) -> dict:
@@ -65,12 +70,17 @@ def read_all(sock: socket.socket) -> bytes:
         data += chunk
 
 
+local_cluster = pytest.mark.parametrize("cluster", [{"mesh": LOCAL}], indirect=True)
+
+
+@local_cluster
 def test_peers_of_one_host_use_local_links(cluster):
     wait_until(lambda: local_peers(cluster) == {node_id: cluster.workers - 1 for node_id in local_peers(cluster)}
                and len(local_peers(cluster)) == cluster.workers, what="every peer linked locally")
     send_to_every_node(cluster, nodes=2)
 
 
+@local_cluster
 def test_a_stranger_without_the_key_gets_nothing_and_is_counted(cluster):
     before = refused(cluster)
     sock = stranger(cluster)
@@ -82,6 +92,7 @@ def test_a_stranger_without_the_key_gets_nothing_and_is_counted(cluster):
     wait_until(lambda: refused(cluster) == before + 1, what="the refusal counted")
 
 
+@local_cluster
 def test_a_stranger_that_says_nothing_is_closed_after_the_handshake_time(cluster):
     before = refused(cluster)
     sock = stranger(cluster)
@@ -94,8 +105,8 @@ def test_a_stranger_that_says_nothing_is_closed_after_the_handshake_time(cluster
     wait_until(lambda: refused(cluster) == before + 1, what="the refusal counted")
 
 
-def test_without_local_links_zeromq_carries_everything(tmp_path):
-    with running(Cluster(tmp_path, workers=2, mesh={"local_links": False})) as cluster:
+def test_by_default_zeromq_carries_everything(tmp_path):
+    with running(Cluster(tmp_path, workers=2)) as cluster:
         wait_until(lambda: len(cluster.status()["nodes"]) == 2, what="both nodes")
         send_to_every_node(cluster, nodes=2)
         assert local_peers(cluster) == {node["node_id"]: 0 for node in cluster.status()["nodes"]}
@@ -110,7 +121,7 @@ def test_a_squatter_on_a_nodes_socket_name_learns_nothing_and_changes_nothing(tm
     squatter.listen(16)
     squatter.settimeout(0.2)
     heard, accepted = [], []
-    with running(Cluster(tmp_path, workers=3, mesh={"port": base})) as cluster:
+    with running(Cluster(tmp_path, workers=3, mesh={"port": base, **LOCAL})) as cluster:
         deadline = time.monotonic() + 3
         while time.monotonic() < deadline:
             try:
@@ -135,6 +146,44 @@ def test_a_squatter_on_a_nodes_socket_name_learns_nothing_and_changes_nothing(tm
     for conn in accepted:
         conn.close()
     squatter.close()
+
+
+def test_a_killed_peer_is_noticed_at_once_over_a_local_link_with_the_coordinator_frozen(tmp_path):
+    """kill -9 of a node while the coordinator is frozen: its local links end, and the peers alone answer 401
+    and count its subscribers in f within 0.5 s (docs/operations.md, Failure behaviour)."""
+    cluster = Cluster(tmp_path, workers=3, node_timeout=30, forward_timeout=SLOW_FORWARD, mesh=LOCAL)
+    with running(cluster):
+        wait_until(lambda: sorted(local_peers(cluster).values()) == [2, 2, 2], what="every peer linked locally")
+        channel = f"local-dead-{uuid.uuid4().hex[:6]}"
+        victim, doomed, survivors = spread_and_subscribe(cluster, channel)
+        coordinator, victim_pid = coordinator_of(cluster), pid_of(cluster, victim)
+        coordinator.suspend()
+        try:
+            os.kill(victim_pid, signal.SIGKILL)
+            check_fast_failures(cluster, doomed, survivors, channel, failed=len(doomed))
+        finally:
+            coordinator.resume()
+
+
+def test_a_frozen_peer_goes_down_by_heartbeats_and_its_local_link_comes_back(tmp_path):
+    """SIGSTOP: ZeroMQ's heartbeats put the peer down (its local link is closed with it); SIGCONT: the link is
+    up again and messages go over a fresh local link."""
+    cluster = Cluster(tmp_path, workers=2, node_timeout=60, forward_timeout=1, mesh=LOCAL)
+    with running(cluster):
+        wait_until(lambda: sorted(local_peers(cluster).values()) == [1, 1], what="both peers linked locally")
+        clients = cluster.clients(6, nodes=2)
+        victim = clients[0].node
+        pid = pid_of(cluster, victim)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            wait_until(lambda: f"mesh link to node {victim} is down" in cluster.logs(), timeout=15,
+                       what="the frozen peer's link to go down")
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        wait_until(lambda: f"mesh link to node {victim} is up again" in cluster.logs(), timeout=15,
+                   what="the link to come back")
+        wait_until(lambda: sorted(local_peers(cluster).values()) == [1, 1], what="the local links open again")
+        send_to_every_node(cluster, nodes=2)
 
 
 # --- one process, real sockets: the link's framing and its ends -------------------------------------

@@ -789,6 +789,36 @@ def test_queue_event_round_trip(event):
         assert type(got.message.event) is bytes
 
 
+@pytest.mark.parametrize("body", [
+    b'{"e":"queue.pop","p":{"n":1,"c":"2","t":"jobs","d":"\\ud800"},"i":null}',
+    b'{"e":"queue.pop","p":{"n":1,"c":"2","t":"jobs","d":"\\uDC00x"},"i":null}',
+    b'{"e":"queue.pop","p":{"n":1,"c":"2","t":"jobs","d":NaN},"i":null}',
+    b'{"e":"queue.pop","p":{"n":1,"c":"2","t":"jobs","d":[-Infinity]},"i":null}',
+    b'{"e":"queue.pop","p":{"n":1,"c":"2","t":"jobs","d":1e999},"i":null}',
+    b'{"e":"queue.pop","p":{"n":1,"c":"2","t":"jobs","d":' + b"9" * 400 + b'.5},"i":null}',
+], ids=["lone-high", "lone-low", "nan", "infinity", "overflow-exponent", "overflow-digits"])
+def test_queue_event_that_could_not_be_written_again_is_refused(body):
+    """A peer's event holding what JSON cannot carry to a consumer (a lone surrogate, NaN, Infinity, a number
+    beyond a double) is refused, naming the body."""
+    outbound = mesh.Outbound(QueueEvent, b'{"t":"jobs","k":9}', body)
+    with pytest.raises(mesh.FrameError, match="body"):
+        mesh.read_request(mesh.frame_request(outbound, 3))
+
+
+@pytest.mark.parametrize("data", ["\U0001f389 party", 1e300, -0.5e-300, 10 ** 40, "E000 e123"])
+def test_queue_event_with_pairs_big_numbers_and_look_alikes_reads_back(data):
+    """What only looks like those (a surrogate pair, large but finite numbers, 'e123' in text) is taken."""
+    event = protocol.queue_event(1, 2, "jobs", data)
+    got = mesh.read_request(mesh.frame_request(mesh.queue_event_request("jobs", 9, event), 3))
+    assert got.message.event == event
+
+
+def test_queue_event_with_an_escaped_surrogate_pair_reads_back():
+    body = b'{"e":"queue.pop","p":{"n":1,"c":"2","t":"jobs","d":"\\ud83c\\udf89"},"i":null}'
+    got = mesh.read_request(mesh.frame_request(mesh.Outbound(QueueEvent, b'{"t":"jobs","k":9}', body), 3))
+    assert got.message.event == body
+
+
 @pytest.mark.parametrize("origin, interest, consumers", [
     (1, [], []),
     (MAX_NODE_ID, [["news", 2, 7]], []),
