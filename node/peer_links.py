@@ -89,12 +89,14 @@ class PeerLinks:
         self._local = local
         self.on_down = self.on_up = None
         self._links = {}   # node_id -> _Link
+        self.down_count = 0   # links that are down now (0: every peer with a link is reachable)
         self._log = Throttled(log, burst=10)   # a flapping peer does not flood the log
 
     def open(self, node_id: int, address: str, own_id: int, down: bool = False) -> None:
         """Opens the link to a peer's mesh point (closing any it had); `down`: usable only after a handshake."""
         self.close(node_id)
         link = self._links[node_id] = _Link(address, own_id, down)
+        self.down_count += down
         socket = new_socket(self._context, zmq.DEALER, self._hwm, self._key, self._max_bytes,
                             b"n%d-%d" % (own_id, time.monotonic_ns()))
         socket.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
@@ -140,6 +142,7 @@ class PeerLinks:
     def close(self, node_id: int) -> None:
         link = self._links.pop(node_id, None)
         if link is not None:
+            self.down_count -= link.down
             _close(link)
 
     def usable(self, node_id: int):
@@ -167,6 +170,7 @@ class PeerLinks:
         if event == _UP:
             if link.down:
                 link.down = False
+                self.down_count -= 1
                 self._log.info("mesh link to node %d is up again", node_id)
                 self._open_local(node_id, link)
                 self.on_up(node_id)

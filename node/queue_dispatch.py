@@ -81,8 +81,10 @@ class QueueDispatch:
 
         `attempt` is above 1 for an event an at-least-once consumer had and did not acknowledge.
         """
+        # Consumers behind a link that is down are passed over; with every link up there is nothing to ask.
+        reachable = self.mesh_point.reachable if self.mesh_point.links.down_count else None
         for _ in range(_PICK_TRIES):
-            target = self.routing.pick_consumer(topic, client_id, self.mesh_point.reachable)
+            target = self.routing.pick_consumer(topic, client_id, reachable)
             if target is None:
                 break
             origin, consumer_id = target
