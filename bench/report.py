@@ -151,11 +151,13 @@ def meshgate_api(results: dict) -> str:
             ("http_send", "HTTP /v1/mesh/send, 4 keep-alive connections", "requests_per_s"),
             ("queue_events", "queue events from 100 clients to one queue.pop consumer", "events_per_s")]:
         item = rounds.get(key) or {}
-        ratio = item.get("delivery_ratio")
+        ratio, each = item.get("delivery_ratio"), item.get("cpu_us_each")
         rows.append([label, f"{item[rate]:,.0f}" if rate in item else "-",
+                     f"{each:,.1f}" if isinstance(each, (int, float)) else "-",
                      f"{ratio:.4f}" if isinstance(ratio, float) else "-"])
-    return _render("meshgate only: API and queue figures (per second; higher is better)",
-                   ["", "per second", "delivery ratio"], rows)
+    return _render("meshgate only: API and queue figures (per second, higher is better; server CPU per request "
+                   "or event, all its processes, lower is better)",
+                   ["", "per second", "CPU µs each", "delivery ratio"], rows)
 
 
 def reported_failures(results: dict) -> str:

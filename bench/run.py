@@ -498,6 +498,7 @@ def meshgate_api(server, receivers: Receivers, args) -> dict:
     if len({node for node, _ in owners.values()}) < 2:
         raise BenchError("every client landed on one node; no cross-node target")
     results = {}
+    procs = server.processes()
     sender = Child("wssend", server.api, probe_topic=f"bench-probe-{uuid.uuid4().hex[:8]}", window=args.window)
     try:
         if not sender.reply(30).get("ready"):
@@ -506,13 +507,15 @@ def meshgate_api(server, receivers: Receivers, args) -> dict:
         for where, wanted in (("local", lambda node: node == api_node), ("cross_node", lambda node: node != api_node)):
             target = next(cid for cid, (node, _) in owners.items() if wanted(node))
             node, holder = owners[target]
+            cpu_before = cpu_seconds(procs)
             done = sender.ask(args.duration * 20 + 60, "send", target, args.sends)
             got = holder.ask(40, "wait", "send", args.sends, 30, 5)
+            cpu = sum(cpu_used(cpu_before, cpu_seconds(procs)).values())
             results[f"ws_send_{where}"] = {
                 "api_node": api_node, "client_node": node, "requests": done["requests"], "ok": done["ok"],
                 "failed": done["failed"], "errors": done["errors"], "seconds": round(done["end"] - done["start"], 4),
                 "requests_per_s": done["ok"] / (done["end"] - done["start"]),
-                "delivery_ratio": got["count"] / args.sends}
+                "delivery_ratio": got["count"] / args.sends, **_cpu_per(cpu, done["ok"])}
     finally:
         sender.stop()
     target = next(iter(owners))
@@ -520,16 +523,24 @@ def meshgate_api(server, receivers: Receivers, args) -> dict:
     child = publisher(server.send, args.size, duration=args.duration, kind="send", target=target,
                       ok_marker='"s":true')
     try:
+        cpu_before = cpu_seconds(procs)
         sent = child.ask(args.duration + 60, "go")
     finally:
         child.stop()
     got = holder.ask(40, "wait", "send", sent["requests"], 30, 5)
+    cpu = sum(cpu_used(cpu_before, cpu_seconds(procs)).values())
     results["http_send"] = {"requests": sent["requests"], "failed": sent["failed"], "errors": sent["errors"],
                             "seconds": round(sent["end"] - sent["start"], 4),
                             "requests_per_s": sent["requests"] / (sent["end"] - sent["start"]),
-                            "delivery_ratio": got["count"] / sent["requests"]}
+                            "delivery_ratio": got["count"] / sent["requests"], **_cpu_per(cpu, sent["requests"])}
     results["queue_events"] = queue_events(server, receivers, args)
     return results
+
+
+def _cpu_per(cpu_s: float, count: int) -> dict:
+    """The server's CPU seconds over a measurement, and per operation in µs: steadier than a rate on a
+    shared machine (the rate also depends on how the work overlaps and on the load generator)."""
+    return {"cpu_total_s": round(cpu_s, 3), "cpu_us_each": round(cpu_s * 1e6 / count, 1) if count else None}
 
 
 def node_of_consumer(server, timeout: float = 10.0) -> int:
@@ -552,13 +563,17 @@ def queue_events(server, receivers: Receivers, args) -> dict:
         if not ready.get("ready"):
             raise BenchError(f"the queue consumer was refused: {ready}")
         total = receivers.count * args.queue_messages
+        procs = server.processes()
+        cpu_before = cpu_seconds(procs)
         started = min(r["start"] for r in receivers.ask_all(30, "send", args.queue_messages))
         got = consumer.ask(90, "wait", total, 60, 5)
+        cpu = sum(cpu_used(cpu_before, cpu_seconds(procs)).values())
     finally:
         consumer.stop()
     elapsed = got["last"] - started
     return {"events": got["events"], "expected": total, "delivery_ratio": got["events"] / total,
-            "seconds": round(elapsed, 4), "events_per_s": got["events"] / elapsed if got["events"] else 0.0}
+            "seconds": round(elapsed, 4), "events_per_s": got["events"] / elapsed if got["events"] else 0.0,
+            **_cpu_per(cpu, got["events"])}
 
 
 # --- the run -----------------------------------------------------------------------------------------------------
