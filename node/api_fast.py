@@ -38,7 +38,7 @@ from cluster import protocol
 from cluster.http_server import BoundedHTTPServer
 from cluster.protocol import ApiError
 from node.api import Caller
-from node.api_http import ROUTES, _Date, json_type
+from node.api_http import ROUTES, DateHeader, json_type
 
 _HEAD_MAX = 65536          # Tornado's default max_header_size: a longer head is Tornado's to refuse
 _READ = 65536
@@ -52,8 +52,8 @@ class _Request:
     __slots__ = ("headers", "remote_ip")
     protocol = "http"
 
-    def __init__(self, headers: dict, remote_ip: str):
-        self.headers, self.remote_ip = _Headers(headers), remote_ip
+    def __init__(self, headers: "_Headers", remote_ip: str):
+        self.headers, self.remote_ip = headers, remote_ip
 
 
 class _Headers(dict):
@@ -70,12 +70,12 @@ def _head(head: bytes):
     method = _TARGETS.get(lines[0])
     if method is None:
         return None
-    headers = {}
+    headers = _Headers()
     for line in lines[1:]:
         if b"\n" in line or b"\r" in line:
             return None
         name, colon, value = line.partition(b":")
-        if not colon or not name or name != name.strip() or b" " in name or b"\t" in name:
+        if not colon or not name or b" " in name or b"\t" in name:
             return None   # a folded line, a space before the colon, no colon: Tornado decides
         key = name.decode("latin-1").lower()
         if key in headers:
@@ -203,7 +203,7 @@ class FastConnection:
         status = 200 if code is None else protocol.http_status(code)
         node_id = self.server.api.node.node_id
         head = b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\nDate: %s\r\n" % (
-            status, _REASONS.get(status, b"Unknown"), len(envelope), _Date.now().encode("ascii"))
+            status, _REASONS.get(status, b"Unknown"), len(envelope), DateHeader.now().encode("ascii"))
         if node_id:
             head += b"X-Meshgate-Node: %d\r\n" % node_id
         if self.closing:
@@ -263,10 +263,6 @@ class FastConnection:
             loop.remove_writer(self.fd)
         self.server.fast.discard(self)
 
-    async def close(self) -> None:   # what HTTPServer.close_all_connections awaits of a connection
-        self.abort()
-
-
 
 class ApiServer(BoundedHTTPServer):
     """The API port's server: plain-HTTP connections start as FastConnections (see the module docstring).
@@ -274,7 +270,7 @@ class ApiServer(BoundedHTTPServer):
     Args (besides HTTPServer's): api, the node's executor; max_body, node.api.max_body.
     """
 
-    def initialize(self, *args, api=None, max_body: int = 0, **kwargs):
+    def initialize(self, *args, api, max_body: int, **kwargs):
         super().initialize(*args, **kwargs)
         self.api, self.max_body = api, max_body
         self.idle_s = kwargs.get("idle_connection_timeout") or 3600.0
@@ -285,7 +281,7 @@ class ApiServer(BoundedHTTPServer):
         self._sweep.start()
 
     def _handle_connection(self, connection, address) -> None:
-        if self.ssl_options is not None or self.api is None:
+        if self.ssl_options is not None:
             super()._handle_connection(connection, address)
             return
         if self.over_budget(connection):

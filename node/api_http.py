@@ -66,7 +66,7 @@ class ApiRouter(tornado.routing.Router):
         return self.app.find_handler(request, **kwargs)
 
 
-class _Date:
+class DateHeader:
     """The Date header, formatted once a second."""
     second, text = 0, ""
 
@@ -107,7 +107,7 @@ class _Call(httputil.HTTPMessageDelegate):
             return
         status = 200 if code is None else protocol.http_status(code)
         headers = httputil.HTTPHeaders({"Content-Type": "application/json", "Content-Length": str(len(envelope)),
-                                        "Date": _Date.now()})
+                                        "Date": DateHeader.now()})
         if self.api.node.node_id:
             headers["X-Meshgate-Node"] = str(self.api.node.node_id)
         self.connection.write_headers(

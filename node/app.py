@@ -25,10 +25,10 @@ from tornado.netutil import bind_sockets
 
 from cluster import event_loop, handover, live, logs, tls
 from cluster.http_server import BUDGET, BoundedHTTPServer, raise_file_limit
-from node.api_fast import ApiServer
 from cluster.supervisor import SUPERVISED_ENV, watch_parent
 from cluster.token_keys import TokenKeyError
 from node import entry as entries, hooks
+from node.api_fast import ApiServer
 from node.api_http import ROUTES, ApiRouter, CallHandler, NotFoundHandler
 from node.api_ws import ApiSocket
 from node.client_limits import ServerGate, log_request

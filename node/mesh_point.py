@@ -8,9 +8,10 @@ Deadlines sit in a heap checked by one periodic sweep, not a timer per
 request. Every frame in or out goes through cluster/mesh.py. What goes to one peer during one loop turn, requests or
 replies, leaves packed into one ZeroMQ frame at the end of the turn
 (`mesh.pack`, within the mesh's size bound): one hand-over to ZeroMQ's I/O
-thread, and one frame for pyzmq, instead of one per message. Peers of the
-same host are reached, and reach this node, over local links instead
-(node/local_links.py: `listen_local`); the requests and replies are the same.
+thread, and one frame for pyzmq, instead of one per message. With
+node.mesh.local_links, peers of the same host are reached, and reach this
+node, over local links instead (node/local_links.py: `listen_local`); the
+requests and replies are the same.
 Owned by the node's IOLoop.
 """
 
@@ -91,7 +92,7 @@ class MeshPoint:
     """
 
     def __init__(self, context: zmq.Context, bind: str, timeout: float, max_pending_bytes: int, key,
-                 max_bytes: int, local_links: bool = True):
+                 max_bytes: int, local_links: bool = False):
         self.timeout = timeout
         self.max_pending_bytes, self.max_bytes = max_pending_bytes, max_bytes
         self.handle_request = None

@@ -200,7 +200,7 @@ class _NodeCollector:
         yield _counter("meshgate_mesh_messages_refused", "Messages from peers or the coordinator dropped "
                        "because they could not be read.", mesh_point.refused + node.link.refused)
         yield _counter("meshgate_mesh_handshakes_refused", "Mesh handshakes refused (another cluster key, "
-                       "or a local link that broke its rules).", node.zap.refused + mesh_point.local_refused())
+                       "or a local link that broke its rules).", node.handshakes_refused())
 
 
 def node_metrics(node) -> Exposition:

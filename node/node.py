@@ -164,6 +164,10 @@ class Node:
         """This node's metrics in Prometheus' text format (node/metrics.py), sent to the coordinator."""
         return self.metrics.text().decode("utf-8")
 
+    def handshakes_refused(self) -> int:
+        """Mesh handshakes refused: CURVE handshakes with another key, and local links that broke their rules."""
+        return self.zap.refused + self.mesh_point.local_refused()
+
     def stats(self) -> dict:
         """This node's figures, sent with every heartbeat (coordinator/http.py, NODE_FIGURES)."""
         now = time.monotonic()
@@ -182,5 +186,6 @@ class Node:
             "hook_errors": counters.hook_errors, "handshakes_refused": counters.handshakes_refused,
             "limit_closed": counters.limit_closed, "cpu": self._process.cpu_percent(None),
             "rss": self._process.memory_info().rss, "id_ms": self.ids.last_ms if self.ids else 0,
-            "mesh_refused": self.mesh_point.refused + self.link.refused, "mesh_handshakes_refused": self.zap.refused + self.mesh_point.local_refused(),
+            "mesh_refused": self.mesh_point.refused + self.link.refused,
+            "mesh_handshakes_refused": self.handshakes_refused(),
         }

@@ -77,6 +77,7 @@ local_cluster = pytest.mark.parametrize("cluster", [{"mesh": LOCAL}], indirect=T
 def test_peers_of_one_host_use_local_links(cluster):
     wait_until(lambda: local_peers(cluster) == {node_id: cluster.workers - 1 for node_id in local_peers(cluster)}
                and len(local_peers(cluster)) == cluster.workers, what="every peer linked locally")
+    assert set(local_peers(cluster).values()) == {cluster.workers - 1}
     send_to_every_node(cluster, nodes=2)
 
 
@@ -161,6 +162,7 @@ def test_a_killed_peer_is_noticed_at_once_over_a_local_link_with_the_coordinator
         try:
             os.kill(victim_pid, signal.SIGKILL)
             check_fast_failures(cluster, doomed, survivors, channel, failed=len(doomed))
+            assert f"mesh link to node {victim} is down" in cluster.logs()
         finally:
             coordinator.resume()
 
