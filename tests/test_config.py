@@ -393,6 +393,8 @@ def test_default_config_type():
     ({"node": {"servers": [{"demo": 1}]}}, "node.servers[0].demo: expected a string"),
     ({"node": {"servers": [{"path": "/chat", "demo": "/chat"}]}}, "node.servers[0].demo: /chat is the path"),
     ({"node": {"advertise": "http://host"}}, "node.advertise: expected a host name or IP address"),
+    ({"node": {"mesh": {"local_links": "yes"}}}, "node.mesh.local_links: expected a boolean"),
+    ({"node": {"mesh": {"local_links": 1}}}, "node.mesh.local_links: expected a boolean"),
 ])
 def test_newer_keys_refused_with_their_path(raw, prefix):
     """queue.max_bytes, servers[].reload/demo and advertise are checked like every other key."""
