@@ -678,19 +678,10 @@ def _no_body(value: bytes) -> None:
         raise _Bad("this kind has no body", " body")
 
 
-# What JSON text must hold for its value not to be written again (`_json_value`): a UTF-16 surrogate escape,
-# NaN or Infinity, or a number that overflows a double (a 3-digit exponent, or hundreds of digits). Raw
-# UTF-8 cannot hold a surrogate (`str(value, "utf-8")` refuses it). Text without any of these needs no
-# second encoding to be checked: the common queue event, read on every consumer's node.
-_MAY_NOT_REENCODE = re.compile(rb"\\u[dD][89a-fA-F]|NaN|Infinity|[eE][+-]?[0-9]{3}|[0-9]{300}")
-
-
 def _queue_event(value: bytes) -> bytes:
     try:
         str(value, "utf-8")   # it goes to a consumer as a text frame
-        event = ujson.loads(value)
-        if _MAY_NOT_REENCODE.search(value) is not None:
-            _json_value(event)
+        event = _json_value(ujson.loads(value))   # what JSON cannot carry to a consumer: refused here
     except _Bad as bad:
         raise bad.at(" body") from None
     except (ValueError, TypeError, OverflowError):   # UnicodeDecodeError included
