@@ -4,8 +4,9 @@ Request/reply correlation and per-request deadlines live here: every
 forwarded request ends within its timeout, as a reply, `PeerTimeout`,
 `PeerUnavailable` or `BadReply`, and at once (`PeerUnreachable`, `LinkDown`)
 while the peer's link is down (node/peer_links.py watches the links).
-Deadlines sit in a heap checked by one periodic sweep, not a timer per
-request. Every frame in or out goes through cluster/mesh.py. What goes to one peer during one loop turn, requests or
+Deadlines are checked by one periodic sweep, not a timer per request:
+those of the default timeout in the order made (which is their order), the
+few with a timeout of their own in a heap. Every frame in or out goes through cluster/mesh.py. What goes to one peer during one loop turn, requests or
 replies, leaves packed into one ZeroMQ frame at the end of the turn
 (`mesh.pack`, within the mesh's size bound): one hand-over to ZeroMQ's I/O
 thread, and one frame for pyzmq, instead of one per message. With
@@ -16,6 +17,7 @@ Owned by the node's IOLoop.
 """
 
 import asyncio
+import collections
 import heapq
 import logging
 import time
@@ -113,7 +115,10 @@ class MeshPoint:
                                (self._material, max_pending_bytes + max_bytes) if local_links else None)
         self.links.on_down = lambda node_id, why: self._fail(node_id, LinkDown, why)
         self._pending = {}      # request id -> (future, time sent, node_id, size, kind)
-        self._deadlines = []    # heap of (deadline, request id); answered ids are skipped when they come up
+        # (deadline, request id); answered ids are skipped when they come up. One timeout for nearly every
+        # request keeps their deadlines in the order they were made: a deque, not a heap (O(1), not log n).
+        self._deadlines = collections.deque()
+        self._own_deadlines = []   # heap of the requests with a timeout of their own
         self._peer_bytes = {}   # node_id -> bytes of its pending requests
         self._out = {}          # node_id -> _Batch of requests for the end of this turn
         self._replies = {}      # peer routing id -> _Batch of replies for the end of this turn
@@ -188,37 +193,48 @@ class MeshPoint:
             return
         self._queue(node_id, frames[0], 0)
 
-    def request(self, node_id: int, message: mesh.Outbound, timeout: float = None) -> asyncio.Future:
+    def request(self, node_id: int, message: mesh.Outbound, timeout: float = None, then=None):
         """Sends a request and returns a future of the peer's result (cluster/mesh.py, read_result).
 
         The future fails with a PeerError: PeerUnavailable (unknown peer, link
         full, too much unanswered, peer dropped), PeerUnreachable (its link is
         down), LinkDown (it went down meanwhile), PeerTimeout (no reply within
         `timeout`), BadReply, or TooLarge.
+
+        With `then`, no Future: `then(outcome)` is called with an `Outcome` (done, with the same result
+        or error) as soon as the reply or the error is there, or in the next turn when the request
+        fails at once. For the requests made once per event, where a Future and its loop turn cost more
+        than the rest of the bookkeeping.
         """
-        future = self._loop.create_future()
+        future = self._loop.create_future() if then is None else Outcome(then)
         if self.links.usable(node_id) is None:
-            future.set_exception(PeerUnreachable(f"node {node_id} is unreachable (its mesh link is down)") if
-                                 self.links.known(node_id) else PeerUnavailable(f"node {node_id} is not in the mesh"))
-            return future
+            return self._failed_now(future, PeerUnreachable(f"node {node_id} is unreachable (its mesh link is down)")
+                                    if self.links.known(node_id) else PeerUnavailable(f"node {node_id} is not in the mesh"))
         size = len(message.body)
         waiting = self._peer_bytes.get(node_id, 0)
         if waiting + size > self.max_pending_bytes:
-            future.set_exception(PeerUnavailable(f"node {node_id} has {waiting} bytes of requests unanswered"))
-            return future
+            return self._failed_now(future, PeerUnavailable(f"node {node_id} has {waiting} bytes of requests unanswered"))
         self._counter += 1
         request_id = self._counter
         frames = mesh.frame_request(message, request_id)
         if len(frames[0]) > self.max_bytes:
-            future.set_exception(TooLarge(f"a {len(frames[0])}-byte request is larger than the mesh takes "
-                                          f"({self.max_bytes} bytes)"))
-            return future
+            return self._failed_now(future, TooLarge(f"a {len(frames[0])}-byte request is larger than the mesh "
+                                                     f"takes ({self.max_bytes} bytes)"))
         now = time.monotonic()
-        deadline = now + (self.timeout if timeout is None else timeout)
         self._pending[request_id] = (future, now, node_id, size, message.kind)
-        heapq.heappush(self._deadlines, (deadline, request_id))
+        if timeout is None:
+            self._deadlines.append((now + self.timeout, request_id))
+        else:
+            heapq.heappush(self._own_deadlines, (now + timeout, request_id))
         self._peer_bytes[node_id] = waiting + size
         self._queue(node_id, frames[0], request_id)
+        return future
+
+    def _failed_now(self, future, error: Exception):
+        if type(future) is Outcome:   # not from inside the caller's own call: the next turn
+            self._loop.call_soon(future.set_exception, error)
+        else:
+            future.set_exception(error)
         return future
 
     def _queue(self, node_id: int, frame: bytes, request_id: int) -> None:
@@ -297,25 +313,32 @@ class MeshPoint:
         if future.done():
             return
         try:
-            future.set_result(mesh.read_result(kind, raw))
+            result = mesh.read_result(kind, raw)
         except mesh.FrameError as exc:
             self.refused += 1
             self._bad_log.warning("dropped a bad %s reply from node %d: %s", mesh.kind_name(kind), node_id, exc)
             future.set_exception(BadReply(f"node {node_id} sent a reply that could not be read"))
+            return
+        future.set_result(result)
 
     def sweep(self) -> None:
         now = time.monotonic()
         deadlines = self._deadlines
         while deadlines and deadlines[0][0] <= now:
-            _, request_id = heapq.heappop(deadlines)
-            entry = self._pending.pop(request_id, None)
-            if entry is None:   # answered (or its peer dropped) already
-                continue
-            future, _, node_id, size, _ = entry
-            self._settled(node_id, size)
-            self.timeouts += 1
-            if not future.done():
-                future.set_exception(PeerTimeout(f"node {node_id} did not answer in time"))
+            self._expire(deadlines.popleft()[1])
+        deadlines = self._own_deadlines
+        while deadlines and deadlines[0][0] <= now:
+            self._expire(heapq.heappop(deadlines)[1])
+
+    def _expire(self, request_id: int) -> None:
+        entry = self._pending.pop(request_id, None)
+        if entry is None:   # answered (or its peer dropped) already
+            return
+        future, _, node_id, size, _ = entry
+        self._settled(node_id, size)
+        self.timeouts += 1
+        if not future.done():
+            future.set_exception(PeerTimeout(f"node {node_id} did not answer in time"))
 
     # --- inbound -----------------------------------------------------------
 
@@ -344,8 +367,8 @@ class MeshPoint:
         except Exception:
             log.exception("mesh request %s from %r failed", type(request.message).__name__, peer[:64])
             result = _INTERNAL_ERROR
-        if asyncio.iscoroutine(result) or asyncio.isfuture(result):
-            asyncio.ensure_future(self._reply_later(peer, request, result))
+        if type(result) is not bytes and (asyncio.iscoroutine(result) or asyncio.isfuture(result)):
+            asyncio.ensure_future(self._reply_later(peer, request, result))   # (asking is slow for bytes: an ABC)
         elif request.request_id:
             self.send_reply(peer, request.request_id, result)
 
@@ -376,6 +399,40 @@ class MeshPoint:
             log.warning("%d mesh replies dropped: peer link full", len(batch.messages))
         except zmq.ZMQError as exc:
             log.warning("%d mesh replies dropped: %s", len(batch.messages), exc)
+
+
+class Outcome:
+    """A request's outcome for `request(..., then=...)`: the little of a Future its callers use
+    (`done`, `result`, `exception`), set once, handed to `then` right away."""
+    __slots__ = ("_then", "_result", "_error", "_done")
+
+    def __init__(self, then):
+        self._then, self._result, self._error, self._done = then, None, None, False
+
+    def done(self) -> bool:
+        return self._done
+
+    def result(self):
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+    def exception(self):
+        return self._error
+
+    def set_result(self, result) -> None:
+        self._result, self._done = result, True
+        self._call()
+
+    def set_exception(self, error: Exception) -> None:
+        self._error, self._done = error, True
+        self._call()
+
+    def _call(self) -> None:
+        try:
+            self._then(self)
+        except Exception:   # as the loop does for a Future's callback: logged, the other replies go on
+            log.exception("a mesh reply's callback failed")
 
 
 _INTERNAL_ERROR = mesh.failure(ErrorCode.MESH_UNAVAILABLE, "internal error on the peer")

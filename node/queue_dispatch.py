@@ -96,9 +96,9 @@ class QueueDispatch:
                     break
             elif origin != self.routing.node_id:
                 item = _item(seq, client_id, event, attempt)
-                future = self.mesh_point.request(origin, mesh.queue_event_request(topic, consumer_id, event))
                 self.in_flight += 1
-                future.add_done_callback(lambda f: self._on_event_reply(f, topic, item, origin, consumer_id))
+                self.mesh_point.request(origin, mesh.queue_event_request(topic, consumer_id, event),
+                                        then=lambda f: self._on_event_reply(f, topic, item, origin, consumer_id))
                 return True
             elif self.write_local(consumer_id, topic, event):
                 return True

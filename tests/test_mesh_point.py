@@ -1,0 +1,132 @@
+"""MeshPoint's requests made with `then=` (no Future), in one process over real ZeroMQ sockets on loopback.
+
+Each outcome, a reply, a bad reply, a timeout, a link that goes away, a
+request refused at once, reaches `then` exactly once; a refusal never from
+inside the `request` call itself; a `then` that raises does not stop the
+replies after it.
+"""
+
+import asyncio
+
+import pytest
+import zmq
+
+from cluster import cluster_key, mesh
+from cluster.zloop import ZapHandler
+from node.mesh_point import BadReply, MeshPoint, PeerTimeout, PeerUnavailable, TooLarge
+
+pytestmark = pytest.mark.timeout(30)
+FRAME = b"\x81\x01x"
+TIMEOUT = 0.3
+
+
+class Pair:
+    """Node 1 asks, node 2 serves with `serve(request)` (bytes, or None for no reply)."""
+
+    def __init__(self, serve):
+        self.context = zmq.Context()
+        key = cluster_key.generate()
+        self.zap = ZapHandler(self.context, key)
+        max_bytes = mesh.max_mesh_bytes(65536, 65536)
+        self.asker = MeshPoint(self.context, "tcp://127.0.0.1:0", TIMEOUT, 64 << 20, key, max_bytes)
+        self.server = MeshPoint(self.context, "tcp://127.0.0.1:0", TIMEOUT, 64 << 20, key, max_bytes)
+        self.server.handle_request = lambda peer, request: serve(request)
+        self.asker.links.on_up = self.server.links.on_up = lambda node_id: None
+        self.asker.connect(2, self.server.address, 1)
+
+    def close(self):
+        self.asker.close()
+        self.server.close()
+        self.zap.close()
+        self.context.destroy(linger=0)
+
+
+async def outcomes(pair, count: int, message=None, wait: float = 5.0) -> list:
+    got = []
+    done = asyncio.Event()
+
+    def then(outcome):
+        assert outcome.done()
+        got.append(outcome.exception() or outcome.result())
+        if len(got) >= count:
+            done.set()
+
+    for _ in range(count):
+        pair.asker.request(2, message or mesh.publish_request(["c"], FRAME), then=then)
+    await asyncio.wait_for(done.wait(), wait)
+    await asyncio.sleep(0.05)   # anything called twice shows here
+    return got
+
+
+def run(serve, body):
+    async def main():
+        pair = Pair(serve)
+        try:
+            return await body(pair)
+        finally:
+            pair.close()
+    return asyncio.run(main())
+
+
+def test_replies_reach_then_once_each():
+    got = run(lambda request: mesh.publish_result(3, 1), lambda pair: outcomes(pair, 200))
+    assert got == [mesh.Delivered(3, 1)] * 200
+
+
+def test_a_request_nobody_answers_times_out_once():
+    async def body(pair):
+        started = asyncio.get_running_loop().time()
+        got = await outcomes(pair, 5)
+        return got, asyncio.get_running_loop().time() - started
+    got, took = run(lambda request: None, body)
+    assert [type(error) for error in got] == [PeerTimeout] * 5
+    assert TIMEOUT * 0.9 <= took < TIMEOUT + 2
+
+
+def test_a_bad_reply_is_a_bad_reply():
+    got = run(lambda request: b'{"nonsense": 1}', lambda pair: outcomes(pair, 3))
+    assert [type(error) for error in got] == [BadReply] * 3
+
+
+def test_refused_at_once_reaches_then_in_the_next_turn_not_inside_request():
+    async def body(pair):
+        called = []
+        pair.asker.request(9, mesh.publish_request(["c"], FRAME), then=called.append)   # no such peer
+        too_large = b"x" * (pair.asker.max_bytes + 1)
+        pair.asker.request(2, mesh.publish_request(["c"], too_large), then=called.append)
+        assert called == []
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        return [type(outcome.exception()) for outcome in called]
+    assert run(lambda request: None, body) == [PeerUnavailable, TooLarge]
+
+
+def test_a_peer_that_leaves_fails_what_waits_for_it():
+    async def body(pair):
+        called = []
+        for _ in range(10):
+            pair.asker.request(2, mesh.publish_request(["c"], FRAME), then=called.append)
+        pair.asker.disconnect(2)
+        await asyncio.sleep(TIMEOUT * 2)   # and the sweep finds nothing left to time out
+        return [type(outcome.exception()) for outcome in called]
+    assert run(lambda request: None, body) == [PeerUnavailable] * 10
+
+
+def test_a_then_that_raises_does_not_stop_the_other_replies(caplog):
+    async def body(pair):
+        got = []
+
+        def then(outcome):
+            got.append(outcome.result())
+            if len(got) == 1:
+                raise RuntimeError("a callback's own bug")
+
+        for _ in range(20):
+            pair.asker.request(2, mesh.publish_request(["c"], FRAME), then=then)
+        for _ in range(100):
+            if len(got) == 20:
+                break
+            await asyncio.sleep(0.02)
+        return got
+    assert run(lambda request: mesh.publish_result(1, 0), body) == [mesh.Delivered(1, 0)] * 20
+    assert "callback failed" in caplog.text
