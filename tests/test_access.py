@@ -380,3 +380,23 @@ def test_examples_send_credentials_from_user_and_environment(cluster, clients):
     finally:
         consumer.terminate()
         consumer.wait(timeout=WAIT)
+
+
+def test_the_remembered_browser_rules_follow_a_reload():
+    """Access remembers its answers per set of headers; a reload that changes the allowed hosts or origins,
+    or closes the API, is honoured at once."""
+    from types import SimpleNamespace
+    from cluster.config import from_dict
+
+    def request(host, origin=None):
+        headers = {"Host": host, **({"Origin": origin} if origin else {})}
+        return SimpleNamespace(headers=headers, protocol="http", remote_ip="127.0.0.1")
+
+    checks = access.Access(from_dict({}))
+    assert checks._browser_problem(request("api.internal:6789")) is not None
+    assert checks._browser_problem(request("127.0.0.1:6789", ORIGIN)) is not None
+    checks.load(from_dict({"node": {"api": {"allowed_hosts": ["api.internal"], "allowed_origins": [ORIGIN]}}}))
+    assert checks._browser_problem(request("api.internal:6789")) is None
+    assert checks._browser_problem(request("127.0.0.1:6789", ORIGIN)) is None
+    checks.load(from_dict({}))
+    assert checks._browser_problem(request("api.internal:6789")) is not None
