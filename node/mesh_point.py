@@ -6,7 +6,8 @@ forwarded request ends within its timeout, as a reply, `PeerTimeout`,
 while the peer's link is down (node/peer_links.py watches the links).
 Deadlines are checked by one periodic sweep, not a timer per request:
 those of the default timeout in the order made (which is their order), the
-few with a timeout of their own in a heap. Every frame in or out goes through cluster/mesh.py. What goes to one peer during one loop turn, requests or
+few with a timeout of their own in a heap. Every frame in or out goes
+through cluster/mesh.py. What goes to one peer during one loop turn, requests or
 replies, leaves packed into one ZeroMQ frame at the end of the turn
 (`mesh.pack`, within the mesh's size bound): one hand-over to ZeroMQ's I/O
 thread, and one frame for pyzmq, instead of one per message. With

@@ -130,3 +130,27 @@ def test_a_then_that_raises_does_not_stop_the_other_replies(caplog):
         return got
     assert run(lambda request: mesh.publish_result(1, 0), body) == [mesh.Delivered(1, 0)] * 20
     assert "callback failed" in caplog.text
+
+
+def test_a_timeout_of_its_own_ends_on_its_own_deadline():
+    """Requests with a timeout of their own (kept apart from the default ones) time out when theirs says."""
+    async def body(pair):
+        loop = asyncio.get_running_loop()
+        started, ended = loop.time(), {}
+
+        def then(name):
+            return lambda outcome: ended.setdefault(name, (type(outcome.exception()), loop.time() - started))
+
+        pair.asker.request(2, mesh.publish_request(["c"], FRAME), then=then("default"))
+        pair.asker.request(2, mesh.publish_request(["c"], FRAME), timeout=TIMEOUT / 3, then=then("shorter"))
+        pair.asker.request(2, mesh.publish_request(["c"], FRAME), timeout=TIMEOUT * 2, then=then("longer"))
+        for _ in range(100):
+            if len(ended) == 3:
+                break
+            await asyncio.sleep(0.02)
+        return ended
+    ended = run(lambda request: None, body)
+    assert {name: error for name, (error, _) in ended.items()} == dict.fromkeys(("default", "shorter", "longer"),
+                                                                               PeerTimeout)
+    assert ended["shorter"][1] < ended["default"][1] < ended["longer"][1]
+    assert ended["shorter"][1] < TIMEOUT * 0.9 and ended["longer"][1] >= TIMEOUT * 1.8
