@@ -149,7 +149,8 @@ def meshgate_api(results: dict) -> str:
             ("ws_send_cross_node", "/ws/v1 mesh.send, pipelined, one connection, client on the other node",
              "requests_per_s"),
             ("http_send", "HTTP /v1/mesh/send, 4 keep-alive connections", "requests_per_s"),
-            ("queue_events", "queue events from 100 clients to one queue.pop consumer", "events_per_s")]:
+            ("queue_events", "queue events from 100 clients to one queue.pop consumer (median of rounds)",
+             "events_per_s")]:
         item = rounds.get(key) or {}
         ratio, each = item.get("delivery_ratio"), item.get("cpu_us_each")
         rows.append([label, f"{item[rate]:,.0f}" if rate in item else "-",
