@@ -288,8 +288,10 @@ class Access:
 
     def _browser_problem(self, request) -> Optional[str]:
         headers = request.headers
-        return _remembered_browser_problem(headers.get("Origin"), headers.get("Host"), request.protocol,
-                                           self.allowed_origins, self.allowed_hosts, self.users.open)
+        origin, host = headers.get("Origin"), headers.get("Host")
+        ask = _remembered_browser_problem if len(origin or "") + len(host or "") <= _REMEMBERED_HEADERS else \
+            browser_problem
+        return ask(origin, host, request.protocol, self.allowed_origins, self.allowed_hosts, self.users.open)
 
     def check_now(self, request) -> Optional[User]:
         """The user making `request` when `check` would let it in without waiting; else None (call `check`)."""
@@ -378,5 +380,7 @@ def browser_problem(origin: Optional[str], host: Optional[str], scheme: str, all
 
 
 # Asked of every API request, nearly always with the same headers: a hit takes 0.1 us, parsing the Host as
-# an address again several. Bounded; the allowed sets are frozensets, so every argument is hashable.
+# an address again several. Bounded in entries and in what each holds (longer headers are not remembered:
+# 1,024 of 64 KiB would be a stranger's 64 MiB); the allowed sets are frozensets, so every argument is hashable.
+_REMEMBERED_HEADERS = 512
 _remembered_browser_problem = functools.lru_cache(maxsize=1024)(browser_problem)

@@ -395,7 +395,7 @@ def load(path: Optional[str]) -> Config:
 
 
 # What SIGHUP applies to running processes; every other change takes a restart.
-LIVE_KEYS = ("access.users", "logging.level")
+LIVE_KEYS = ("access.users", "logging.level", "node.api.allowed_origins", "node.api.allowed_hosts")   # cluster/live.py
 
 
 def _differences(old: Any, new: Any, path: str) -> list:

@@ -170,10 +170,10 @@ class MeshPoint:
             request_ids = [request_id for request_id, entry in self._pending.items() if entry[2] == node_id]
         for request_id in request_ids:
             entry = self._pending.pop(request_id, None)
-            if entry is not None:   # its heap entry is skipped when it comes up
+            if entry is not None:   # its deadline is skipped when it comes up
                 self._settled(node_id, entry[3])
                 if not entry[0].done():
-                    entry[0].set_exception(error(message))
+                    self._failed_now(entry[0], error(message))   # (a full link fails a batch inside request())
 
     def connected(self) -> list:   # up or down
         return self.links.node_ids()
@@ -232,7 +232,9 @@ class MeshPoint:
         return future
 
     def _failed_now(self, future, error: Exception):
-        if type(future) is Outcome:   # not from inside the caller's own call: the next turn
+        """Fails a request that may still be inside its own `request()` call: an Outcome's `then`
+        runs in the next turn, as a Future's callbacks would."""
+        if type(future) is Outcome:
             self._loop.call_soon(future.set_exception, error)
         else:
             future.set_exception(error)

@@ -400,3 +400,16 @@ def test_the_remembered_browser_rules_follow_a_reload():
     assert checks._browser_problem(request("127.0.0.1:6789", ORIGIN)) is None
     checks.load(from_dict({}))
     assert checks._browser_problem(request("api.internal:6789")) is not None
+
+
+def test_long_headers_are_checked_but_not_remembered():
+    """A stranger's long Origin or Host is answered like any other, and is not kept (the memory is bounded in
+    entries and in what each holds)."""
+    from types import SimpleNamespace
+    from cluster.config import from_dict
+    checks = access.Access(from_dict({}))
+    long_host = "h" * 4000 + ".example"
+    before = access._remembered_browser_problem.cache_info().currsize
+    request = SimpleNamespace(headers={"Host": long_host}, protocol="http", remote_ip="127.0.0.1")
+    assert "is not an address" in checks._browser_problem(request)
+    assert access._remembered_browser_problem.cache_info().currsize == before

@@ -481,3 +481,14 @@ def test_fixed_mesh_ports_leave_room_for_replacements(workers, mesh_port, messag
     with pytest.raises(ConfigError) as caught:
         config.check_mesh_ports(cfg, workers)
     assert str(caught.value) == message
+
+
+def test_what_a_reload_applies_is_not_reported_as_needing_a_restart():
+    """SIGHUP applies the users, the log level and the API's allowed origins and hosts (cluster/live.py);
+    any other change is named as taking effect after a restart."""
+    from cluster.config import from_dict, needs_restart
+    before = from_dict({})
+    after = from_dict({"node": {"api": {"allowed_origins": ["https://app.example"], "allowed_hosts": ["api.internal"]},
+                                "forward_timeout": 3},
+                       "logging": {"level": "debug"}})
+    assert needs_restart(before, after) == ["node.forward_timeout"]

@@ -154,3 +154,23 @@ def test_a_timeout_of_its_own_ends_on_its_own_deadline():
                                                                                PeerTimeout)
     assert ended["shorter"][1] < ended["default"][1] < ended["longer"][1]
     assert ended["shorter"][1] < TIMEOUT * 0.9 and ended["longer"][1] >= TIMEOUT * 1.8
+
+
+def test_a_full_link_fails_its_batch_in_the_next_turn_not_inside_request():
+    """The request that fills a batch sends it from inside request(); when the link refuses it (zmq.Again,
+    its queue full), every request of the batch fails with PeerUnavailable after the call, not in it.
+    (Filling ZeroMQ's real queue takes 100,000 messages: the link's send is made to refuse instead.)"""
+    class FullLink:
+        def send(self, frames):
+            raise zmq.Again()
+
+    async def body(pair):
+        pair.asker.links.usable = lambda node_id: FullLink()
+        called = []
+        for _ in range(mesh.MAX_BATCH):
+            pair.asker.request(2, mesh.publish_request(["c"], FRAME), then=called.append)
+            assert called == []
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        return [type(outcome.exception()) for outcome in called]
+    assert run(lambda request: None, body) == [PeerUnavailable] * mesh.MAX_BATCH
