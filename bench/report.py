@@ -106,6 +106,9 @@ def tables(results: dict) -> str:
         figure(results, "Publish requests per second, 100 subscribers, 4 keep-alive HTTP connections "
                         "(higher is better)",
                [("100 subscribers", "rounds_100.publish.requests_per_s")], integer),
+        figure(results, "... the same publishes, counted until every subscriber had every one (first POST to "
+                        "the last subscriber's last message; higher is better)",
+               [("100 subscribers", "rounds_100.publish.delivered_per_s")], integer),
         figure(results, "Memory per idle connection, KiB (RSS growth of all the server's processes / K; "
                         "lower is better)",
                _fanout_rows(results, "kib_per_connection_rss"), kib),
