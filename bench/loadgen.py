@@ -603,7 +603,7 @@ async def consume(args) -> None:
         total, timeout, stall = int(command[1]), float(command[2]), float(command[3])
         await wait_for(lambda: state["events"] >= total, timeout, stall, lambda: state["events"])
         emit(events=state["events"], first=state["first"], last=state["last"])
-        state["events"] = 0
+        state["events"], state["first"], state["last"] = 0, 0.0, 0.0   # a round's figures are its own
     client.transport.close()
 
 

@@ -577,12 +577,12 @@ def queue_events(server, receivers: Receivers, args) -> dict:
         for _ in range(args.queue_rounds):
             started = min(r["start"] for r in receivers.ask_all(30, "send", args.queue_messages))
             got = consumer.ask(90, "wait", total, 60, 5)
-            rounds.append((got["events"], got["last"] - started))
+            rounds.append((got["events"], max(got["last"] - started, 0.0)))
         cpu = sum(cpu_used(cpu_before, cpu_seconds(procs)).values())
     finally:
         consumer.stop()
     events = sum(count for count, _ in rounds)
-    rates = [count / seconds if count else 0.0 for count, seconds in rounds]
+    rates = [count / seconds if count and seconds else 0.0 for count, seconds in rounds]
     return {"events": events, "expected": total * len(rounds), "delivery_ratio": events / (total * len(rounds)),
             "seconds": round(sum(seconds for _, seconds in rounds), 4), "events_per_s": statistics.median(rates),
             "rounds_per_s": [round(rate) for rate in rates], **_cpu_per(cpu, events)}
@@ -640,6 +640,13 @@ def machine() -> dict:
     }
 
 
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--subscribers", type=int, nargs="+", default=[1000, 5000, 20000],
@@ -662,7 +669,8 @@ def parse_args():
     parser.add_argument("--sends", type=int, default=30000, help="pipelined /ws/v1 mesh.send requests")
     parser.add_argument("--window", type=int, default=1000, help="/ws/v1 requests in flight at most")
     parser.add_argument("--queue-messages", type=int, default=300, help="messages each of 100 clients sends")
-    parser.add_argument("--queue-rounds", type=int, default=3, help="queue rounds; their median rate is reported")
+    parser.add_argument("--queue-rounds", type=_at_least_one, default=3,
+                        help="queue rounds; their median rate is reported")
     parser.add_argument("--settle", type=float, default=1.0, help="seconds between subscribing and measuring")
     parser.add_argument("--output", default=str(HERE / "results" / "latest.json"))
     return parser.parse_args()

@@ -1,4 +1,5 @@
-"""What SIGHUP changes in a running process: users, TLS certificates, the log level (docs/operations.md).
+"""What SIGHUP changes in a running process: users, TLS certificates, the log level, the API's allowed origins
+and hosts (docs/operations.md).
 
 `reload` reads the configuration file again and applies what can change
 while connections stay open; anything else that differs is logged as

@@ -172,7 +172,8 @@ async def _serve(config, worker: int, key) -> int:
 
 
 def _reload(node, contexts) -> None:
-    """SIGHUP: users, certificates and log level again; /ws/v1 connections of a removed user are closed 1008."""
+    """SIGHUP: users, certificates, log level and the API's allowed origins and hosts again; /ws/v1 connections
+    of a removed user are closed 1008."""
     if live.reload(node.config, node.access, contexts) is not None:
         for socket in list(node.api_sockets):
             socket.recheck(node.access.users)
