@@ -17,12 +17,14 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from types import SimpleNamespace
 
 import pytest
 import websocket
 import yaml
 
 from cluster import access
+from cluster.config import from_dict
 from conftest import Client, Cluster, MESHGATE, WAIT, assert_error, running, wait_until
 
 ADMIN = ("admin", "s3cret-admin")
@@ -382,16 +384,16 @@ def test_examples_send_credentials_from_user_and_environment(cluster, clients):
         consumer.wait(timeout=WAIT)
 
 
+def _api_request(host, origin=None):
+    """What Access reads of an HTTP request: its headers, scheme and peer."""
+    headers = {"Host": host, **({"Origin": origin} if origin else {})}
+    return SimpleNamespace(headers=headers, protocol="http", remote_ip="127.0.0.1")
+
+
 def test_the_remembered_browser_rules_follow_a_reload():
     """Access remembers its answers per set of headers; a reload that changes the allowed hosts or origins,
     or closes the API, is honoured at once."""
-    from types import SimpleNamespace
-    from cluster.config import from_dict
-
-    def request(host, origin=None):
-        headers = {"Host": host, **({"Origin": origin} if origin else {})}
-        return SimpleNamespace(headers=headers, protocol="http", remote_ip="127.0.0.1")
-
+    request = _api_request
     checks = access.Access(from_dict({}))
     assert checks._browser_problem(request("api.internal:6789")) is not None
     assert checks._browser_problem(request("127.0.0.1:6789", ORIGIN)) is not None
@@ -405,11 +407,7 @@ def test_the_remembered_browser_rules_follow_a_reload():
 def test_long_headers_are_checked_but_not_remembered():
     """A stranger's long Origin or Host is answered like any other, and is not kept (the memory is bounded in
     entries and in what each holds)."""
-    from types import SimpleNamespace
-    from cluster.config import from_dict
     checks = access.Access(from_dict({}))
-    long_host = "h" * 4000 + ".example"
     before = access._remembered_browser_problem.cache_info().currsize
-    request = SimpleNamespace(headers={"Host": long_host}, protocol="http", remote_ip="127.0.0.1")
-    assert "is not an address" in checks._browser_problem(request)
+    assert "is not an address" in checks._browser_problem(_api_request("h" * 4000 + ".example"))
     assert access._remembered_browser_problem.cache_info().currsize == before
