@@ -176,6 +176,8 @@ def parse_names(value: Any, field: str, kind: str = "channel", allow_single: boo
 # --- data -------------------------------------------------------------------
 
 _BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}\Z")
+_ABSENT = object()    # a field the request does not have (`dict.get` in one step, not `in` then `[]`)
+_new = tuple.__new__  # a NamedTuple made on every request, without its Python-level constructor
 
 
 def _dumps(value: Any) -> str:
@@ -204,12 +206,14 @@ def parse_payload(params: dict, prefix: str = "p.") -> Payload:
     Raises:
         ApiError(101): `d` missing or of the wrong type, `t` unknown, bad base64.
     """
-    if "d" not in params:
+    data = params.get("d", _ABSENT)
+    if data is _ABSENT:
         raise _invalid(f"{prefix}d: data is required")
-    data = params["d"]
     msg_type = params.get("t", "text")
     if msg_type == "text":
         try:
+            if type(data) is str:   # the commonest request: no more than it needs
+                return _new(Payload, (data.encode("utf-8"), False))
             if isinstance(data, str):
                 return Payload(data.encode("utf-8"), False)
             if isinstance(data, (dict, list)):
@@ -231,9 +235,9 @@ def parse_payload(params: dict, prefix: str = "p.") -> Payload:
     raise _invalid(f"{prefix}t: type must be \"text\" or \"binary\"")
 
 
-def _require_object(params: Any, field: str = "p") -> dict:
-    if not isinstance(params, dict):
-        raise _invalid(f"{field}: must be a JSON object")
+def _require_object(params: Any, prefix: str) -> dict:
+    if type(params) is not dict and not isinstance(params, dict):
+        raise _invalid(f"{_whole(prefix)}: must be a JSON object")
     return params
 
 
@@ -249,15 +253,20 @@ class PublishParams(NamedTuple):
 
 def parse_send(params: Any, prefix: str = "p.") -> SendParams:
     """Parameters of mesh.send: `prefix` is "p." for `/ws/v1` and "" for an HTTP body."""
-    params = _require_object(params, _whole(prefix))
-    if "c" not in params:
+    params = _require_object(params, prefix)
+    client_id = params.get("c", _ABSENT)
+    if client_id is _ABSENT:
         raise _invalid(f"{prefix}c: client_id is required")
-    return SendParams(parse_client_id(params["c"], f"{prefix}c"), parse_payload(params, prefix))
+    if type(client_id) is str and client_id.isdigit() and client_id.isascii() and len(client_id) < 20:
+        client_id = int(client_id)   # below 10^19, within range: the commonest id, read without more ado
+    else:
+        client_id = parse_client_id(client_id, f"{prefix}c")
+    return _new(SendParams, (client_id, parse_payload(params, prefix)))
 
 
 def parse_publish(params: Any, prefix: str = "p.") -> PublishParams:
     """Parameters of mesh.publish; `c` is one channel or a non-empty list of them."""
-    params = _require_object(params, _whole(prefix))
+    params = _require_object(params, prefix)
     if "c" not in params:
         raise _invalid(f"{prefix}c: channel is required")
     channels = parse_names(params["c"], f"{prefix}c", "channel")
@@ -294,7 +303,7 @@ def parse_queue_pop(params: Any, prefix: str = "p.") -> PopParams:
     or the connmix list form `[..]`."""
     if isinstance(params, list):
         return PopParams(parse_names(params, _whole(prefix), "topic"))
-    params = _require_object(params, _whole(prefix))
+    params = _require_object(params, prefix)
     if "t" not in params:
         raise _invalid(f"{prefix}t: topic list is required")
     topics = parse_names(params["t"], f"{prefix}t", "topic")
@@ -313,7 +322,7 @@ def parse_queue_pop(params: Any, prefix: str = "p.") -> PopParams:
 
 def parse_queue_ack(params: Any, prefix: str = "p.") -> list:
     """The delivery ids of queue.ack: `{"k": ["<id>", ...]}`, at most MAX_ACK_IDS of them."""
-    params = _require_object(params, _whole(prefix))
+    params = _require_object(params, prefix)
     if "k" not in params:
         raise _invalid(f"{prefix}k: delivery id list is required")
     ids = params["k"]
@@ -333,7 +342,7 @@ def parse_queue_unpop(params: Any, prefix: str = "p."):
         return None
     if isinstance(params, list):
         return parse_names(params, _whole(prefix), "topic") if params else None
-    params = _require_object(params, _whole(prefix))
+    params = _require_object(params, prefix)
     if "t" not in params or params["t"] is None:
         return None
     return parse_names(params["t"], f"{prefix}t", "topic")
@@ -403,7 +412,7 @@ def parse_call_args(function: str, args: list, prefix: str = "p.") -> list:
 
 def parse_conn_call(params: Any, prefix: str = "p.") -> CallParams:
     """Parameters of conn.call: `c`, `f` (one of CALL_FUNCTIONS) and `a` (a list)."""
-    params = _require_object(params, _whole(prefix))
+    params = _require_object(params, prefix)
     if "c" not in params:
         raise _invalid(f"{prefix}c: client_id is required")
     client_id = parse_client_id(params["c"], f"{prefix}c")
@@ -431,7 +440,7 @@ class PresenceParams(NamedTuple):
 
 def parse_presence(params: Any, prefix: str = "p.") -> PresenceParams:
     """Parameters of channel.presence: `c` one channel, `context` (false), `limit` (PRESENCE_LIMIT)."""
-    params = _require_object(params, _whole(prefix))
+    params = _require_object(params, prefix)
     channel = parse_count(params, prefix)
     context = params.get("context", False)
     if type(context) is not bool:
@@ -444,7 +453,7 @@ def parse_presence(params: Any, prefix: str = "p.") -> PresenceParams:
 
 def parse_count(params: Any, prefix: str = "p.") -> str:
     """The one channel of channel.count (and channel.presence)."""
-    params = _require_object(params, _whole(prefix))
+    params = _require_object(params, prefix)
     if "c" not in params:
         raise _invalid(f"{prefix}c: channel is required")
     return parse_name(params["c"], f"{prefix}c")
@@ -454,6 +463,7 @@ def parse_count(params: Any, prefix: str = "p.") -> str:
 
 METHODS = ("queue.pop", "queue.unpop", "conn.call", "mesh.send", "mesh.publish", "channel.presence",
            "channel.count", "queue.ack")
+_METHOD_NAMES = frozenset(METHODS)
 
 
 class WsRequest(NamedTuple):
@@ -499,21 +509,30 @@ def parse_ws_request(text) -> WsRequest:
     Raises:
         ApiError(101) with `req_id` set when the id could be read.
     """
-    text, message = _decode(text, "request")
-    if not isinstance(message, dict):
+    if type(text) is str:   # what the frame reader hands over (text it checked as UTF-8)
+        try:
+            message = ujson.loads(text)
+        except (ValueError, TypeError, OverflowError):
+            raise _invalid("request: malformed JSON") from None
+    else:
+        text, message = _decode(text, "request")
+    if type(message) is not dict:
         raise _invalid("request must be a JSON object")
-    req_id = message.get("i", message.get("id"))
-    if isinstance(req_id, bool) or not (req_id is None or isinstance(req_id, (int, str))):
+    req_id = message.get("i", _ABSENT)
+    if req_id is _ABSENT:
+        req_id = message.get("id")
+    if req_id is not None and type(req_id) is not int and type(req_id) is not str:   # bool is not int here
         raise _invalid("i: id must be an integer or a string")
     if not _surrogate_free(text, message):   # answered with its id, unless the id is what cannot be written
         echo = None if isinstance(req_id, str) and utf8_size(req_id) == _NOT_UTF8 else req_id
         raise ApiError(ErrorCode.INVALID_PARAMS, "request: lone UTF-16 surrogate escape", echo)
     method = message.get("m")
-    if not isinstance(method, str):
+    if type(method) is not str:
         raise ApiError(ErrorCode.INVALID_PARAMS, "m: method name is required", req_id)
-    if method not in METHODS:
+    if method not in _METHOD_NAMES:
         raise ApiError(ErrorCode.INVALID_PARAMS, f"m: unknown method {method!r}", req_id)
-    return WsRequest(method, message.get("p", {}), req_id)
+    params = message.get("p", _ABSENT)
+    return _new(WsRequest, (method, {} if params is _ABSENT else params, req_id))
 
 
 def parse_http_body(body: bytes) -> dict:
@@ -528,11 +547,22 @@ def parse_http_body(body: bytes) -> dict:
 
 # --- responses and events ---------------------------------------------------
 
-def ok_body(result: Any, req_id: Any = None, ws: bool = False) -> str:
-    """Success envelope `{"E": null, "r": result}` (plus `i` over WebSocket)."""
-    if ws:
-        return _dumps({"E": None, "r": result, "i": req_id})
-    return _dumps({"E": None, "r": result})
+SENT = {"s": True}   # the result of most calls that succeed (mesh.send's always): written once, below
+_SENT_JSON = b'{"s":true}'
+
+
+def ok_body(result: Any, req_id: Any = None, ws: bool = False) -> bytes:
+    """Success envelope `{"E": null, "r": result}` (plus `i` over WebSocket), as UTF-8 JSON.
+
+    The shell is written as bytes around the encoded result: one encoding per
+    answer, none for `SENT` (one for an id that is not an integer).
+    """
+    result = _SENT_JSON if result is SENT else _dumps(result).encode("utf-8")
+    if not ws:
+        return b'{"E":null,"r":%s}' % result
+    if type(req_id) is int:
+        return b'{"E":null,"r":%s,"i":%d}' % (result, req_id)
+    return b'{"E":null,"r":%s,"i":%s}' % (result, _dumps(req_id).encode("utf-8"))
 
 
 def error_body(code: ErrorCode, message: str, req_id: Any = None, ws: bool = False) -> str:

@@ -17,7 +17,7 @@ import inspect
 import logging
 import time
 from functools import partial
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import Any, Callable, NamedTuple, Union
 
 from cluster import protocol
 from cluster.access import ALL_ROLES, READ, WRITE
@@ -79,13 +79,14 @@ class Api:
         self.node = node
         self.requests = Requests(protocol.METHODS)
         self.access_log = node.config.node.api.access_log
+        self._tasks = set()   # the calls that run as tasks (awaitables that are not a Deferred)
 
-    def execute(self, method: str, params, caller: Caller, req_id, reply) -> Optional[asyncio.Future]:
+    def execute(self, method: str, params, caller: Caller, req_id, reply) -> None:
         """Runs one call; `reply(code, envelope)` gets its outcome exactly once.
 
         `code` is None on success, else the ErrorCode; `envelope` is the
-        encoded body. The reply comes now, or when the call completes; then
-        the running future is returned (the transport bounds how many it has).
+        encoded body. The reply comes now, or when the call completes (the
+        transport counts what it has running by the replies still to come).
         Each answer is counted and timed (node/metrics.py `Requests`).
         """
         started = time.monotonic()
@@ -98,31 +99,32 @@ class Api:
             if role not in caller.roles:
                 raise ApiError(ErrorCode.NOT_AUTHORIZED, f"{method}: this user lacks the {role} role")
             result = spec.run(self, parsed, caller)
-            if type(result) is Deferred:   # waits for a peer: settled from the future's callback, no task
-                result.future.add_done_callback(
-                    partial(self._settle, method, result.finish, caller, req_id, reply, started))
-                return result.future
+            if type(result) is Deferred:   # waits for a peer: settled when its reply is read, no Future, no task
+                result.when_done(partial(self._settle, method, caller, req_id, reply, started))
+                return
             if result is not None and type(result) not in _PLAIN and inspect.isawaitable(result):
                 route = LOCAL if method == "conn.call" else FORWARDED   # a local conn.call; else waits for peers
-                return asyncio.ensure_future(self._finish(method, result, caller, req_id, reply, started, route))
-            envelope = protocol.ok_body(result, req_id, caller.ws).encode("utf-8")
+                task = asyncio.ensure_future(self._finish(method, result, caller, req_id, reply, started, route))
+                self._tasks.add(task)   # the loop keeps only a weak reference to a task
+                task.add_done_callback(self._tasks.discard)
+                return
+            envelope = protocol.ok_body(result, req_id, caller.ws)
         except Exception as exc:
             self._answer(method, caller, started, LOCAL, reply, *self._failed(method, exc, caller, req_id))
-            return None
+            return
         self._answer(method, caller, started, LOCAL, reply, None, envelope)
-        return None
 
     async def _finish(self, method: str, awaitable, caller: Caller, req_id, reply, started, route) -> None:
         try:
-            envelope = protocol.ok_body(await awaitable, req_id, caller.ws).encode("utf-8")
+            envelope = protocol.ok_body(await awaitable, req_id, caller.ws)
         except Exception as exc:
             self._answer(method, caller, started, route, reply, *self._failed(method, exc, caller, req_id))
             return
         self._answer(method, caller, started, route, reply, None, envelope)
 
-    def _settle(self, method: str, finish, caller: Caller, req_id, reply, started, future) -> None:
+    def _settle(self, method: str, caller: Caller, req_id, reply, started, deferred: Deferred) -> None:
         try:
-            envelope = protocol.ok_body(finish(future), req_id, caller.ws).encode("utf-8")
+            envelope = protocol.ok_body(deferred.finish(deferred), req_id, caller.ws)
         except Exception as exc:
             self._answer(method, caller, started, FORWARDED, reply, *self._failed(method, exc, caller, req_id))
             return
@@ -155,7 +157,7 @@ class Api:
     def mesh_send(self, params: protocol.SendParams, caller: Caller):
         payload = params.payload
         waiting = self.node.forward.send(params.client_id, protocol.encode_ws_frame(payload.data, payload.binary))
-        return _SENT if waiting is None else waiting.then(_sent)
+        return _SENT if waiting is None else waiting   # a Deferred of the same result
 
     def mesh_publish(self, params: protocol.PublishParams, caller: Caller):
         payload = params.payload
@@ -187,12 +189,12 @@ class Api:
         except TooManyTopics:
             raise ApiError(ErrorCode.CONSUME_FAILED, f"{caller.prefix}t: a connection may consume at most "
                            f"{self.node.queues.consumers.max_topics_per_consumer} topics") from None
-        return {"s": True}
+        return _SENT
 
     def queue_unpop(self, topics, caller: Caller) -> dict:
         consumer = _consumer(caller, "queue.unpop")
         self.node.queues.stop_consuming(consumer.consumer_id, topics)
-        return {"s": True}
+        return _SENT
 
     def queue_ack(self, delivery_ids: list, caller: Caller) -> dict:
         consumer = _consumer(caller, "queue.ack")
@@ -212,7 +214,7 @@ class Api:
         result = CONN_FUNCTIONS[function].run(self.node, conn, args)
         if inspect.isawaitable(result):
             result = await result
-        return result if isinstance(result, dict) else {"s": True}
+        return result if isinstance(result, dict) else _SENT
 
 
 def _log_access(method: str, caller: Caller, code, seconds) -> None:
@@ -223,11 +225,7 @@ def _log_access(method: str, caller: Caller, code, seconds) -> None:
 
 
 # What mesh.send and mesh.publish answer: the local path answers at once, without a task.
-_SENT = {"s": True}
-
-
-def _sent(_) -> dict:
-    return _SENT
+_SENT = protocol.SENT
 
 
 def _counts(counts: tuple) -> dict:

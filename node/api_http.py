@@ -84,7 +84,6 @@ class _Call(httputil.HTTPMessageDelegate):
     def __init__(self, api, method: str, caller: Caller, connection):
         self.api, self.method, self.caller, self.connection = api, method, caller, connection
         self.chunks = []
-        self.running = None   # the executor's task, if the call waits (a reference keeps it alive)
         self.gone = False
 
     def data_received(self, chunk: bytes) -> None:
@@ -97,7 +96,7 @@ class _Call(httputil.HTTPMessageDelegate):
             self.api.refused(self.method, self.caller, exc.code)
             self.reply(exc.code, protocol.error_body(exc.code, exc.message).encode("utf-8"))
             return
-        self.running = self.api.execute(self.method, params, self.caller, None, self.reply)
+        self.api.execute(self.method, params, self.caller, None, self.reply)
 
     def on_connection_close(self) -> None:
         self.gone = True
@@ -218,9 +217,13 @@ class CallHandler(_EnvelopeHandler):
         except ApiError as exc:
             self.reply_error(exc.code, exc.message)
             return
-        running = self.api.execute(self.method, params, self._caller(), None, self.reply)
-        if running is not None:
-            await asyncio.wait([running])   # the executor replies (an error included); only wait for it
+        answered = asyncio.get_running_loop().create_future()
+
+        def reply(code, envelope: bytes) -> None:
+            self.reply(code, envelope)
+            answered.set_result(None)
+        self.api.execute(self.method, params, self._caller(), None, reply)
+        await answered   # the executor replies (an error included) now or later: Tornado must not finish first
 
     def _unsupported(self, *args):
         raise tornado.web.HTTPError(405)

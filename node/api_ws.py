@@ -34,7 +34,7 @@ class ApiSocket(tornado.websocket.WebSocketHandler):
         self.stream = None
         self.consumer_id = 0
         self.caller = None
-        self._running = set()
+        self._running = 0   # requests executed and not answered yet
 
     def check_origin(self, origin: str) -> bool:
         return True   # checked in get(), by the same rules as HTTP (cluster/access.py)
@@ -108,14 +108,17 @@ class ApiSocket(tornado.websocket.WebSocketHandler):
         except ApiError as exc:
             self.reply_error(exc.code, exc.message, exc.req_id)
             return
-        if len(self._running) >= self.max_in_flight:
-            self.reply_error(ErrorCode.MESH_UNAVAILABLE, f"{method}: {len(self._running)} requests of this "
+        if self._running >= self.max_in_flight:
+            self.reply_error(ErrorCode.MESH_UNAVAILABLE, f"{method}: {self._running} requests of this "
                              "connection are still in flight; retry later", req_id, method)
             return
-        running = self.api.execute(method, params, self.caller, req_id, self.reply)
-        if running is not None:
-            self._running.add(running)
-            running.add_done_callback(self._running.discard)
+        self._running += 1
+        self.api.execute(method, params, self.caller, req_id, self._answered)
+
+    def _answered(self, code, envelope: bytes) -> None:
+        """An executed request's reply (exactly one each): one fewer in flight."""
+        self._running -= 1
+        self.reply(code, envelope)
 
     def close(self, code: int = None, reason: str = None) -> None:
         # No more events for it: those not written yet go to another consumer or wait (docs/protocol.md, queue.pop).

@@ -74,9 +74,9 @@ class Mesh:
             if waiting is False:
                 return False
             if waiting is not None:   # a Deferred: the owner's answer
-                await asyncio.wait([waiting.future])
+                await waiting.future()
                 try:
-                    waiting.finish(waiting.future)
+                    waiting.finish(waiting)
                 except ApiError:
                     return False
             return True
@@ -158,8 +158,8 @@ def check_name(name, kind: str) -> str:
 
 
 async def _counted(deferred) -> tuple:
-    await asyncio.wait([deferred.future])
-    return deferred.finish(deferred.future)
+    await deferred.future()
+    return deferred.finish(deferred)
 
 
 def _background(awaitable) -> asyncio.Future:

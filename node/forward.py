@@ -15,18 +15,20 @@ from typing import Callable
 
 from cluster import mesh
 from cluster.ids import node_id_of
-from cluster.protocol import ApiError, ErrorCode
-from node.mesh_point import BadReply, LinkDown, PeerTimeout, PeerUnavailable, PeerUnreachable, TooLarge
+from cluster.protocol import SENT, ApiError, ErrorCode
+from node.mesh_point import BadReply, LinkDown, Outcome, PeerTimeout, PeerUnavailable, PeerUnreachable, TooLarge
 
 
-class Deferred:
-    """A call that waits for a peer, without a task of its own: `finish(future)` is its result
-    once `future` is done (or raises its ApiError). Run `finish` from a done callback of `future`.
-    (A plain class: one is made per forwarded request, and a NamedTuple's constructor costs more.)"""
-    __slots__ = ("future", "finish")
+class Deferred(Outcome):
+    """A call that waits for a peer, with no Future and no task: MeshPoint.request fills it with the
+    peer's reply or the error (it is the request's `Outcome`); `finish(self)` is then the call's result,
+    or raises its ApiError. Whoever waits for it says what follows with `when_done` (the executor), or
+    awaits `future()` (an entry). Made once per forwarded request: no more than it needs."""
+    __slots__ = ("finish",)
 
-    def __init__(self, future: asyncio.Future, finish: Callable):
-        self.future, self.finish = future, finish
+    def __init__(self, finish: Callable = None):
+        self._then, self._result, self._error, self._done = None, None, None, False
+        self.finish = finish
 
     def then(self, after: Callable) -> "Deferred":
         """The same call, its result passed through `after(result)`."""
@@ -63,7 +65,7 @@ class Forwarder:
         """Delivers one encoded frame to a client anywhere in the mesh.
 
         Returns None when it was written here, or a `Deferred` that ends when
-        the client's node wrote it (nothing to wait for on the local path).
+        the client's node wrote it, its result protocol.SENT (nothing to wait for on the local path).
 
         Raises:
             ApiError(401): not connected anywhere, owner dead, silent or unreachable, or the write failed.
@@ -74,8 +76,8 @@ class Forwarder:
         if owner not in self.routing.nodes:
             return _check_written(client_id, None)
         # Asked now, not when a task first runs: requests keep the order they were made in.
-        return Deferred(self.mesh_point.request(owner, mesh.send_request(client_id, frame)),
-                        partial(_sent_remote, owner, client_id))
+        return self.mesh_point.request(owner, mesh.send_request(client_id, frame),
+                                       then=Deferred(partial(_sent_remote, owner, client_id)))
 
     def publish(self, channels: list, frame: bytes):
         """Delivers one encoded frame to every subscriber of `channels` in the mesh, once each.
@@ -84,14 +86,17 @@ class Forwarder:
         """
         peers = self.routing.interested_peers(channels)
         # Peers first: ZeroMQ sends on its own thread, so they fan out while this node does.
+        if len(peers) == 1:
+            [(peer, peer_channels)] = peers.items()
+            waiting = self.mesh_point.request(peer, mesh.publish_request(peer_channels, frame), then=Deferred())
+            written, failed = self.hub.publish(channels, frame)
+            waiting.finish = partial(self._count_peer, peer, peer_channels, written, failed)
+            return waiting
         pending = [self.mesh_point.request(peer, mesh.publish_request(peer_channels, frame))
                    for peer, peer_channels in peers.items()]
         written, failed = self.hub.publish(channels, frame)
         if not pending:
             return written, failed
-        if len(pending) == 1:
-            [(peer, peer_channels)] = peers.items()
-            return Deferred(pending[0], partial(self._count_peer, peer, peer_channels, written, failed))
         return self._count_peers(peers, pending, written, failed)
 
     def _count_peer(self, peer: int, peer_channels: list, written: int, failed: int, reply) -> tuple:
@@ -119,8 +124,8 @@ class Forwarder:
         if owner not in self.routing.nodes:
             return _fail(ApiError(ErrorCode.CALL_FAILED, f"client {client_id} is not connected"))
         # Asked now, not when a task first runs: requests keep the order they were made in.
-        return Deferred(self.mesh_point.request(owner, mesh.call_request(client_id, function, args)),
-                        partial(_called_remote, owner, client_id))
+        return self.mesh_point.request(owner, mesh.call_request(client_id, function, args),
+                                       then=Deferred(partial(_called_remote, owner, client_id)))
 
     # --- inbound -----------------------------------------------------------------------
 
@@ -165,18 +170,24 @@ async def _fail(error: Exception):
     raise error
 
 
-def _sent_remote(owner: int, client_id: int, reply) -> None:
-    """The outcome of a forwarded send (a done future of MeshPoint.request)."""
+def _sent_remote(owner: int, client_id: int, reply) -> dict:
+    """The outcome of a forwarded send (a done Deferred): protocol.SENT, mesh.send's result, when written."""
     error = reply.exception()
-    if isinstance(error, PeerTimeout):
+    if error is None:
+        written = reply.result()
+        if written is True:   # the commonest outcome, first
+            return SENT
+    elif isinstance(error, PeerTimeout):
         raise ApiError(ErrorCode.SEND_FAILED,
                        f"client {client_id}: its node {owner} did not answer within the forward timeout")
-    if isinstance(error, (BadReply, TooLarge, PeerUnreachable, LinkDown)):
+    elif isinstance(error, (BadReply, TooLarge, PeerUnreachable, LinkDown)):
         raise ApiError(ErrorCode.SEND_FAILED, f"client {client_id}: {error}")
-    written = None if error is not None else reply.result()   # PeerUnavailable: not connected
+    else:
+        written = None   # PeerUnavailable: not connected
     if isinstance(written, mesh.Failure):
         raise ApiError(ErrorCode.SEND_FAILED, f"client {client_id}: its node {owner} failed: {written.message}")
     _check_written(client_id, written)
+    return SENT
 
 
 def _called_remote(owner: int, client_id: int, reply) -> dict:

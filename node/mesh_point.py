@@ -204,10 +204,14 @@ class MeshPoint:
 
         With `then`, no Future: `then(outcome)` is called with an `Outcome` (done, with the same result
         or error) as soon as the reply or the error is there, or in the next turn when the request
-        fails at once. For the requests made once per event, where a Future and its loop turn cost more
-        than the rest of the bookkeeping.
+        fails at once; that Outcome is returned. `then` may also be an Outcome the caller made, whose
+        function is set later (`Outcome.when_done`). For the requests made once per event or per API
+        request, where a Future and its loop turn cost more than the rest of the bookkeeping.
         """
-        future = self._loop.create_future() if then is None else Outcome(then)
+        if then is None:
+            future = self._loop.create_future()
+        else:
+            future = then if isinstance(then, Outcome) else Outcome(then)
         if self.links.usable(node_id) is None:
             return self._failed_now(future, PeerUnreachable(f"node {node_id} is unreachable (its mesh link is down)")
                                     if self.links.known(node_id) else PeerUnavailable(f"node {node_id} is not in the mesh"))
@@ -217,9 +221,9 @@ class MeshPoint:
             return self._failed_now(future, PeerUnavailable(f"node {node_id} has {waiting} bytes of requests unanswered"))
         self._counter += 1
         request_id = self._counter
-        frames = mesh.frame_request(message, request_id)
-        if len(frames[0]) > self.max_bytes:
-            return self._failed_now(future, TooLarge(f"a {len(frames[0])}-byte request is larger than the mesh "
+        [frame] = mesh.frame_request(message, request_id)
+        if len(frame) > self.max_bytes:
+            return self._failed_now(future, TooLarge(f"a {len(frame)}-byte request is larger than the mesh "
                                                      f"takes ({self.max_bytes} bytes)"))
         now = time.monotonic()
         self._pending[request_id] = (future, now, node_id, size, message.kind)
@@ -228,13 +232,13 @@ class MeshPoint:
         else:
             heapq.heappush(self._own_deadlines, (now + timeout, request_id))
         self._peer_bytes[node_id] = waiting + size
-        self._queue(node_id, frames[0], request_id)
+        self._add(self._out, node_id, frame, request_id, self._send_batch)
         return future
 
     def _failed_now(self, future, error: Exception):
         """Fails a request that may still be inside its own `request()` call: an Outcome's `then`
         runs in the next turn, as a Future's callbacks would."""
-        if type(future) is Outcome:
+        if isinstance(future, Outcome):
             self._loop.call_soon(future.set_exception, error)
         else:
             future.set_exception(error)
@@ -245,19 +249,21 @@ class MeshPoint:
 
     def _add(self, batches: dict, key, frame: bytes, request_id: int, send) -> None:
         """Adds a message to the batch of `key` (a peer) in `batches`; `send(key, batch)` sends one."""
+        added = mesh.packed_size(len(frame))
         batch = batches.get(key)
-        if batch is not None and batch.size + mesh.packed_size(len(frame)) > self.max_bytes:
+        if batch is not None and batch.size + added > self.max_bytes:
             send(key, batches.pop(key))   # a batch is one frame: it stays within what the peer takes
             batch = None
         if batch is None:
             batch = batches[key] = _Batch()
-        batch.messages.append(frame)
-        batch.size += mesh.packed_size(len(frame))
+        messages = batch.messages
+        messages.append(frame)
+        batch.size += added
         if request_id:
             batch.request_ids.append(request_id)
-        if len(batch.messages) >= mesh.MAX_BATCH:
+        if len(messages) >= mesh.MAX_BATCH:
             send(key, batches.pop(key))
-        else:
+        elif not self._flush_scheduled:
             self._schedule_flush()
 
     def _schedule_flush(self) -> None:
@@ -409,8 +415,20 @@ class Outcome:
     (`done`, `result`, `exception`), set once, handed to `then` right away."""
     __slots__ = ("_then", "_result", "_error", "_done")
 
-    def __init__(self, then):
+    def __init__(self, then=None):
         self._then, self._result, self._error, self._done = then, None, None, False
+
+    def when_done(self, then) -> None:
+        """`then(self)` once it is done: now, if it is already."""
+        self._then = then
+        if self._done:
+            self._call()
+
+    def future(self) -> asyncio.Future:
+        """A Future done when this is (its result None): for a coroutine that awaits it."""
+        future = asyncio.get_running_loop().create_future()
+        self.when_done(lambda _: future.done() or future.set_result(None))
+        return future
 
     def done(self) -> bool:
         return self._done
@@ -432,6 +450,8 @@ class Outcome:
         self._call()
 
     def _call(self) -> None:
+        if self._then is None:   # nobody waits yet: `when_done` calls it
+            return
         try:
             self._then(self)
         except Exception:   # as the loop does for a Future's callback: logged, the other replies go on

@@ -75,9 +75,15 @@ def run(method, params, caller=WS, parts=None, req_id=5):
     replies = []
 
     async def main():
-        running = Api(parts).execute(method, params, caller, req_id, lambda code, body: replies.append((code, body)))
-        if running is not None:
-            await running
+        answered = asyncio.get_running_loop().create_future()
+
+        def reply(code, body):
+            replies.append((code, body))
+            if not answered.done():
+                answered.set_result(None)
+        Api(parts).execute(method, params, caller, req_id, reply)
+        await asyncio.wait_for(answered, 10)
+        await asyncio.sleep(0)   # a second reply would come now
 
     asyncio.run(main())
     assert len(replies) == 1, replies
@@ -225,14 +231,14 @@ def test_unexpected_errors_are_logged_and_answered_501_for_every_method(method, 
 def _deferred(outcome, finish):
     """A stand-in for what node/forward.py hands back while a peer answers: a Deferred settled on the next turn."""
     def start(*args):
-        future = asyncio.get_running_loop().create_future()
-        asyncio.get_running_loop().call_soon(future.set_result, outcome)
-        return Deferred(future, finish)
+        deferred = Deferred(finish)
+        asyncio.get_running_loop().call_soon(deferred.set_result, outcome)
+        return deferred
     return start
 
 
 @pytest.mark.parametrize("method, params, attribute, finish, expected", [
-    ("mesh.send", {"c": CLIENT, "d": "x"}, "send", lambda future: None, (None, {"s": True})),
+    ("mesh.send", {"c": CLIENT, "d": "x"}, "send", lambda future: protocol.SENT, (None, {"s": True})),
     ("mesh.send", {"c": CLIENT, "d": "x"}, "send",
      raiser(protocol.ApiError(protocol.ErrorCode.SEND_FAILED, "client 1: its node 2 did not answer")), (401, None)),
     ("mesh.publish", {"c": "a", "d": "x"}, "publish", lambda future: (3, future.result()), (None, {"s": 3, "f": 4})),
@@ -240,7 +246,7 @@ def _deferred(outcome, finish):
      (None, {"s": True, "d": {}})),
     ("conn.call", {"c": CLIENT, "f": "get_context"}, "call", raiser(KeyError("bug")), (501, None)),
 ])
-def test_calls_that_wait_for_a_peer_are_settled_from_the_future(method, params, attribute, finish, expected):
+def test_calls_that_wait_for_a_peer_are_settled_when_the_reply_comes(method, params, attribute, finish, expected):
     """A Deferred (no task): its finish gives the result, or the ApiError's code, or 501 for a bug; one reply."""
     parts = Parts()
     setattr(parts.forward, attribute, _deferred(4, finish))
