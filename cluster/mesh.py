@@ -328,7 +328,7 @@ def _object(cls, fields):
 
 
 def _dumps(value: Any) -> bytes:
-    return ujson.dumps(value, ensure_ascii=False, escape_forward_slashes=False, allow_nan=False).encode("utf-8")
+    return protocol.json_text(value).encode("utf-8")
 
 
 def _loads(raw, field: str) -> Any:

@@ -6,7 +6,6 @@
 import time
 
 import tornado.web
-import ujson
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from cluster import __version__, protocol
@@ -62,7 +61,7 @@ class _JsonHandler(tornado.web.RequestHandler):
 
     def send_json(self, value) -> None:
         self.set_header("Content-Type", "application/json")
-        self.finish(ujson.dumps(value, ensure_ascii=False, escape_forward_slashes=False, allow_nan=False))
+        self.finish(protocol.json_text(value))
 
     def write_error(self, status_code: int, **kwargs) -> None:
         message = (f"{self.request.method} is not allowed on {self.request.path}; use GET" if status_code == 405

@@ -48,6 +48,7 @@ from node.client_limits import report_broken
 
 _FIN, _RSV, _OPCODE, _MASKED = 0x80, 0x70, 0x0F, 0x80
 _CONTINUATION, _TEXT, _BINARY, _CLOSE = 0x0, 0x1, 0x2, 0x8
+_WHOLE_TEXT, _WHOLE_BINARY = _FIN | _TEXT, _FIN | _BINARY
 _KNOWN = frozenset((0x0, 0x1, 0x2, 0x8, 0x9, 0xA))
 _CONTROL_MAX = 125
 _SHORT, _LONG = struct.Struct("!H"), struct.Struct("!Q")
@@ -79,6 +80,10 @@ def frame_problem(first: int, second: int, in_message: bool):
     elif opcode != _CONTINUATION and in_message:
         return "new message before the fragmented one ended"
     return None
+
+
+def _given(value):
+    return value
 
 
 def close_frame_problem(payload: bytes):
@@ -297,7 +302,10 @@ class ClientProtocol(tornado.websocket.WebSocketProtocol13):
                 return None
             length, start = _LONG.unpack_from(data, pos + 2)[0], pos + 10
         buffer = self._fragmented_message_buffer
-        problem = frame_problem(first, second, buffer is not None)
+        if (first == _WHOLE_TEXT or first == _WHOLE_BINARY) and second & _MASKED and buffer is None:
+            problem = None   # the commonest frame: a whole masked message, none under way (as frame_problem says)
+        else:
+            problem = frame_problem(first, second, buffer is not None)
         if problem is not None:
             self.fail(CloseCode.PROTOCOL_ERROR, problem)
             return None
@@ -324,7 +332,13 @@ class ClientProtocol(tornado.websocket.WebSocketProtocol13):
                 text = data.decode("utf-8")
             except UnicodeDecodeError:
                 return self.fail(CloseCode.INVALID_DATA, "text message not UTF-8")
-            return self._run_callback(self.handler.on_message, text)
+            try:   # as Tornado's _run_callback, without its frame: our handlers' on_message returns nothing
+                result = self.handler.on_message(text)
+            except (Exception, asyncio.CancelledError):
+                self.handler.log_exception(*sys.exc_info())
+                self._abort()
+                return None
+            return None if result is None else self._run_callback(_given, result)
         if opcode == _CLOSE:
             problem = close_frame_problem(data)
             if problem is not None:

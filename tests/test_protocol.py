@@ -907,3 +907,15 @@ def test_context_values_json_cannot_carry_are_101(function, args, field):
     """A context value holding NaN, Infinity or a lone surrogate is refused 101 naming the argument."""
     error = assert_invalid(protocol.parse_call_args, function, args, field=field)
     assert "NaN" in error.message or "surrogate" in error.message
+
+
+def test_json_text_writes_as_the_protocol_says():
+    """The options given by position mean what they say: UTF-8 and `/` and `<` as they are, keys in
+    their order, no spaces; NaN, Infinity and bytes refused."""
+    assert protocol.json_text({"b": "a/b <i> \u9891", "a": [1, 1.5, None, True]}) == \
+        '{"b":"a/b <i> \u9891","a":[1,1.5,null,true]}'
+    for value in (float("nan"), float("inf"), [float("-inf")]):
+        with pytest.raises(OverflowError):
+            protocol.json_text(value)
+    with pytest.raises(TypeError):
+        protocol.json_text({"d": b"raw"})
