@@ -1043,6 +1043,46 @@ def read_reply(frames: list) -> tuple:
     return _REPLY_HEAD.unpack_from(frame)[1], frame[_REPLY_HEAD.size:]
 
 
+_BATCHED_REPLY = struct.Struct("!IBQ")   # in a batch: a reply's length, then its head (_REPLY_HEAD)
+
+
+def read_replies(frames: list) -> list:
+    """`(request_id, result bytes)` of each reply in one ZeroMQ message from a peer, in order, as
+    `batch` then `read_reply` each would give them (one pass over a batch); None in place of a
+    message that is not a reply.
+
+    Raises:
+        FrameError: what `batch` raises.
+    """
+    if len(frames) != 1 or not frames[0] or frames[0][0] != _BATCH_CODE:
+        return [_reply_or_none(message) for message in batch(frames)]
+    frame = bytes(frames[0])
+    replies, at, end = [], 1, len(frame)
+    head, reply_head = _BATCHED_REPLY.size, _REPLY_HEAD.size
+    while at < end:
+        if at + head <= end:
+            size, code, request_id = _BATCHED_REPLY.unpack_from(frame, at)
+            if code == _REPLY_CODE and size >= reply_head and at + _LENGTH.size + size <= end:
+                at += _LENGTH.size
+                replies.append((request_id, frame[at + reply_head:at + size]))
+                at += size
+                if len(replies) > MAX_BATCH:
+                    raise FrameError(f"mesh batch holds more than {MAX_BATCH} messages")
+                continue
+        break
+    else:
+        if replies:
+            return replies
+    return [_reply_or_none(message) for message in unpack(frame)]   # not all replies, cut short, or empty
+
+
+def _reply_or_none(message):
+    try:
+        return read_reply([message])
+    except FrameError:
+        return None
+
+
 _any_text = _text(1 << 29)
 
 

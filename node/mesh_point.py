@@ -297,38 +297,35 @@ class MeshPoint:
 
     def on_reply(self, frames: list) -> None:
         try:
-            frames = mesh.batch(frames)
+            replies = mesh.read_replies(frames)
         except mesh.FrameError as exc:
             self.refused += 1
             self._bad_log.warning("dropped a bad mesh reply: %s", exc)
             return
         now = time.monotonic()
-        for frame in frames:
-            self._on_reply(frame, now)
-
-    def _on_reply(self, frame, now: float) -> None:
-        try:
-            request_id, raw = mesh.read_reply([frame])
-        except mesh.FrameError as exc:
-            self.refused += 1
-            self._bad_log.warning("dropped a bad mesh reply: %s", exc)
-            return
-        entry = self._pending.pop(request_id, None)
-        if entry is None:
-            return
-        future, sent, node_id, size, kind = entry
-        self._settled(node_id, size)
-        self.round_trips.observe((node_id,), now - sent)
-        if future.done():
-            return
-        try:
-            result = mesh.read_result(kind, raw)
-        except mesh.FrameError as exc:
-            self.refused += 1
-            self._bad_log.warning("dropped a bad %s reply from node %d: %s", mesh.kind_name(kind), node_id, exc)
-            future.set_exception(BadReply(f"node {node_id} sent a reply that could not be read"))
-            return
-        future.set_result(result)
+        pending, round_trips = self._pending, self.round_trips
+        for reply in replies:   # (once per forwarded request: no more calls than it needs)
+            if reply is None:
+                self.refused += 1
+                self._bad_log.warning("dropped a bad mesh reply: not a mesh reply")
+                continue
+            request_id, raw = reply
+            entry = pending.pop(request_id, None)
+            if entry is None:
+                continue
+            future, sent, node_id, size, kind = entry
+            self._settled(node_id, size)
+            round_trips.observe((node_id,), now - sent)
+            if future.done():
+                continue
+            try:
+                result = mesh.read_result(kind, raw)
+            except mesh.FrameError as exc:
+                self.refused += 1
+                self._bad_log.warning("dropped a bad %s reply from node %d: %s", mesh.kind_name(kind), node_id, exc)
+                future.set_exception(BadReply(f"node {node_id} sent a reply that could not be read"))
+                continue
+            future.set_result(result)
 
     def sweep(self) -> None:
         now = time.monotonic()

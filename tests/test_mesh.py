@@ -1509,6 +1509,44 @@ def test_unpack_refuses_more_than_max_batch_messages():
         mesh.unpack(mesh.pack(_messages(mesh.MAX_BATCH + 1)))
 
 
+def _replies_one_by_one(frames: list) -> list:
+    """What read_replies must give: batch, then read_reply of each message (None where it raises)."""
+    out = []
+    for message in mesh.batch(frames):
+        try:
+            out.append(mesh.read_reply([message]))
+        except mesh.FrameError:
+            out.append(None)
+    return out
+
+
+_REPLIES = [mesh.frame_reply(n, mesh.send_result(n % 2 == 0))[0] for n in range(1, 6)]
+
+
+@pytest.mark.parametrize("frames", [
+    [_REPLIES[0]],                                            # one reply, not a batch
+    [mesh.pack(_REPLIES)],                                     # a batch of replies
+    [mesh.pack([_REPLIES[0], mesh.frame_reply(9, b"")[0]])],   # a reply with an empty result
+    [mesh.pack(_REPLIES[:2] + _messages(1) + _REPLIES[2:])],   # a request among them: None in its place
+    [mesh.pack(_REPLIES[:2] + [b"\x06\x00"] + _REPLIES[2:])],  # a reply head cut short
+    [mesh.pack(_REPLIES[:2]), _REPLIES[2], mesh.pack(_REPLIES[3:])],   # several frames
+])
+def test_read_replies_reads_as_batch_and_read_reply_do(frames):
+    assert mesh.read_replies(frames) == _replies_one_by_one(frames)
+
+
+@pytest.mark.parametrize("frames, problem", [
+    ([], "has 0 frames"),
+    ([b"\x07"], "mesh batch is empty"),
+    ([mesh.pack(_REPLIES)[:-3]], "mesh batch is cut short"),
+    ([mesh.pack(_REPLIES) + b"\x00\x00"], "mesh batch is cut short"),
+    ([mesh.pack([_REPLIES[0]] * (mesh.MAX_BATCH + 1))], f"more than {mesh.MAX_BATCH}"),
+])
+def test_read_replies_refuses_what_batch_refuses(frames, problem):
+    with pytest.raises(mesh.FrameError, match=problem):
+        mesh.read_replies(frames)
+
+
 def test_a_batch_inside_a_batch_is_not_a_request():
     inner = mesh.pack(_messages(2))
     [message] = mesh.unpack(b"\x07" + len(inner).to_bytes(4, "big") + inner)
