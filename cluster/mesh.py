@@ -790,6 +790,7 @@ _REQUESTS = {
     QueueAcks: (10, "QACK", _read_queue_acks),
 }
 _BY_CODE = {code: (cls, name, read) for cls, (code, name, read) in _REQUESTS.items()}
+_new = tuple.__new__
 _REPLY_CODE = 6
 _BATCH_CODE = 7   # a frame that packs several messages (pack, unpack)
 _BATCH_MARK = bytes((_BATCH_CODE,))
@@ -804,7 +805,8 @@ def kind_name(kind: type) -> str:
 
 
 def send_request(client_id: int, frame: bytes) -> Outbound:
-    return Outbound(Send, b'{"c":%d}' % client_id, frame)   # the JSON of {"c": client_id}, made per send
+    # The JSON of {"c": client_id}, made per send; the tuple without Outbound's Python-level constructor.
+    return _new(Outbound, (Send, b'{"c":%d}' % client_id, frame))
 
 
 def publish_request(channels: list, frame: bytes) -> Outbound:

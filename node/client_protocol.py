@@ -212,9 +212,11 @@ class ClientProtocol(tornado.websocket.WebSocketProtocol13):
         began = time.monotonic()
         try:
             while not self.client_terminated:
-                step = self._next_frame(data, pos)
-                if step is None:   # the rest is not a whole frame yet
-                    break
+                step = self._whole_text(data, pos)
+                if step is None:
+                    step = self._next_frame(data, pos)
+                    if step is None:   # the rest is not a whole frame yet
+                        break
                 pos, waiting = step
                 frames += 1
                 if waiting is not None:   # a callback's awaitable: the next frame waits for it
@@ -282,6 +284,43 @@ class ClientProtocol(tornado.websocket.WebSocketProtocol13):
             return end, None
         return end, self._handle_message(opcode, payload)
 
+    def _whole_text(self, data: bytearray, pos: int):
+        """Handles the commonest frame in one call: `(next pos, awaitable or None)`; None for any other.
+
+        That is a whole masked text frame of fewer than 65,536 bytes, within
+        max_message_size, while no fragmented message is open and the
+        connection is not closing: every rule `_read_header` checks holds
+        for it, and it is handled as `_next_frame` and `_handle_message`
+        would (the rate limit first, then UTF-8, then on_message).
+        """
+        size = len(data) - pos
+        if size < 6 or data[pos] != _WHOLE_TEXT or self._header is not None:
+            return None
+        second = data[pos + 1]
+        if _MASKED <= second < _MASKED | 126:
+            length, start = second & 0x7F, pos + 2
+        elif second == _MASKED | 126 and size >= 8:
+            length, start = _SHORT.unpack_from(data, pos + 2)[0], pos + 4
+        else:
+            return None
+        end = start + 4 + length
+        if (end - pos > size or length > self.params.max_message_size or self.server_terminated
+                or self._fragmented_message_buffer is not None):
+            return None
+        if not self.handler.on_frame():
+            self._rate_limited()
+            return end, None   # read, and dropped
+        payload = _websocket_mask(bytes(data[start:start + 4]), bytes(data[start + 4:end])) if length else b""
+        try:
+            text = payload.decode("utf-8")
+        except UnicodeDecodeError:
+            return end, self.fail(CloseCode.INVALID_DATA, "text message not UTF-8")
+        return end, self._deliver(text)
+
+    def _rate_limited(self) -> None:
+        report_broken(self.handler, CloseCode.POLICY_VIOLATION, "rate limit")
+        self.close(int(CloseCode.POLICY_VIOLATION), "rate limit")
+
     def _read_header(self, data: bytearray, pos: int):
         """Checks a frame's header once it is whole: `(opcode, final, mask offset, length, keep)`, or None.
 
@@ -313,8 +352,7 @@ class ClientProtocol(tornado.websocket.WebSocketProtocol13):
         if self.server_terminated and opcode != _CLOSE and not self.handler.reads_after_close():
             keep = False   # closing: read on (no reset) until the client's close frame
         elif not self.handler.on_frame():   # every frame counts: pings and fragments cost as messages do
-            report_broken(self.handler, CloseCode.POLICY_VIOLATION, "rate limit")
-            self.close(int(CloseCode.POLICY_VIOLATION), "rate limit")
+            self._rate_limited()
             keep = False
         elif opcode < _CLOSE and length + (len(buffer) if buffer is not None else 0) > self.params.max_message_size:
             self.fail(CloseCode.MESSAGE_TOO_BIG, "message too big")
@@ -332,15 +370,20 @@ class ClientProtocol(tornado.websocket.WebSocketProtocol13):
                 text = data.decode("utf-8")
             except UnicodeDecodeError:
                 return self.fail(CloseCode.INVALID_DATA, "text message not UTF-8")
-            try:   # as Tornado's _run_callback, without its frame: our handlers' on_message returns nothing
-                result = self.handler.on_message(text)
-            except (Exception, asyncio.CancelledError):
-                self.handler.log_exception(*sys.exc_info())
-                self._abort()
-                return None
-            return None if result is None else self._run_callback(_given, result)
+            return self._deliver(text)
         if opcode == _CLOSE:
             problem = close_frame_problem(data)
             if problem is not None:
                 return self.fail(*problem)
         return super()._handle_message(opcode, data)
+
+    def _deliver(self, text: str):
+        """on_message(text), as Tornado's _run_callback runs it, without its frame: our handlers'
+        on_message returns nothing (an awaitable it did return would be waited for)."""
+        try:
+            result = self.handler.on_message(text)
+        except (Exception, asyncio.CancelledError):
+            self.handler.log_exception(*sys.exc_info())
+            self._abort()
+            return None
+        return None if result is None else self._run_callback(_given, result)

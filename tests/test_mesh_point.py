@@ -1,4 +1,5 @@
-"""MeshPoint's requests made with `then=` (no Future), in one process over real ZeroMQ sockets on loopback.
+"""MeshPoint's requests made with `then=` (a function, or an Outcome such as a Deferred: no Future),
+in one process over real ZeroMQ sockets on loopback.
 
 Each outcome, a reply, a bad reply, a timeout, a link that goes away, a
 request refused at once, reaches `then` exactly once; a refusal never from
@@ -13,6 +14,7 @@ import zmq
 
 from cluster import cluster_key, mesh
 from cluster.zloop import ZapHandler
+from node.forward import Deferred
 from node.mesh_point import BadReply, MeshPoint, PeerTimeout, PeerUnavailable, TooLarge
 
 pytestmark = pytest.mark.timeout(30)
@@ -174,3 +176,23 @@ def test_a_full_link_fails_its_batch_in_the_next_turn_not_inside_request():
         await asyncio.sleep(0)
         return [type(outcome.exception()) for outcome in called]
     assert run(lambda request: None, body) == [PeerUnavailable] * mesh.MAX_BATCH
+
+
+def test_an_outcome_made_first_is_filled_and_told_whenever_it_is_asked():
+    """A Deferred is made before its request and told what follows later (`when_done`): before the
+    reply (called with it), after the reply (called at once), or awaited (`future()`)."""
+    async def body(pair):
+        early, late, awaited = Deferred(), Deferred(), Deferred()
+        for outcome in (early, late, awaited):
+            assert pair.asker.request(2, mesh.publish_request(["c"], FRAME), then=outcome) is outcome
+        called = []
+        early.when_done(lambda outcome: called.append(("early", outcome.result())))
+        await asyncio.wait_for(awaited.future(), 5)
+        await asyncio.sleep(0.05)
+        assert late.done() and called == [("early", mesh.Delivered(2, 0))]
+        late.when_done(lambda outcome: called.append(("late", outcome.result())))
+        assert called[-1] == ("late", mesh.Delivered(2, 0))
+        refused = pair.asker.request(9, mesh.publish_request(["c"], FRAME), then=Deferred())   # no such peer
+        await asyncio.wait_for(refused.future(), 5)
+        return type(refused.exception()), awaited.result()
+    assert run(lambda request: mesh.publish_result(2, 0), body) == (PeerUnavailable, mesh.Delivered(2, 0))
