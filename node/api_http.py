@@ -220,8 +220,10 @@ class CallHandler(_EnvelopeHandler):
         answered = asyncio.get_running_loop().create_future()
 
         def reply(code, envelope: bytes) -> None:
-            self.reply(code, envelope)
-            answered.set_result(None)
+            try:
+                self.reply(code, envelope)
+            finally:   # (a reply to a connection that went away may raise: the handler still ends)
+                answered.set_result(None)
         self.api.execute(self.method, params, self._caller(), None, reply)
         await answered   # the executor replies (an error included) now or later: Tornado must not finish first
 
