@@ -93,7 +93,6 @@ import struct
 from itertools import repeat
 from typing import Any, NamedTuple, Optional
 
-import ujson
 
 from cluster import protocol
 from cluster.ids import MAX_ID_MS, MAX_NODE_ID
@@ -333,7 +332,7 @@ def _dumps(value: Any) -> bytes:
 
 def _loads(raw, field: str) -> Any:
     try:
-        return ujson.loads(bytes(raw))
+        return protocol.json_loads(bytes(raw))
     except (ValueError, TypeError, OverflowError) as exc:
         raise FrameError(f"{field}: bad JSON: {exc}") from None
 
@@ -681,7 +680,7 @@ def _no_body(value: bytes) -> None:
 def _queue_event(value: bytes) -> bytes:
     try:
         str(value, "utf-8")   # it goes to a consumer as a text frame
-        event = _json_value(ujson.loads(value))   # what JSON cannot carry to a consumer: refused here
+        event = _json_value(protocol.json_loads(value))   # what JSON cannot carry to a consumer: refused here
     except _Bad as bad:
         raise bad.at(" body") from None
     except (ValueError, TypeError, OverflowError):   # UnicodeDecodeError included

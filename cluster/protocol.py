@@ -11,6 +11,7 @@ import re
 import struct
 from typing import Any, NamedTuple, Optional
 
+import msgspec
 import ujson
 
 __all__ = [
@@ -18,7 +19,7 @@ __all__ = [
     "CallParams", "WsRequest", "http_status", "parse_client_id", "parse_name",
     "parse_names", "parse_payload", "parse_send", "parse_publish", "parse_queue_pop",
     "parse_queue_unpop", "parse_queue_ack", "parse_conn_call", "parse_ws_request", "parse_http_body",
-    "json_text", "SENT", "ok_body", "error_body", "queue_event", "acked_event", "client_frame", "encode_ws_frame",
+    "json_text", "json_loads", "SENT", "ok_body", "error_body", "queue_event", "acked_event", "client_frame", "encode_ws_frame",
     "PopParams", "AckOptions",
     "METHODS", "CALL_FUNCTIONS",
 ]
@@ -192,6 +193,25 @@ def json_text(value: Any) -> str:
 
 
 _dumps = json_text
+
+_strict_loads = msgspec.json.Decoder().decode
+
+
+def json_loads(text) -> Any:
+    """`ujson.loads(text)` (text, or UTF-8 bytes), in about half its time for what strict JSON allows.
+
+    msgspec reads it first: RFC 8259's JSON, integers of any size kept exact
+    as ujson keeps them, the last of repeated keys. What msgspec refuses (a
+    lone surrogate escape, NaN, a raw control character, nesting past Python's
+    recursion limit, anything not JSON) is ujson's to read or refuse as before.
+
+    Raises:
+        ValueError, TypeError, OverflowError: ujson's, for what neither reads.
+    """
+    try:
+        return _strict_loads(text)
+    except (ValueError, RecursionError):
+        return ujson.loads(text)
 
 
 def json_carries(value: Any) -> bool:
@@ -490,7 +510,7 @@ def _decode(text, field: str) -> tuple:
         except UnicodeDecodeError:
             raise _invalid(f"{field}: malformed JSON (not UTF-8 text)") from None
     try:
-        return text, ujson.loads(text)
+        return text, json_loads(text)
     except (ValueError, TypeError, OverflowError):
         raise _invalid(f"{field}: malformed JSON") from None
 
@@ -521,7 +541,7 @@ def parse_ws_request(text) -> WsRequest:
     """
     if type(text) is str:   # what the frame reader hands over (text it checked as UTF-8)
         try:
-            message = ujson.loads(text)
+            message = json_loads(text)
         except (ValueError, TypeError, OverflowError):
             raise _invalid("request: malformed JSON") from None
     else:

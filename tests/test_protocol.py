@@ -5,6 +5,7 @@ import json
 import struct
 
 import pytest
+import ujson
 
 from cluster import protocol
 from cluster.protocol import (
@@ -919,3 +920,29 @@ def test_json_text_writes_as_the_protocol_says():
             protocol.json_text(value)
     with pytest.raises(TypeError):
         protocol.json_text({"d": b"raw"})
+
+
+_JSON_TEXTS = [
+    '{"m":"mesh.send","p":{"c":"1463786910324359168","d":"hi"},"i":7}', '{"a":1,"a":2}', "[]", "{}", '""',
+    "[18446744073709551615, 18446744073709551616, -9223372036854775809, 123456789012345678901234567890]",
+    "[0.1, -0.0, 1E2, 1.5e300, 1e-320, 5e-324, 1.7976931348623157e308]", "[1e400]", "[-1e400]",
+    '"\\ud83d\\ude00 \\u00e9 \\u9891 \\u0000 \\/ \\b\\f\\n\\r\\t \\\\"', '"\\ud800"', '"\\udc00x"', '{"\\ud800": 1}',
+    '"a\x01b"', "[NaN]", "[Infinity]", "[-Infinity]", '  {"a" : [ 1 , 2 ] }  ', '{"a":1} x', "[1,]", "{'a': 1}",
+    "[" * 500 + "]" * 500, "[" * 1025 + "]" * 1025, "[" * 5000 + "]" * 5000, "", "nul", "[true, false, null]",
+    '{"d": "h\u00e9llo \u9891\u9053 \U0001F600"}', "01", "-", "[1.]", "[.5]", "1" * 400,
+]
+
+
+@pytest.mark.parametrize("text", _JSON_TEXTS, ids=range(len(_JSON_TEXTS)))
+@pytest.mark.parametrize("as_bytes", [False, True])
+def test_json_loads_reads_what_ujson_reads(text, as_bytes):
+    """The same value as ujson.loads, or the same refusal, for text or UTF-8 bytes: integers exact,
+    -0.0 kept, what strict JSON refuses still ujson's (a lone surrogate, NaN, a raw control character)."""
+    given = text.encode("utf-8") if as_bytes else text
+
+    def read(loads):
+        try:
+            return ("value", repr(loads(given)))
+        except (ValueError, TypeError, OverflowError) as exc:
+            return ("refused", type(exc).__name__)
+    assert read(protocol.json_loads) == read(ujson.loads)
