@@ -208,10 +208,22 @@ def json_loads(text) -> Any:
     Raises:
         ValueError, TypeError, OverflowError: ujson's, for what neither reads.
     """
+    if len(text) > _UJSON_DEPTH and _nesting_bound(text) > _UJSON_DEPTH:
+        return ujson.loads(text)   # deeper than ujson goes, maybe: ujson refuses it (msgspec's limit is Python's)
     try:
         return _strict_loads(text)
     except (ValueError, RecursionError):
         return ujson.loads(text)
+
+
+_UJSON_DEPTH = 1024   # the deepest nesting ujson reads
+
+
+def _nesting_bound(text) -> int:
+    """At least how deep `text` could nest: its opening brackets, counted (inside strings too)."""
+    if isinstance(text, str):
+        return text.count("[") + text.count("{")
+    return text.count(b"[") + text.count(b"{")
 
 
 def json_carries(value: Any) -> bool:
@@ -524,6 +536,8 @@ def _surrogate_free(text: str, value: Any) -> bool:
         return True
     except UnicodeEncodeError:
         return False
+    except OverflowError:   # nested deeper than the encoder goes: no surrogate found, the rest is refused later
+        return True
 
 
 def _loads(text, field: str = "request") -> Any:

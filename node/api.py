@@ -117,6 +117,10 @@ class Api:
     async def _finish(self, method: str, awaitable, caller: Caller, req_id, reply, started, route) -> None:
         try:
             envelope = protocol.ok_body(await awaitable, req_id, caller.ws)
+        except asyncio.CancelledError:   # the loop is going away: the call is still answered once
+            cancelled = ApiError(ErrorCode.MESH_UNAVAILABLE, f"{method}: cancelled")
+            self._answer(method, caller, started, route, reply, *self._failed(method, cancelled, caller, req_id))
+            raise
         except Exception as exc:
             self._answer(method, caller, started, route, reply, *self._failed(method, exc, caller, req_id))
             return
@@ -142,6 +146,14 @@ class Api:
         self.requests.refused(method, caller.ws, code)
         if self.access_log:
             _log_access(method or "-", caller, code, None)
+
+    def unreadable(self, method, caller: Caller, exc: Exception, req_id=None) -> tuple:
+        """`(code, envelope)` for a request its transport could not read (`exc` from a parser of
+        cluster/protocol.py), counted as refused: an ApiError keeps its code; anything else is a bug,
+        logged and answered 501, and the connection goes on."""
+        code, envelope = self._failed(method or "request", exc, caller, req_id)
+        self.refused(method, caller, code)
+        return code, envelope
 
     @staticmethod
     def _failed(method: str, exc: Exception, caller: Caller, req_id) -> tuple:

@@ -36,7 +36,6 @@ from tornado.ioloop import PeriodicCallback
 
 from cluster import protocol
 from cluster.http_server import BoundedHTTPServer
-from cluster.protocol import ApiError
 from node.api import Caller
 from node.api_http import ROUTES, DateHeader, json_type
 
@@ -188,9 +187,8 @@ class FastConnection:
         caller = Caller("", False, roles=user.roles, user=user.name, peer=self.address[0])
         try:
             params = protocol.parse_http_body(body)
-        except ApiError as exc:
-            api.refused(method, caller, exc.code)
-            self.reply(exc.code, protocol.error_body(exc.code, exc.message).encode("utf-8"))
+        except Exception as exc:
+            self.reply(*api.unreadable(method, caller, exc))
             return True
         api.execute(method, params, caller, None, self.reply)
         return True

@@ -23,7 +23,7 @@ from tornado import httputil
 
 from cluster import protocol
 from cluster.access import Denied, refuse
-from cluster.protocol import ApiError, ErrorCode
+from cluster.protocol import ErrorCode
 from node.api import Caller
 
 log = logging.getLogger("meshgate.access")
@@ -92,9 +92,8 @@ class _Call(httputil.HTTPMessageDelegate):
     def finish(self) -> None:
         try:
             params = protocol.parse_http_body(b"".join(self.chunks))
-        except ApiError as exc:
-            self.api.refused(self.method, self.caller, exc.code)
-            self.reply(exc.code, protocol.error_body(exc.code, exc.message).encode("utf-8"))
+        except Exception as exc:
+            self.reply(*self.api.unreadable(self.method, self.caller, exc))
             return
         self.api.execute(self.method, params, self.caller, None, self.reply)
 
@@ -214,8 +213,8 @@ class CallHandler(_EnvelopeHandler):
             return
         try:
             params = protocol.parse_http_body(b"".join(self._chunks))
-        except ApiError as exc:
-            self.reply_error(exc.code, exc.message)
+        except Exception as exc:
+            self.reply(*self.api.unreadable(self.method, self._caller(), exc))
             return
         answered = asyncio.get_running_loop().create_future()
 

@@ -105,8 +105,8 @@ class ApiSocket(tornado.websocket.WebSocketHandler):
             return
         try:
             method, params, req_id = protocol.parse_ws_request(message)
-        except ApiError as exc:
-            self.reply_error(exc.code, exc.message, exc.req_id)
+        except Exception as exc:
+            self.reply(*self.api.unreadable(None, self.caller, exc, exc.req_id if isinstance(exc, ApiError) else None))
             return
         if self._running >= self.max_in_flight:
             self.reply_error(ErrorCode.MESH_UNAVAILABLE, f"{method}: {self._running} requests of this "

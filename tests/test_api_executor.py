@@ -331,3 +331,42 @@ def test_presence_and_count_replies():
     assert code is None and envelope == {"E": None, "r": {"s": True, "count": 1}}
     assert parts.calls == [("presence", "room", False, 0)]
 
+
+
+def test_a_call_cancelled_while_it_waits_is_still_answered_once():
+    """The loop going away cancels a call that waits (a task): it is answered 501 once, and counted."""
+    parts = Parts()
+    replies = []
+
+    async def never(*args):
+        await asyncio.get_running_loop().create_future()
+    parts.forward.call = never
+
+    async def main():
+        api = Api(parts)
+        api.execute("conn.call", {"c": CLIENT, "f": "get_context"}, WS, 5, lambda code, body: replies.append((code, body)))
+        await asyncio.sleep(0)
+        [task] = api._tasks
+        task.cancel()
+        await asyncio.wait([task])
+        return api.requests.counts
+    counts = asyncio.run(main())
+    assert [(code, json.loads(body)) for code, body in replies] == [
+        (protocol.ErrorCode.MESH_UNAVAILABLE, {"E": {"c": 501, "m": "conn.call: cancelled"}, "i": 5})]
+    assert counts == {("conn.call", "ws", "501"): 1}
+
+
+@pytest.mark.parametrize("error, expected", [
+    (protocol.ApiError(protocol.ErrorCode.INVALID_PARAMS, "request: malformed JSON", 9),
+     {"E": {"c": 101, "m": "request: malformed JSON"}, "i": 9}),
+    (RecursionError("a bug in a reader"), {"E": {"c": 501, "m": "internal error"}, "i": 9}),
+])
+def test_a_request_its_transport_cannot_read_is_answered_and_counted(error, expected, caplog):
+    """What a parser raises: an ApiError keeps its code; anything else is logged and answered 501."""
+    api = Api(Parts())
+    with caplog.at_level(logging.ERROR, logger="meshgate.access"):
+        code, envelope = api.unreadable(None, WS, error, 9)
+    assert json.loads(envelope) == expected and int(code) == expected["E"]["c"]
+    assert api.requests.counts == {("unknown", "ws", str(expected["E"]["c"])): 1}
+    assert [r.exc_info is not None for r in caplog.records if r.name == "meshgate.access"] == (
+        [] if isinstance(error, protocol.ApiError) else [True])

@@ -946,3 +946,23 @@ def test_json_loads_reads_what_ujson_reads(text, as_bytes):
         except (ValueError, TypeError, OverflowError) as exc:
             return ("refused", type(exc).__name__)
     assert read(protocol.json_loads) == read(ujson.loads)
+
+
+def test_json_loads_refuses_what_is_nested_deeper_than_ujson_reads():
+    """Deeper than ujson's 1,024 levels is refused even where msgspec would go deeper (a higher
+    recursion limit, as Python 3.12's C recursion limit allows): ujson decides, and a request with
+    it is a 101, not an error from inside the reader."""
+    import sys
+    deep = "[" * 1100 + "]" * 1100
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(20000)
+    try:
+        for given in (deep, deep.encode()):
+            with pytest.raises(ValueError):
+                protocol.json_loads(given)
+        request = '{"m":"mesh.send","i":1,"p":{"c":"1","d":"\\ud83d\\ude00","x":%s}}' % deep
+        assert_invalid(protocol.parse_ws_request, request, field="request")
+        assert_invalid(protocol.parse_http_body, request.encode(), field="body")
+    finally:
+        sys.setrecursionlimit(limit)
+    assert protocol.json_loads("[" * 1024 + "]" * 1024) is not None   # as deep as ujson goes: read
