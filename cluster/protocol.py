@@ -254,10 +254,8 @@ def parse_payload(params: dict, prefix: str = "p.") -> Payload:
     msg_type = params.get("t", "text")
     if msg_type == "text":
         try:
-            if type(data) is str:   # the commonest request: no more than it needs
-                return _new(Payload, (data.encode("utf-8"), False))
             if isinstance(data, str):
-                return Payload(data.encode("utf-8"), False)
+                return _new(Payload, (data.encode("utf-8"), False))
             if isinstance(data, (dict, list)):
                 return Payload(_dumps(data).encode("utf-8"), False)
         except UnicodeEncodeError:
@@ -278,7 +276,7 @@ def parse_payload(params: dict, prefix: str = "p.") -> Payload:
 
 
 def _require_object(params: Any, prefix: str) -> dict:
-    if type(params) is not dict and not isinstance(params, dict):
+    if not isinstance(params, dict):
         raise _invalid(f"{_whole(prefix)}: must be a JSON object")
     return params
 

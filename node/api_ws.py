@@ -118,7 +118,7 @@ class ApiSocket(tornado.websocket.WebSocketHandler):
     def _answered(self, code, envelope: bytes) -> None:
         """An executed request's reply (exactly one each): one fewer in flight."""
         self._running -= 1
-        write_frame(self, protocol.encode_ws_frame(envelope), self.node.counters)   # as `reply` does
+        self.reply(code, envelope)
 
     def close(self, code: int = None, reason: str = None) -> None:
         # No more events for it: those not written yet go to another consumer or wait (docs/protocol.md, queue.pop).

@@ -27,7 +27,7 @@ class Deferred(Outcome):
     __slots__ = ("finish",)
 
     def __init__(self, finish: Callable = None):
-        self._then, self._result, self._error, self._done = None, None, None, False
+        Outcome.__init__(self)
         self.finish = finish
 
     def then(self, after: Callable) -> "Deferred":

@@ -440,11 +440,7 @@ class Outcome:
 
     def set_result(self, result) -> None:
         self._result, self._done = result, True
-        if self._then is not None:   # (as `_call` does, one call fewer: once per reply)
-            try:
-                self._then(self)
-            except Exception:
-                log.exception("a mesh reply's callback failed")
+        self._call()
 
     def set_exception(self, error: Exception) -> None:
         self._error, self._done = error, True
