@@ -1,4 +1,4 @@
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
 
 setup(
     name="meshgate",
@@ -7,6 +7,9 @@ setup(
     python_requires=">=3.9",
     packages=find_packages(include=["cluster", "cluster.*", "node", "node.*", "coordinator", "coordinator.*"]),
     package_data={"node": ["static/*.html"]},
+    # C versions of a few per-request functions (cluster/speedups.py). Optional: without a compiler the
+    # install goes on and the Python versions run.
+    ext_modules=[Extension("cluster._speedups", ["cluster/_speedups.c"], optional=True)],
     install_requires=[
         "tornado>=6.2,<7",
         "pyzmq>=25,<28",

@@ -14,6 +14,8 @@ from typing import Any, NamedTuple, Optional
 import msgspec
 import ujson
 
+from cluster import speedups
+
 __all__ = [
     "ApiError", "ErrorCode", "CloseCode", "Payload", "SendParams", "PublishParams",
     "CallParams", "WsRequest", "http_status", "parse_client_id", "parse_name",
@@ -660,3 +662,13 @@ def encode_ws_frame(data: bytes, binary: bool = False) -> bytes:
     else:
         header = struct.pack("!BBQ", first, 127, length)
     return header + data
+
+
+# The C versions (cluster/_speedups.c) when they are built; each hands what is not the common case to
+# the Python function above, kept under its own name for the tests that compare the two.
+parse_ws_request_python, parse_send_python, encode_ws_frame_python = parse_ws_request, parse_send, encode_ws_frame
+if speedups.native is not None:
+    speedups.native.setup(_strict_loads, _METHOD_NAMES, WsRequest, SendParams, Payload,
+                          parse_ws_request_python, parse_send_python)
+    parse_ws_request, parse_send = speedups.native.parse_ws_request, speedups.native.parse_send
+    encode_ws_frame = speedups.native.encode_ws_frame

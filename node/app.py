@@ -23,7 +23,7 @@ import zmq
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
-from cluster import event_loop, handover, live, logs, tls
+from cluster import event_loop, handover, live, logs, speedups, tls
 from cluster.http_server import BUDGET, BoundedHTTPServer, raise_file_limit
 from cluster.supervisor import SUPERVISED_ENV, watch_parent
 from cluster.token_keys import TokenKeyError
@@ -150,9 +150,9 @@ async def _serve(config, worker: int, key) -> int:
                                    idle_connection_timeout=handshake_s, body_timeout=handshake_s))
         sweeper = tornado.ioloop.PeriodicCallback(lambda: _expire_idle(node), 500)
         sweeper.start()
-        log.info("node %d ready: api %s:%d, clients %s, mesh point %s, %s", node.node_id, config.node.api.bind,
+        log.info("node %d ready: api %s:%d, clients %s, mesh point %s, %s, %s", node.node_id, config.node.api.bind,
                  config.node.api.port, ", ".join(f"{s.bind}:{s.port}{s.path}" for s in config.node.servers),
-                 node.mesh_address, event_loop.name())
+                 node.mesh_address, event_loop.name(), speedups.describe())
         # What exists now (modules, configuration, the node's parts) lives as long as the process: out of
         # the collector's sight, a full collection no longer walks it on every message-heavy second.
         gc.collect()

@@ -43,6 +43,7 @@ from tornado.iostream import StreamClosedError
 from tornado.log import gen_log
 from tornado.util import _websocket_mask
 
+from cluster import speedups
 from cluster.protocol import CloseCode, valid_close_code
 from node.client_limits import report_broken
 
@@ -54,6 +55,34 @@ _CONTROL_MAX = 125
 _SHORT, _LONG = struct.Struct("!H"), struct.Struct("!Q")
 _CHUNK = 65536               # bytes read from the socket at a time
 _TURN_S = 0.01               # one connection's frames hold the loop at most about this long
+
+
+def text_frame(data: bytearray, pos: int, max_size: int):
+    """The frame at `data[pos:]` if it is a whole masked text frame (FIN, no reserved bits) of fewer
+    than 65,536 bytes and at most `max_size`: `(the offset after it, its text)`, the text None when
+    it is not UTF-8. None for anything else: not whole yet, another kind of frame, too large.
+    (cluster/_speedups.c has the same function in C.)"""
+    size = len(data) - pos
+    if size < 6 or data[pos] != _WHOLE_TEXT:
+        return None
+    second = data[pos + 1]
+    if _MASKED <= second < _MASKED | 126:
+        length, start = second & 0x7F, pos + 2
+    elif second == _MASKED | 126 and size >= 8:
+        length, start = _SHORT.unpack_from(data, pos + 2)[0], pos + 4
+    else:
+        return None
+    end = start + 4 + length
+    if end - pos > size or length > max_size:
+        return None
+    payload = _websocket_mask(bytes(data[start:start + 4]), bytes(data[start + 4:end])) if length else b""
+    try:
+        return end, payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return end, None
+
+
+_text_frame = text_frame if speedups.native is None else speedups.native.text_frame
 
 
 def frame_problem(first: int, second: int, in_message: bool):
@@ -293,27 +322,16 @@ class ClientProtocol(tornado.websocket.WebSocketProtocol13):
         for it, and it is handled as `_next_frame` and `_handle_message`
         would (the rate limit first, then UTF-8, then on_message).
         """
-        size = len(data) - pos
-        if size < 6 or data[pos] != _WHOLE_TEXT or self._header is not None:
+        if self._header is not None or self.server_terminated or self._fragmented_message_buffer is not None:
             return None
-        second = data[pos + 1]
-        if _MASKED <= second < _MASKED | 126:
-            length, start = second & 0x7F, pos + 2
-        elif second == _MASKED | 126 and size >= 8:
-            length, start = _SHORT.unpack_from(data, pos + 2)[0], pos + 4
-        else:
+        frame = _text_frame(data, pos, self.params.max_message_size)
+        if frame is None:
             return None
-        end = start + 4 + length
-        if (end - pos > size or length > self.params.max_message_size or self.server_terminated
-                or self._fragmented_message_buffer is not None):
-            return None
+        end, text = frame
         if not self.handler.on_frame():
             self._rate_limited()
             return end, None   # read, and dropped
-        payload = _websocket_mask(bytes(data[start:start + 4]), bytes(data[start + 4:end])) if length else b""
-        try:
-            text = payload.decode("utf-8")
-        except UnicodeDecodeError:
+        if text is None:
             return end, self.fail(CloseCode.INVALID_DATA, "text message not UTF-8")
         return end, self._deliver(text)
 

@@ -221,7 +221,7 @@ class MeshPoint:
             return self._failed_now(future, PeerUnavailable(f"node {node_id} has {waiting} bytes of requests unanswered"))
         self._counter += 1
         request_id = self._counter
-        [frame] = mesh.frame_request(message, request_id)
+        frame = mesh.request_frame(message, request_id)
         if len(frame) > self.max_bytes:
             return self._failed_now(future, TooLarge(f"a {len(frame)}-byte request is larger than the mesh "
                                                      f"takes ({self.max_bytes} bytes)"))
@@ -249,7 +249,7 @@ class MeshPoint:
 
     def _add(self, batches: dict, key, frame: bytes, request_id: int, send) -> None:
         """Adds a message to the batch of `key` (a peer) in `batches`; `send(key, batch)` sends one."""
-        added = mesh.packed_size(len(frame))
+        added = len(frame) + mesh.PACKED_HEAD
         batch = batches.get(key)
         if batch is not None and batch.size + added > self.max_bytes:
             send(key, batches.pop(key))   # a batch is one frame: it stays within what the peer takes

@@ -18,7 +18,7 @@ def _with_loop(cluster: Cluster, choice) -> Cluster:
 def test_nodes_run_on_the_chosen_loop_and_serve(tmp_path, choice, expected):
     pytest.importorskip("uvloop", reason="uvloop is not installed here; auto means asyncio")
     with running(_with_loop(Cluster(tmp_path, workers=2), choice)) as cluster:
-        wait_until(lambda: cluster.logs().count(f", {expected}\n") == 2, what=f"both nodes ready on {expected}")
+        wait_until(lambda: cluster.logs().count(f", {expected}, ") == 2, what=f"both nodes ready on {expected}")
         [client] = cluster.clients(1)
         api = cluster.api()
         name = channel()

@@ -1,0 +1,641 @@
+/* C versions of a few functions of the per-request path, for CPython (cluster/speedups.py).
+
+Each does exactly what the Python function it stands for does (that function is the fallback when
+this module is not built, and the tests compare the two); where an input is not the common case,
+the function says so (returns None) and the Python code handles it, so that every rule and every
+error message stays in one place, in Python.
+*/
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#define WHOLE_TEXT 0x81   /* FIN | text */
+#define MASKED 0x80
+
+/* Unmasks `length` bytes of `src` with the 4-byte `mask` into `dst` (RFC 6455, 5.3). */
+static void
+unmask(char *dst, const unsigned char *src, Py_ssize_t length, const unsigned char *mask)
+{
+    Py_ssize_t i = 0;
+    uint32_t word_mask;
+    memcpy(&word_mask, mask, 4);
+    for (; i + 4 <= length; i += 4) {
+        uint32_t word;
+        memcpy(&word, src + i, 4);
+        word ^= word_mask;
+        memcpy(dst + i, &word, 4);
+    }
+    for (; i < length; i++) {
+        dst[i] = (char)(src[i] ^ mask[i & 3]);
+    }
+}
+
+/* text_frame(data, pos, max_size) -> None | (end, str) | (end, None)
+
+   node/client_protocol.py, ClientProtocol._whole_text: the frame at data[pos:] when it is a whole
+   masked text frame (FIN set, no extension bits) of fewer than 65,536 bytes and at most max_size
+   bytes: (the offset after it, its payload decoded as UTF-8), or (the offset after it, None) when
+   the payload is not UTF-8. None for anything else (not whole yet, another frame, too large). */
+static PyObject *
+text_frame(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer view;
+    Py_ssize_t pos, max_size, size, length, start, end;
+    const unsigned char *bytes;
+    unsigned char second;
+    PyObject *text, *result;
+    char small[512];
+    char *payload;
+
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "text_frame(data, pos, max_size)");
+        return NULL;
+    }
+    pos = PyLong_AsSsize_t(args[1]);
+    if (pos == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    max_size = PyLong_AsSsize_t(args[2]);
+    if (max_size == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    bytes = (const unsigned char *)view.buf;
+    size = view.len - pos;
+    if (pos < 0 || size < 6 || bytes[pos] != WHOLE_TEXT) {
+        goto not_ours;
+    }
+    second = bytes[pos + 1];
+    if (second >= MASKED && second < (MASKED | 126)) {
+        length = second & 0x7F;
+        start = pos + 2;
+    }
+    else if (second == (MASKED | 126) && size >= 8) {
+        length = ((Py_ssize_t)bytes[pos + 2] << 8) | bytes[pos + 3];
+        start = pos + 4;
+    }
+    else {
+        goto not_ours;
+    }
+    end = start + 4 + length;
+    if (end - pos > size || length > max_size) {
+        goto not_ours;
+    }
+    if (length <= (Py_ssize_t)sizeof(small)) {
+        payload = small;
+    }
+    else {
+        payload = PyMem_Malloc(length);
+        if (payload == NULL) {
+            PyBuffer_Release(&view);
+            return PyErr_NoMemory();
+        }
+    }
+    unmask(payload, bytes + start + 4, length, bytes + start);
+    PyBuffer_Release(&view);
+    text = PyUnicode_DecodeUTF8(payload, length, "strict");
+    if (payload != small) {
+        PyMem_Free(payload);
+    }
+    if (text == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) {
+            return NULL;
+        }
+        PyErr_Clear();
+        Py_INCREF(Py_None);
+        text = Py_None;
+    }
+    result = PyTuple_New(2);
+    if (result == NULL) {
+        Py_DECREF(text);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(result, 0, PyLong_FromSsize_t(end));
+    PyTuple_SET_ITEM(result, 1, text);
+    if (PyTuple_GET_ITEM(result, 0) == NULL) {
+        Py_DECREF(result);
+        return NULL;
+    }
+    return result;
+
+not_ours:
+    PyBuffer_Release(&view);
+    Py_RETURN_NONE;
+}
+
+/* encode_ws_frame(data, binary=False) -> bytes
+
+   cluster/protocol.py, encode_ws_frame: one unmasked, unfragmented server-to-client frame. */
+static PyObject *
+encode_ws_frame(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    Py_buffer view;
+    int binary = 0;
+    Py_ssize_t length, header, keywords = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
+    PyObject *frame, *flag = nargs == 2 ? args[1] : NULL;
+    unsigned char *out;
+
+    if (nargs < 1 || nargs + keywords > 2 || (keywords && PyUnicode_CompareWithASCIIString(
+            PyTuple_GET_ITEM(kwnames, 0), "binary") != 0)) {
+        PyErr_SetString(PyExc_TypeError, "encode_ws_frame(data, binary=False)");
+        return NULL;
+    }
+    if (keywords) {
+        flag = args[1];
+    }
+    if (flag != NULL) {
+        binary = PyObject_IsTrue(flag);
+        if (binary < 0) {
+            return NULL;
+        }
+    }
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    length = view.len;
+    header = length < 126 ? 2 : (length <= 0xFFFF ? 4 : 10);
+    frame = PyBytes_FromStringAndSize(NULL, header + length);
+    if (frame == NULL) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    out = (unsigned char *)PyBytes_AS_STRING(frame);
+    out[0] = binary ? 0x82 : 0x81;
+    if (header == 2) {
+        out[1] = (unsigned char)length;
+    }
+    else if (header == 4) {
+        out[1] = 126;
+        out[2] = (unsigned char)(length >> 8);
+        out[3] = (unsigned char)length;
+    }
+    else {
+        uint64_t big = (uint64_t)length;
+        out[1] = 127;
+        for (int i = 0; i < 8; i++) {
+            out[2 + i] = (unsigned char)(big >> (56 - 8 * i));
+        }
+    }
+    memcpy(out + header, view.buf, length);
+    PyBuffer_Release(&view);
+    return frame;
+}
+
+
+/* --- the /ws/v1 request and mesh.send's parameters (cluster/protocol.py) ------------------------ */
+
+/* What setup() hands over: msgspec's decode, the method names, the result types, the Python
+   functions that handle whatever is not the common case. */
+static PyObject *strict_decode, *method_names, *ws_request_type, *send_params_type, *payload_type;
+static PyObject *ws_request_python, *send_python;
+static PyObject *str_i, *str_id, *str_m, *str_p, *str_c, *str_d, *str_t, *str_text;
+
+#define UJSON_DEPTH 1024
+
+static PyObject *
+setup(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject **slots[] = {&strict_decode, &method_names, &ws_request_type, &send_params_type, &payload_type,
+                          &ws_request_python, &send_python};
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "setup(decode, method_names, WsRequest, SendParams, Payload, "
+                                         "parse_ws_request, parse_send)");
+        return NULL;
+    }
+    for (int i = 2; i < 5; i++) {
+        if (!PyType_Check(args[i]) || !PyType_IsSubtype((PyTypeObject *)args[i], &PyTuple_Type)) {
+            PyErr_SetString(PyExc_TypeError, "setup: the result types must be tuple subclasses");
+            return NULL;
+        }
+    }
+    if (!PyFrozenSet_CheckExact(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "setup: method_names must be a frozenset");
+        return NULL;
+    }
+    for (int i = 0; i < 7; i++) {
+        Py_INCREF(args[i]);
+        Py_XSETREF(*slots[i], args[i]);
+    }
+    Py_RETURN_NONE;
+}
+
+/* A tuple of a NamedTuple class, as tuple.__new__(cls, (a, b)) makes it; steals the references. */
+static PyObject *
+pair_of(PyObject *type, PyObject *first, PyObject *second)
+{
+    PyObject *pair = ((PyTypeObject *)type)->tp_alloc((PyTypeObject *)type, 2);
+    if (pair == NULL) {
+        Py_DECREF(first);
+        Py_DECREF(second);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(pair, 0, first);
+    PyTuple_SET_ITEM(pair, 1, second);
+    return pair;
+}
+
+/* Whether `text` holds `\ud` or `\uD`: what cluster/protocol.py's _surrogate_free looks for first. */
+static int
+may_hold_surrogate(PyObject *text)
+{
+    Py_ssize_t length = PyUnicode_GET_LENGTH(text);
+    int kind = PyUnicode_KIND(text);
+    const void *data = PyUnicode_DATA(text);
+    for (Py_ssize_t i = 0; i + 2 < length; i++) {
+        if (PyUnicode_READ(kind, data, i) == '\\' && PyUnicode_READ(kind, data, i + 1) == 'u') {
+            Py_UCS4 third = PyUnicode_READ(kind, data, i + 2);
+            if (third == 'd' || third == 'D') {
+                return 1;
+            }
+        }
+    }
+    return 0;
+}
+
+/* At least how deep `text` could nest: its opening brackets (cluster/protocol.py, _nesting_bound). */
+static Py_ssize_t
+nesting_bound(PyObject *text)
+{
+    Py_ssize_t length = PyUnicode_GET_LENGTH(text), count = 0;
+    int kind = PyUnicode_KIND(text);
+    const void *data = PyUnicode_DATA(text);
+    for (Py_ssize_t i = 0; i < length; i++) {
+        Py_UCS4 c = PyUnicode_READ(kind, data, i);
+        count += (c == '[' || c == '{');
+    }
+    return count;
+}
+
+static PyObject *
+call_python(PyObject *function, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (function == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "cluster._speedups: setup() was not called");
+        return NULL;
+    }
+    return PyObject_Vectorcall(function, args, nargs, NULL);
+}
+
+/* parse_ws_request(text) -> WsRequest
+
+   cluster/protocol.py, parse_ws_request, for a text that strict JSON reads into an object with a
+   known method `m`, an integer, string or absent id and no `\ud` escape anywhere; anything else
+   goes to the Python function, which reads it again and says what is wrong. */
+static PyObject *
+parse_ws_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *text, *message, *req_id, *method, *params, *result;
+
+    if (nargs != 1 || strict_decode == NULL || !PyUnicode_CheckExact(args[0])) {
+        return call_python(ws_request_python, args, nargs);
+    }
+    text = args[0];
+    if (PyUnicode_GET_LENGTH(text) > UJSON_DEPTH && nesting_bound(text) > UJSON_DEPTH) {
+        return call_python(ws_request_python, args, nargs);
+    }
+    if (may_hold_surrogate(text)) {
+        return call_python(ws_request_python, args, nargs);
+    }
+    message = PyObject_CallOneArg(strict_decode, text);
+    if (message == NULL) {
+        PyErr_Clear();   /* what strict JSON refuses: ujson's to read or refuse, in the Python function */
+        return call_python(ws_request_python, args, nargs);
+    }
+    if (!PyDict_CheckExact(message)) {
+        goto python;
+    }
+    req_id = PyDict_GetItemWithError(message, str_i);
+    if (req_id == NULL) {
+        if (PyErr_Occurred()) {
+            goto python;
+        }
+        req_id = PyDict_GetItemWithError(message, str_id);
+        if (req_id == NULL) {
+            if (PyErr_Occurred()) {
+                goto python;
+            }
+            req_id = Py_None;
+        }
+    }
+    if (req_id != Py_None && !PyLong_CheckExact(req_id) && !PyUnicode_CheckExact(req_id)) {
+        goto python;
+    }
+    method = PyDict_GetItemWithError(message, str_m);
+    if (method == NULL || !PyUnicode_CheckExact(method)) {
+        goto python;
+    }
+    switch (PySet_Contains(method_names, method)) {
+    case 1:
+        break;
+    case 0:
+        goto python;
+    default:
+        PyErr_Clear();
+        goto python;
+    }
+    params = PyDict_GetItemWithError(message, str_p);
+    if (params == NULL) {
+        if (PyErr_Occurred()) {
+            goto python;
+        }
+        params = PyDict_New();
+        if (params == NULL) {
+            Py_DECREF(message);
+            return NULL;
+        }
+    }
+    else {
+        Py_INCREF(params);
+    }
+    result = ((PyTypeObject *)ws_request_type)->tp_alloc((PyTypeObject *)ws_request_type, 3);
+    if (result == NULL) {
+        Py_DECREF(params);
+        Py_DECREF(message);
+        return NULL;
+    }
+    Py_INCREF(method);
+    Py_INCREF(req_id);
+    PyTuple_SET_ITEM(result, 0, method);
+    PyTuple_SET_ITEM(result, 1, params);
+    PyTuple_SET_ITEM(result, 2, req_id);
+    Py_DECREF(message);
+    return result;
+
+python:
+    PyErr_Clear();
+    Py_DECREF(message);
+    return call_python(ws_request_python, args, nargs);
+}
+
+/* parse_send(params, prefix="p.") -> SendParams
+
+   cluster/protocol.py, parse_send, for an object whose `c` is a string of 1 to 19 ASCII digits and
+   whose `d` is a string of text (`t` absent or "text"); anything else goes to the Python function. */
+static PyObject *
+parse_send(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    PyObject *params, *client, *data, *type, *client_id, *encoded, *payload;
+    Py_ssize_t length;
+    const Py_UCS1 *digits;
+
+    if (kwnames != NULL && PyTuple_GET_SIZE(kwnames)) {   /* prefix=...: only names the fields in errors */
+        if (send_python == NULL) {
+            return call_python(NULL, args, nargs);
+        }
+        return PyObject_Vectorcall(send_python, args, nargs, kwnames);
+    }
+    if (nargs < 1 || nargs > 2 || payload_type == NULL || !PyDict_CheckExact(args[0])) {
+        return call_python(send_python, args, nargs);
+    }
+    params = args[0];
+    client = PyDict_GetItemWithError(params, str_c);
+    data = client == NULL ? NULL : PyDict_GetItemWithError(params, str_d);
+    if (data == NULL || !PyUnicode_CheckExact(client) || !PyUnicode_CheckExact(data) || !PyUnicode_IS_ASCII(client)) {
+        PyErr_Clear();
+        return call_python(send_python, args, nargs);
+    }
+    type = PyDict_GetItemWithError(params, str_t);
+    if (type != NULL && !(PyUnicode_CheckExact(type) && PyUnicode_Compare(type, str_text) == 0)) {
+        PyErr_Clear();
+        return call_python(send_python, args, nargs);
+    }
+    if (type == NULL && PyErr_Occurred()) {
+        PyErr_Clear();
+        return call_python(send_python, args, nargs);
+    }
+    length = PyUnicode_GET_LENGTH(client);
+    digits = PyUnicode_1BYTE_DATA(client);
+    if (length < 1 || length >= 20) {
+        return call_python(send_python, args, nargs);
+    }
+    for (Py_ssize_t i = 0; i < length; i++) {
+        if (digits[i] < '0' || digits[i] > '9') {
+            return call_python(send_python, args, nargs);
+        }
+    }
+    encoded = PyUnicode_AsUTF8String(data);
+    if (encoded == NULL) {   /* a lone surrogate: the Python function names it */
+        PyErr_Clear();
+        return call_python(send_python, args, nargs);
+    }
+    client_id = PyLong_FromString((const char *)digits, NULL, 10);
+    if (client_id == NULL) {
+        Py_DECREF(encoded);
+        return NULL;
+    }
+    Py_INCREF(Py_False);
+    payload = pair_of(payload_type, encoded, Py_False);
+    if (payload == NULL) {
+        Py_DECREF(client_id);
+        return NULL;
+    }
+    return pair_of(send_params_type, client_id, payload);
+}
+
+/* --- durations (node/metrics.py) and mesh frames (cluster/mesh.py) -------------------------------- */
+
+static double *bucket_bounds;
+static Py_ssize_t bucket_count;
+
+/* set_buckets(bounds): the upper bounds, in order, of every duration histogram. */
+static PyObject *
+set_buckets(PyObject *module, PyObject *bounds)
+{
+    PyObject *items = PySequence_Tuple(bounds);
+    double *copy;
+    Py_ssize_t count;
+    if (items == NULL) {
+        return NULL;
+    }
+    count = PyTuple_GET_SIZE(items);
+    copy = PyMem_Malloc(sizeof(double) * (count ? count : 1));
+    if (copy == NULL) {
+        Py_DECREF(items);
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        copy[i] = PyFloat_AsDouble(PyTuple_GET_ITEM(items, i));
+        if (copy[i] == -1.0 && PyErr_Occurred()) {
+            PyMem_Free(copy);
+            Py_DECREF(items);
+            return NULL;
+        }
+        if (i && !(copy[i - 1] < copy[i])) {
+            PyMem_Free(copy);
+            Py_DECREF(items);
+            PyErr_SetString(PyExc_ValueError, "set_buckets: the bounds must increase");
+            return NULL;
+        }
+    }
+    Py_DECREF(items);
+    PyMem_Free(bucket_bounds);
+    bucket_bounds = copy;
+    bucket_count = count;
+    Py_RETURN_NONE;
+}
+
+/* Adds `amount` to the float at series[index]. */
+static int
+add_to(PyObject *series, Py_ssize_t index, double amount)
+{
+    double value = PyFloat_AsDouble(PyList_GET_ITEM(series, index));
+    PyObject *sum;
+    if (value == -1.0 && PyErr_Occurred()) {
+        return -1;
+    }
+    sum = PyFloat_FromDouble(value + amount);
+    if (sum == NULL) {
+        return -1;
+    }
+    return PyList_SetItem(series, index, sum);   /* takes `sum`, lets go of the old value */
+}
+
+/* observe(series, labels, seconds)
+
+   node/metrics.py, observe: one duration into the bucket list of `labels` in `series` (made when
+   it is the first): its sum first, then the count of the first bucket whose bound is not below it. */
+static PyObject *
+observe(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *series, *list;
+    double seconds;
+    Py_ssize_t bucket = 0;
+
+    if (nargs != 3 || !PyDict_CheckExact(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "observe(series: dict, labels, seconds)");
+        return NULL;
+    }
+    if (bucket_bounds == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "cluster._speedups: set_buckets() was not called");
+        return NULL;
+    }
+    seconds = PyFloat_AsDouble(args[2]);
+    if (seconds == -1.0 && PyErr_Occurred()) {
+        return NULL;
+    }
+    series = args[0];
+    list = PyDict_GetItemWithError(series, args[1]);
+    if (list == NULL) {
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+        list = PyList_New(bucket_count + 2);
+        if (list == NULL) {
+            return NULL;
+        }
+        for (Py_ssize_t i = 0; i < bucket_count + 2; i++) {
+            PyObject *zero = PyFloat_FromDouble(0.0);
+            if (zero == NULL) {
+                Py_DECREF(list);
+                return NULL;
+            }
+            PyList_SET_ITEM(list, i, zero);
+        }
+        if (PyDict_SetItem(series, args[1], list) < 0) {
+            Py_DECREF(list);
+            return NULL;
+        }
+        Py_DECREF(list);   /* the dict holds it */
+    }
+    if (!PyList_CheckExact(list) || PyList_GET_SIZE(list) != bucket_count + 2) {
+        PyErr_SetString(PyExc_TypeError, "observe: a series is a list of one sum and a count per bucket");
+        return NULL;
+    }
+    while (bucket < bucket_count && bucket_bounds[bucket] < seconds) {
+        bucket++;
+    }
+    if (add_to(list, 0, seconds) < 0 || add_to(list, 1 + bucket, 1.0) < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+/* request_frame(code, request_id, head, body) -> bytes
+
+   cluster/mesh.py, request_frame: code (1 byte), request id (8), head length (4), all big-endian,
+   then the head and the body. */
+static PyObject *
+request_frame(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    unsigned long code;
+    unsigned long long request_id;
+    PyObject *frame;
+    char *out;
+    Py_ssize_t head_size, body_size;
+
+    if (nargs != 4 || !PyBytes_CheckExact(args[2]) || !PyBytes_CheckExact(args[3])) {
+        PyErr_SetString(PyExc_TypeError, "request_frame(code, request_id, head: bytes, body: bytes)");
+        return NULL;
+    }
+    code = PyLong_AsUnsignedLong(args[0]);
+    if (code == (unsigned long)-1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    request_id = PyLong_AsUnsignedLongLong(args[1]);
+    if (request_id == (unsigned long long)-1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    head_size = PyBytes_GET_SIZE(args[2]);
+    body_size = PyBytes_GET_SIZE(args[3]);
+    if (code > 0xFF || (unsigned long long)head_size > 0xFFFFFFFFULL) {
+        PyErr_SetString(PyExc_OverflowError, "request_frame: code or head length out of range");
+        return NULL;
+    }
+    frame = PyBytes_FromStringAndSize(NULL, 13 + head_size + body_size);
+    if (frame == NULL) {
+        return NULL;
+    }
+    out = PyBytes_AS_STRING(frame);
+    out[0] = (char)code;
+    for (int i = 0; i < 8; i++) {
+        out[1 + i] = (char)(request_id >> (56 - 8 * i));
+    }
+    for (int i = 0; i < 4; i++) {
+        out[9 + i] = (char)((unsigned long long)head_size >> (24 - 8 * i));
+    }
+    memcpy(out + 13, PyBytes_AS_STRING(args[2]), head_size);
+    memcpy(out + 13 + head_size, PyBytes_AS_STRING(args[3]), body_size);
+    return frame;
+}
+
+static PyMethodDef methods[] = {
+    {"text_frame", (PyCFunction)(void (*)(void))text_frame, METH_FASTCALL,
+     "The whole masked text frame at data[pos:]: (end, text or None), or None."},
+    {"encode_ws_frame", (PyCFunction)(void (*)(void))encode_ws_frame, METH_FASTCALL | METH_KEYWORDS,
+     "One unmasked, unfragmented server-to-client WebSocket frame."},
+    {"setup", (PyCFunction)(void (*)(void))setup, METH_FASTCALL,
+     "setup(decode, method_names, WsRequest, SendParams, Payload, parse_ws_request, parse_send)."},
+    {"parse_ws_request", (PyCFunction)(void (*)(void))parse_ws_request, METH_FASTCALL,
+     "cluster/protocol.py, parse_ws_request."},
+    {"parse_send", (PyCFunction)(void (*)(void))parse_send, METH_FASTCALL | METH_KEYWORDS,
+     "cluster/protocol.py, parse_send."},
+    {"set_buckets", (PyCFunction)set_buckets, METH_O, "set_buckets(bounds): the histograms' upper bounds."},
+    {"observe", (PyCFunction)(void (*)(void))observe, METH_FASTCALL, "node/metrics.py, observe."},
+    {"request_frame", (PyCFunction)(void (*)(void))request_frame, METH_FASTCALL, "cluster/mesh.py, request_frame."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "cluster._speedups",
+    "C versions of a few functions of the per-request path (cluster/speedups.py).", -1, methods,
+};
+
+PyMODINIT_FUNC
+PyInit__speedups(void)
+{
+    struct { PyObject **slot; const char *text; } names[] = {
+        {&str_i, "i"}, {&str_id, "id"}, {&str_m, "m"}, {&str_p, "p"}, {&str_c, "c"}, {&str_d, "d"},
+        {&str_t, "t"}, {&str_text, "text"},
+    };
+    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
+        *names[i].slot = PyUnicode_InternFromString(names[i].text);
+        if (*names[i].slot == NULL) {
+            return NULL;
+        }
+    }
+    return PyModule_Create(&module);
+}

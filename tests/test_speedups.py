@@ -1,0 +1,319 @@
+"""The C versions of cluster/_speedups.c do what the Python functions they stand for do.
+
+Each C function is compared with its Python version on the same inputs, the
+common case and every other (random bytes and JSON, each boundary of each
+length field, what the Python code refuses): the same value, or the same
+error with the same code and message. The C code hands what is not the
+common case back to the Python function, so a difference here is a bug in
+the C code. Without the compiled module these tests are skipped (and
+`test_built_where_a_compiler_is` fails if a compiler was there to build it).
+"""
+
+import json
+import os
+import random
+import shutil
+import struct
+from functools import partial
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+from tornado.util import _websocket_mask
+
+from cluster import mesh, protocol, speedups
+from cluster.protocol import ApiError, ErrorCode
+from conftest import Cluster, running, wait_until
+from node import client_protocol, metrics
+
+native = speedups.native
+needs_native = pytest.mark.skipif(native is None, reason="cluster._speedups is not built here (no C compiler when "
+                                                          "the package was installed, or MESHGATE_NO_SPEEDUPS=1)")
+SETTINGS = settings(max_examples=300, deadline=None, database=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+
+
+def test_built_where_a_compiler_is():
+    """`make install` builds the module wherever a C compiler is; it is off only when asked."""
+    if speedups.turned_off:
+        assert native is None and speedups.describe() == "no C speedups (MESHGATE_NO_SPEEDUPS)"
+        return
+    if shutil.which("cc") or shutil.which("gcc"):
+        assert native is not None, "a C compiler is here but cluster._speedups is not built: pip install -e ."
+
+
+def _outcome(call, *args):
+    """What a call gives: ("ok", the value's repr (NaN is not equal to itself), its type) or ("error",
+    type, code, message, req_id)."""
+    try:
+        value = call(*args)
+    except ApiError as exc:
+        return ("error", ApiError, exc.code, exc.message, exc.req_id)
+    except Exception as exc:   # the same exception type and text, whatever it is
+        return ("error", type(exc), None, str(exc), None)
+    return ("ok", repr(value), type(value))
+
+
+# --- the frame reader (node/client_protocol.py, text_frame) --------------------------------------------------
+
+def _frame(payload: bytes, first: int = 0x81, mask: bytes = b"\x01\x02\x03\x04", length_form: str = "auto") -> bytes:
+    length = len(payload)
+    if length_form == "short" or (length_form == "auto" and length < 126):
+        head = bytes((first, 0x80 | length))
+    elif length_form == "16" or (length_form == "auto" and length <= 0xFFFF):
+        head = bytes((first, 0x80 | 126)) + struct.pack("!H", length)
+    else:
+        head = bytes((first, 0x80 | 127)) + struct.pack("!Q", length)
+    return head + mask + (_websocket_mask(mask, payload) if payload else b"")
+
+
+def _same_frame(data: bytes, pos: int, max_size: int) -> None:
+    data = bytearray(data)
+    assert native.text_frame(data, pos, max_size) == client_protocol.text_frame(data, pos, max_size)
+
+
+@needs_native
+@pytest.mark.parametrize("length", [0, 1, 3, 4, 5, 7, 125, 126, 127, 511, 512, 513, 1000, 65535])
+def test_text_frame_every_length_form(length):
+    payload = ("é" * length).encode("utf-8")[:length].decode("utf-8", "ignore").encode("utf-8")
+    frame = _frame(payload, mask=os.urandom(4))
+    data = b"xy" + frame + _frame(b"next")
+    for pos in (0, 1, 2, 3):
+        for max_size in (0, len(payload) - 1, len(payload), 1 << 20):
+            _same_frame(data, pos, max_size)
+    assert native.text_frame(bytearray(data), 2, 1 << 20) == (2 + len(frame), payload.decode("utf-8"))
+    for cut in (1, 2, 5, len(frame) - 1):   # not whole yet
+        _same_frame(frame[:cut], 0, 1 << 20)
+
+
+@needs_native
+@pytest.mark.parametrize("first", [0x01, 0x80, 0x82, 0x88, 0x89, 0x8A, 0x91, 0xC1, 0xF1])
+def test_text_frame_leaves_other_frames(first):
+    frame = _frame(b"hello", first=first)
+    assert native.text_frame(bytearray(frame), 0, 100) is None
+    _same_frame(frame, 0, 100)
+
+
+@needs_native
+def test_text_frame_unmasked_long_forms_and_bad_text():
+    for frame in (b"\x81\x05hello", _frame(b"x" * 200, length_form="64"), _frame(b"x" * 70000),
+                  _frame(b"\xff\xfe"), _frame(b"\xed\xa0\x80"), _frame(b"ok \xc3"), _frame("日本".encode()),
+                  _frame(b"\x00\x7f"), _frame(b"x" * 10, length_form="16")):
+        _same_frame(frame, 0, 1 << 20)
+    assert native.text_frame(bytearray(_frame(b"\xff")), 0, 10) == (7, None)   # not UTF-8: read, refused
+    with pytest.raises(TypeError):
+        native.text_frame("not bytes", 0, 10)
+    assert native.text_frame(bytearray(_frame(b"abc")), -1, 10) is None
+
+
+@needs_native
+@SETTINGS
+@given(st.binary(max_size=300), st.integers(0, 8), st.integers(0, 400))
+def test_text_frame_any_bytes(data, pos, max_size):
+    _same_frame(data, pos, max_size)
+    _same_frame(b"\x81" + data, 0, max_size)
+
+
+@needs_native
+@SETTINGS
+@given(st.text(max_size=300) | st.binary(max_size=300), st.binary(min_size=4, max_size=4), st.integers(0, 400))
+def test_text_frame_any_payload(payload, mask, max_size):
+    payload = payload.encode("utf-8", "surrogatepass") if isinstance(payload, str) else payload
+    _same_frame(_frame(payload, mask=mask) + b"\x81", 0, max_size)
+
+
+# --- frames out (cluster/protocol.py, encode_ws_frame) ---------------------------------------------------------
+
+@needs_native
+@pytest.mark.parametrize("length", [0, 1, 125, 126, 127, 65535, 65536, 70000])
+def test_encode_ws_frame(length):
+    data = os.urandom(length)
+    for binary in (False, True, 0, 1, None):
+        assert native.encode_ws_frame(data, binary) == protocol.encode_ws_frame_python(data, binary)
+    assert native.encode_ws_frame(data) == protocol.encode_ws_frame_python(data)
+    assert native.encode_ws_frame(data, binary=True) == protocol.encode_ws_frame_python(data, binary=True)
+    for wrong in ({"bin": True}, {"binary": True, "data": data}):
+        with pytest.raises(TypeError):
+            native.encode_ws_frame(data, **wrong)
+    assert protocol.encode_ws_frame is native.encode_ws_frame
+    with pytest.raises(TypeError):
+        native.encode_ws_frame("text")
+
+
+# --- /ws/v1 requests and mesh.send's parameters (cluster/protocol.py) -------------------------------------------
+
+scalars = (st.none() | st.booleans() | st.integers(min_value=-2 ** 70, max_value=2 ** 70)
+           | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=20)
+           | st.sampled_from(["", "\ud800", "mesh.send", "queue.pop", "1463786910324359168", "0", "00012",
+                              "12345678901234567890", "1234567890123456789", "١٢٣", "text", "binary", "AAEC"]))
+values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
+                      | st.dictionaries(st.sampled_from(["c", "d", "t", "x"]) | st.text(max_size=4), inner,
+                                        max_size=4), max_leaves=15)
+params = st.dictionaries(st.sampled_from(["c", "d", "t", "x"]), values, max_size=4)
+requests = st.fixed_dictionaries({}, optional={
+    "m": st.sampled_from(list(protocol.METHODS)) | scalars, "p": params | values, "i": scalars, "id": scalars,
+    "x": values})
+
+
+def _text(value) -> str:
+    return json.dumps(value, allow_nan=True, ensure_ascii=random.random() < 0.5)
+
+
+@needs_native
+@SETTINGS
+@given(requests)
+def test_parse_ws_request_any_request(request):
+    text = _text(request)
+    assert _outcome(native.parse_ws_request, text) == _outcome(protocol.parse_ws_request_python, text)
+
+
+@needs_native
+@SETTINGS
+@given(st.text(max_size=80) | st.binary(max_size=80))
+def test_parse_ws_request_any_text(text):
+    assert _outcome(native.parse_ws_request, text) == _outcome(protocol.parse_ws_request_python, text)
+
+
+@needs_native
+@pytest.mark.parametrize("text", [
+    '{"m":"mesh.send","p":{"c":"1","d":"x"},"i":1}', '{"m":"mesh.send","p":{"c":"1","d":"x"},"i":"a"}',
+    '{"m":"mesh.send","p":{"c":"1","d":"x"},"id":7}', '{"m":"mesh.send","i":null,"id":7}', '{"m":"channel.count"}',
+    '{"m":"mesh.send","i":true}', '{"m":"mesh.send","i":1.5}', '{"m":"mesh.sendx"}', '{"m":5}', '{}', '[]', '5',
+    '{"m":"mesh.send","p":"\\ud800"}', '{"m":"mesh.send","p":"\\uD83D\\uDE00"}', '{"m":"mesh.send","p":"\\\\ud"}',
+    '{"m":"mesh.send","p":NaN}', '{"m":"mesh.send","p":"a\x01b"}', '{"m":"mesh.send","m":"queue.pop"}',
+    '{"m":"mesh.send","i":123456789012345678901234567890}', '{bad', '', ' {"m":"queue.pop"} ',
+    '{"m":"mesh.send","p":' + "[" * 1100 + "]" * 1100 + "}", '{"m":"mesh.send","p":"' + "[" * 1100 + '"}',
+    '{"m":"mesh.send","p":' + "[" * 900 + "]" * 900 + "}", '{"m":"mesh.send","i":"\\ud800"}',
+])
+def test_parse_ws_request_each_case(text):
+    assert _outcome(native.parse_ws_request, text) == _outcome(protocol.parse_ws_request_python, text)
+    assert _outcome(native.parse_ws_request, text.encode("utf-8")) == \
+        _outcome(protocol.parse_ws_request_python, text.encode("utf-8"))
+
+
+@needs_native
+def test_parse_ws_request_result_type():
+    request = native.parse_ws_request('{"m":"mesh.send","p":{"c":"1","d":"x"},"i":3}')
+    assert type(request) is protocol.WsRequest and request.method == "mesh.send" and request.req_id == 3
+    assert native.parse_ws_request('{"m":"queue.pop"}') == ("queue.pop", {}, None)
+    assert protocol.parse_ws_request is native.parse_ws_request and protocol.parse_send is native.parse_send
+
+
+@needs_native
+@SETTINGS
+@given(params | values, st.sampled_from(["p.", ""]))
+def test_parse_send_any_parameters(value, prefix):
+    assert _outcome(native.parse_send, value, prefix) == _outcome(protocol.parse_send_python, value, prefix)
+
+
+@needs_native
+@pytest.mark.parametrize("value", [
+    {"c": "1", "d": "x"}, {"c": "0", "d": ""}, {"c": "00012", "d": "é"}, {"c": "1234567890123456789", "d": "x"},
+    {"c": "12345678901234567890", "d": "x"}, {"c": "18446744073709551615", "d": "x"}, {"c": "", "d": "x"},
+    {"c": "١٢٣", "d": "x"}, {"c": "12a", "d": "x"}, {"c": 12, "d": "x"}, {"c": True, "d": "x"}, {"c": "1"},
+    {"d": "x"}, {"c": "1", "d": "\ud800"}, {"c": "1", "d": "x", "t": "text"}, {"c": "1", "d": "AAEC", "t": "binary"},
+    {"c": "1", "d": "x", "t": "other"}, {"c": "1", "d": "x", "t": None}, {"c": "1", "d": {"a": 1}},
+    {"c": "1", "d": [1, float("nan")]}, {"c": "1", "d": 5}, {"c": "-1", "d": "x"}, {"c": " 1", "d": "x"}, [], "x",
+])
+def test_parse_send_each_case(value):
+    for prefix in ("p.", ""):
+        assert _outcome(native.parse_send, value, prefix) == _outcome(protocol.parse_send_python, value, prefix)
+    assert _outcome(native.parse_send, value) == _outcome(protocol.parse_send_python, value)
+    assert _outcome(partial(native.parse_send, prefix=""), value) == \
+        _outcome(partial(protocol.parse_send_python, prefix=""), value)
+
+
+@needs_native
+def test_parse_send_result_types():
+    params = native.parse_send({"c": "42", "d": "hé"}, "p.")
+    assert type(params) is protocol.SendParams and type(params.payload) is protocol.Payload
+    assert params == (42, (b"h\xc3\xa9", False))
+
+
+# --- durations (node/metrics.py, observe) and mesh frames (cluster/mesh.py, request_frame) -------------------
+
+@needs_native
+def test_observe_as_python_does():
+    durations = [0.0, 0.0004, 0.0005, 0.00050001, 0.003, 1.0, 9.99, 10.0, 10.5, 1e9, -1.0, 0, 1, True]
+    durations += [random.random() * random.choice((0.001, 0.1, 20)) for _ in range(2000)]
+    native_series, python_series = {}, {}
+    for index, seconds in enumerate(durations):
+        labels = ("mesh.send", index % 3)
+        native.observe(native_series, labels, seconds)
+        metrics.observe_python(python_series, labels, seconds)
+    assert native_series == python_series
+    nan_native, nan_python = {}, {}
+    native.observe(nan_native, (), float("nan"))
+    metrics.observe_python(nan_python, (), float("nan"))
+    assert nan_native[()][1:] == nan_python[()][1:]   # the same bucket (NaN is not equal to itself)
+    with pytest.raises(TypeError):
+        native.observe(native_series, ("x",), "slow")
+    with pytest.raises(TypeError):
+        native.observe([], ("x",), 1.0)
+    timings, expected = metrics.Timings(), {}
+    for seconds in (0.002, 0.5, 30.0):
+        timings.observe(("a",), seconds)
+        metrics.observe_python(expected, ("a",), seconds)
+    assert timings.series == expected and expected[("a",)][1:] == [0, 0, 1, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1]
+
+
+@needs_native
+@SETTINGS
+@given(st.integers(0, 255), st.integers(0, 2 ** 64 - 1), st.binary(max_size=60), st.binary(max_size=60))
+def test_request_frame(code, request_id, head, body):
+    assert native.request_frame(code, request_id, head, body) == mesh.request_frame_python(code, request_id, head, body)
+
+
+@needs_native
+def test_request_frame_refuses_what_struct_refuses():
+    for args in ((256, 1, b"", b""), (-1, 1, b"", b""), (1, 2 ** 64, b"", b""), (1, -1, b"", b"")):
+        with pytest.raises((OverflowError, struct.error)):
+            mesh.request_frame_python(*args)
+        with pytest.raises(OverflowError):
+            native.request_frame(*args)
+    with pytest.raises(TypeError):
+        native.request_frame(1, 1, "head", b"")
+    message = mesh.send_request(5, b"frame")
+    assert mesh.request_frame(message, 9) == mesh.frame_request(message, 9)[0] == \
+        mesh.request_frame_python(1, 9, message.head, message.body)
+
+
+# --- a cluster with and without them -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("turned_off", [True, False], ids=["python", "c"])
+def test_a_cluster_serves_the_same_with_or_without_them(tmp_path, turned_off):
+    """Pipelined /ws/v1 requests, local and cross-node, good and bad, in one burst: the same replies
+    with the Python versions (MESHGATE_NO_SPEEDUPS=1) and the C ones; each node says which it runs."""
+    if not turned_off and native is None:
+        pytest.skip("cluster._speedups is not built here")
+    cluster = Cluster(tmp_path, workers=2)
+    env = {key: value for key, value in os.environ.items() if key != "MESHGATE_NO_SPEEDUPS"}
+    cluster.start_options = {"env": {**env, "MESHGATE_NO_SPEEDUPS": "1"} if turned_off else env}
+    expected = "no C speedups (MESHGATE_NO_SPEEDUPS)" if turned_off else "C speedups"
+    with running(cluster):
+        wait_until(lambda: cluster.logs().count(f", {expected}\n") == 2, what=f"both nodes ready with {expected}")
+        clients = cluster.clients(2, nodes=2)
+        api = cluster.api()
+        requests = []
+        for index in range(200):
+            client = clients[index % len(clients)]
+            requests.append(json.dumps({"m": "mesh.send", "p": {"c": str(client.client_id), "d": f"m{index}"},
+                                        "i": index}))
+        requests += ['{"m":"mesh.send","p":{"c":"x","d":"y"},"i":"bad-id"}', '{"m":"mesh.send","i":true}',
+                     '{"m":"mesh.sendx","i":"unknown"}', '{bad',
+                     '{"m":"mesh.send","p":{"c":"1","d":"\\ud800"},"i":"surrogate"}',
+                     json.dumps({"m": "mesh.send", "p": {"c": clients[0].client_id, "d": "é"}, "i": "int-id"})]
+        for request in requests:
+            api.send_raw(request)
+        replies = [api.read() for _ in requests]
+        by_id = {reply.get("i"): reply for reply in replies}
+        assert [by_id[index] for index in range(200)] == [{"E": None, "r": {"s": True}, "i": index} for index in range(200)]
+        assert by_id["bad-id"]["E"]["c"] == ErrorCode.INVALID_PARAMS and "p.c" in by_id["bad-id"]["E"]["m"]
+        assert by_id[None]["E"] == {"c": int(ErrorCode.INVALID_PARAMS), "m": "request: malformed JSON"}
+        assert by_id["unknown"]["E"]["m"] == "m: unknown method 'mesh.sendx'"
+        assert by_id["surrogate"]["E"]["m"] == "request: lone UTF-16 surrogate escape"
+        assert by_id["int-id"] == {"E": None, "r": {"s": True}, "i": "int-id"}
+        assert sum(1 for reply in replies if reply.get("i") is None) == 2   # the malformed one, and `i: true`
+        for position, client in enumerate(clients):
+            got = [client.recv() for _ in range(100)]
+            assert got == [f"m{index}" for index in range(position, 200, len(clients))]
+        assert clients[0].recv() == "é"
