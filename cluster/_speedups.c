@@ -602,6 +602,232 @@ request_frame(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return frame;
 }
 
+/* batched_replies(frame: bytes) -> list | None
+
+   cluster/mesh.py, batched_replies_python: a batch (code 7, then length | message for each) of
+   whole replies (code 6, request id, result): [(request_id, result), ...]; None for any other. */
+#define BATCH_MAX 1024
+#define REPLY_CODE 6
+
+static PyObject *
+batched_replies(PyObject *module, PyObject *frame)
+{
+    const unsigned char *bytes;
+    Py_ssize_t at = 1, end;
+    PyObject *replies;
+
+    if (!PyBytes_CheckExact(frame)) {
+        PyErr_SetString(PyExc_TypeError, "batched_replies(frame: bytes)");
+        return NULL;
+    }
+    bytes = (const unsigned char *)PyBytes_AS_STRING(frame);
+    end = PyBytes_GET_SIZE(frame);
+    replies = PyList_New(0);
+    if (replies == NULL) {
+        return NULL;
+    }
+    while (at < end) {
+        uint32_t size;
+        unsigned long long request_id = 0;
+        PyObject *id, *result, *pair;
+        if (at + 13 > end) {
+            goto not_ours;
+        }
+        size = ((uint32_t)bytes[at] << 24) | ((uint32_t)bytes[at + 1] << 16) | ((uint32_t)bytes[at + 2] << 8)
+               | bytes[at + 3];
+        if (bytes[at + 4] != REPLY_CODE || size < 9 || (Py_ssize_t)size > end - at - 4) {
+            goto not_ours;
+        }
+        for (int i = 0; i < 8; i++) {
+            request_id = (request_id << 8) | bytes[at + 5 + i];
+        }
+        at += 4;
+        id = PyLong_FromUnsignedLongLong(request_id);
+        result = PyBytes_FromStringAndSize((const char *)bytes + at + 9, size - 9);
+        if (id == NULL || result == NULL) {
+            Py_XDECREF(id);
+            Py_XDECREF(result);
+            Py_DECREF(replies);
+            return NULL;
+        }
+        pair = PyTuple_New(2);
+        if (pair == NULL) {
+            Py_DECREF(id);
+            Py_DECREF(result);
+            Py_DECREF(replies);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(pair, 0, id);
+        PyTuple_SET_ITEM(pair, 1, result);
+        if (PyList_Append(replies, pair) < 0) {
+            Py_DECREF(pair);
+            Py_DECREF(replies);
+            return NULL;
+        }
+        Py_DECREF(pair);
+        at += size;
+        if (PyList_GET_SIZE(replies) > BATCH_MAX) {
+            goto not_ours;
+        }
+    }
+    if (PyList_GET_SIZE(replies) == 0) {
+        goto not_ours;
+    }
+    return replies;
+
+not_ours:
+    Py_DECREF(replies);
+    Py_RETURN_NONE;
+}
+
+/* --- a peer's mesh.send (cluster/mesh.py, read_request) ---------------------------------------------------- */
+
+static PyObject *request_type, *send_type;
+
+/* setup_mesh(Request, Send): the result types of read_send_request. */
+static PyObject *
+setup_mesh(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "setup_mesh(Request, Send)");
+        return NULL;
+    }
+    for (int i = 0; i < 2; i++) {
+        if (!PyType_Check(args[i]) || !PyType_IsSubtype((PyTypeObject *)args[i], &PyTuple_Type)) {
+            PyErr_SetString(PyExc_TypeError, "setup_mesh: the result types must be tuple subclasses");
+            return NULL;
+        }
+    }
+    Py_INCREF(args[0]);
+    Py_XSETREF(request_type, args[0]);
+    Py_INCREF(args[1]);
+    Py_XSETREF(send_type, args[1]);
+    Py_RETURN_NONE;
+}
+
+/* Whether `data` is UTF-8 as Python's strict decoder reads it. */
+static int
+is_utf8(const unsigned char *data, Py_ssize_t size)
+{
+    PyObject *text;
+    Py_ssize_t i = 0;
+    while (i < size && data[i] < 0x80) {
+        i++;
+    }
+    if (i == size) {
+        return 1;
+    }
+    text = PyUnicode_DecodeUTF8((const char *)data + i, size - i, "strict");
+    if (text == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    Py_DECREF(text);
+    return 1;
+}
+
+/* read_send_request(frame) -> Request | None
+
+   cluster/mesh.py, read_request, for the request a peer's send_request and request_frame make: kind
+   SEND (1), the head exactly {"c":N} with N a client id written as JSON writes it, the body one
+   unmasked final data frame of exact length (text in UTF-8). None for any other frame: read_request
+   reads it, and says what is wrong with it. */
+static PyObject *
+read_send_request(PyObject *module, PyObject *frame)
+{
+    Py_buffer view;
+    const unsigned char *bytes;
+    Py_ssize_t size, head_size, end, digits, body_size, start, length;
+    unsigned long long request_id = 0, client_id = 0;
+    PyObject *id = NULL, *client = NULL, *body = NULL, *send, *request;
+
+    if (request_type == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "cluster._speedups: setup_mesh() was not called");
+        return NULL;
+    }
+    if (PyObject_GetBuffer(frame, &view, PyBUF_SIMPLE) < 0) {
+        PyErr_Clear();   /* not bytes: read_request says what it is */
+        Py_RETURN_NONE;
+    }
+    bytes = (const unsigned char *)view.buf;
+    size = view.len;
+    if (size < 13 || bytes[0] != 1) {
+        goto not_ours;
+    }
+    for (int i = 0; i < 8; i++) {
+        request_id = (request_id << 8) | bytes[1 + i];
+    }
+    head_size = ((Py_ssize_t)bytes[9] << 24) | ((Py_ssize_t)bytes[10] << 16) | ((Py_ssize_t)bytes[11] << 8) | bytes[12];
+    end = 13 + head_size;
+    digits = head_size - 6;   /* {"c": and } */
+    if (end > size || digits < 1 || digits > 20 || memcmp(bytes + 13, "{\"c\":", 5) != 0 || bytes[end - 1] != '}'
+            || (digits > 1 && bytes[18] == '0')) {
+        goto not_ours;
+    }
+    for (Py_ssize_t i = 0; i < digits; i++) {
+        unsigned char c = bytes[18 + i];
+        if (c < '0' || c > '9' || client_id > (18446744073709551615ULL - (c - '0')) / 10) {
+            goto not_ours;   /* not digits, or beyond 2^64 - 1 */
+        }
+        client_id = client_id * 10 + (c - '0');
+    }
+    body_size = size - end;
+    bytes += end;
+    if (body_size < 2 || (bytes[0] != 0x81 && bytes[0] != 0x82) || bytes[1] & 0x80) {
+        goto not_ours;
+    }
+    length = bytes[1];
+    start = 2;
+    if (length == 126) {
+        if (body_size < 4) {
+            goto not_ours;
+        }
+        length = ((Py_ssize_t)bytes[2] << 8) | bytes[3];
+        start = 4;
+        if (length < 126) {
+            goto not_ours;
+        }
+    }
+    else if (length == 127) {
+        goto not_ours;   /* over 64 KiB: the Python reader */
+    }
+    if (start + length != body_size || (bytes[0] == 0x81 && !is_utf8(bytes + start, length))) {
+        goto not_ours;
+    }
+    id = PyLong_FromUnsignedLongLong(request_id);
+    client = PyLong_FromUnsignedLongLong(client_id);
+    body = PyBytes_FromStringAndSize((const char *)bytes, body_size);
+    PyBuffer_Release(&view);
+    if (id == NULL || client == NULL || body == NULL) {
+        goto failed;
+    }
+    send = ((PyTypeObject *)send_type)->tp_alloc((PyTypeObject *)send_type, 2);
+    if (send == NULL) {
+        goto failed;
+    }
+    PyTuple_SET_ITEM(send, 0, client);
+    PyTuple_SET_ITEM(send, 1, body);
+    request = ((PyTypeObject *)request_type)->tp_alloc((PyTypeObject *)request_type, 2);
+    if (request == NULL) {
+        Py_DECREF(send);
+        Py_DECREF(id);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(request, 0, id);
+    PyTuple_SET_ITEM(request, 1, send);
+    return request;
+
+failed:
+    Py_XDECREF(id);
+    Py_XDECREF(client);
+    Py_XDECREF(body);
+    return NULL;
+
+not_ours:
+    PyBuffer_Release(&view);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"text_frame", (PyCFunction)(void (*)(void))text_frame, METH_FASTCALL,
      "The whole masked text frame at data[pos:]: (end, text or None), or None."},
@@ -616,6 +842,9 @@ static PyMethodDef methods[] = {
     {"set_buckets", (PyCFunction)set_buckets, METH_O, "set_buckets(bounds): the histograms' upper bounds."},
     {"observe", (PyCFunction)(void (*)(void))observe, METH_FASTCALL, "node/metrics.py, observe."},
     {"request_frame", (PyCFunction)(void (*)(void))request_frame, METH_FASTCALL, "cluster/mesh.py, request_frame."},
+    {"batched_replies", (PyCFunction)batched_replies, METH_O, "cluster/mesh.py, batched_replies_python."},
+    {"setup_mesh", (PyCFunction)(void (*)(void))setup_mesh, METH_FASTCALL, "setup_mesh(Request, Send)."},
+    {"read_send_request", (PyCFunction)read_send_request, METH_O, "cluster/mesh.py, read_request, for a SEND."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -870,6 +870,8 @@ def request_frame_python(code: int, request_id: int, head: bytes, body: bytes) -
 
 
 _request_frame = request_frame_python if speedups.native is None else speedups.native.request_frame
+# A peer's mesh.send as send_request and request_frame made it, read in C (read_request reads the rest).
+_read_send_request = None
 
 
 def read_request(frames: list) -> Request:
@@ -880,6 +882,10 @@ def read_request(frames: list) -> Request:
     """
     if len(frames) != 1:
         raise FrameError(f"mesh request has {len(frames)} frames, expected 1")
+    if _read_send_request is not None:   # the commonest request, in C: None for anything else
+        request = _read_send_request(frames[0])
+        if request is not None:
+            return request
     frame = bytes(frames[0])
     if len(frame) < _REQUEST_HEAD.size:
         raise FrameError("mesh request is truncated")
@@ -1070,23 +1076,33 @@ def read_replies(frames: list) -> list:
     if len(frames) != 1 or not frames[0] or frames[0][0] != _BATCH_CODE:
         return [_reply_or_none(message) for message in batch(frames)]
     frame = bytes(frames[0])
+    replies = _batched_replies(frame)
+    if replies is not None:
+        return replies
+    return [_reply_or_none(message) for message in unpack(frame)]   # not all replies, cut short, or empty
+
+
+def batched_replies_python(frame: bytes):
+    """The replies of a batch (`pack`) that holds only whole replies, at most MAX_BATCH of them:
+    `(request_id, result bytes)` each, in order; None for any other batch (`unpack` says what it
+    holds, or what is wrong). (cluster/_speedups.c has the same function in C.)"""
     replies, at, end = [], 1, len(frame)
     head, reply_head = _BATCHED_REPLY.size, _REPLY_HEAD.size
     while at < end:
-        if at + head <= end:
-            size, code, request_id = _BATCHED_REPLY.unpack_from(frame, at)
-            if code == _REPLY_CODE and size >= reply_head and at + _LENGTH.size + size <= end:
-                at += _LENGTH.size
-                replies.append((request_id, frame[at + reply_head:at + size]))
-                at += size
-                if len(replies) > MAX_BATCH:
-                    raise FrameError(f"mesh batch holds more than {MAX_BATCH} messages")
-                continue
-        break
-    else:
-        if replies:
-            return replies
-    return [_reply_or_none(message) for message in unpack(frame)]   # not all replies, cut short, or empty
+        if at + head > end:
+            return None
+        size, code, request_id = _BATCHED_REPLY.unpack_from(frame, at)
+        if code != _REPLY_CODE or size < reply_head or at + _LENGTH.size + size > end:
+            return None
+        at += _LENGTH.size
+        replies.append((request_id, frame[at + reply_head:at + size]))
+        at += size
+        if len(replies) > MAX_BATCH:
+            return None
+    return replies or None
+
+
+_batched_replies = batched_replies_python if speedups.native is None else speedups.native.batched_replies
 
 
 def _reply_or_none(message):
@@ -1187,3 +1203,8 @@ def read_result(kind: type, raw: bytes):
         return _RESULTS[kind](result)
     except _Bad as bad:
         raise bad.error("mesh failure" if "e" in result else f"{kind_name(kind)} result") from None
+
+
+if speedups.native is not None:
+    speedups.native.setup_mesh(Request, Send)
+    _read_send_request = speedups.native.read_send_request

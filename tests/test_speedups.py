@@ -313,7 +313,99 @@ def test_a_cluster_serves_the_same_with_or_without_them(tmp_path, turned_off):
         assert by_id["surrogate"]["E"]["m"] == "request: lone UTF-16 surrogate escape"
         assert by_id["int-id"] == {"E": None, "r": {"s": True}, "i": "int-id"}
         assert sum(1 for reply in replies if reply.get("i") is None) == 2   # the malformed one, and `i: true`
-        for position, client in enumerate(clients):
-            got = [client.recv() for _ in range(100)]
-            assert got == [f"m{index}" for index in range(position, 200, len(clients))]
+        for position, client in enumerate(clients):   # (clients(2, nodes=2) may connect more than 2)
+            expected = [f"m{index}" for index in range(position, 200, len(clients))]
+            assert [client.recv() for _ in expected] == expected
         assert clients[0].recv() == "é"
+
+
+# --- a peer's batch of replies (cluster/mesh.py, batched_replies_python) ------------------------------------
+
+def _batch(messages) -> bytes:
+    return b"\x07" + b"".join(struct.pack("!I", len(message)) + message for message in messages)
+
+
+replies = st.tuples(st.integers(0, 2 ** 64 - 1), st.binary(max_size=30)).map(
+    lambda pair: mesh.frame_reply(*pair)[0])
+
+
+@needs_native
+@SETTINGS
+@given(st.lists(replies | st.binary(max_size=20), max_size=8), st.integers(0, 12))
+def test_batched_replies_any_batch(messages, cut):
+    frame = _batch(messages)
+    for candidate in (frame, frame[:len(frame) - cut], frame + b"\x00" * cut):
+        assert native.batched_replies(candidate) == mesh.batched_replies_python(candidate)
+
+
+@needs_native
+def test_batched_replies_bounds():
+    many = [mesh.frame_reply(index, b'{"s":true}')[0] for index in range(mesh.MAX_BATCH + 1)]
+    for messages in (many, many[:-1], many[:1], [], [b"\x06" + b"\x00" * 7], [mesh.frame_reply(2 ** 64 - 1, b"")[0]]):
+        frame = _batch(messages)
+        assert native.batched_replies(frame) == mesh.batched_replies_python(frame)
+    assert native.batched_replies(_batch(many[:-1]))[-1] == (mesh.MAX_BATCH - 1, b'{"s":true}')
+    assert native.batched_replies(_batch(many)) is None   # over the bound: unpack says so
+    with pytest.raises(TypeError):
+        native.batched_replies(bytearray(_batch(many[:1])))
+
+
+# --- a peer's mesh.send (cluster/mesh.py, read_request) --------------------------------------------------------
+
+def _python_read(frame):
+    """read_request as the Python code alone reads it."""
+    reader, mesh._read_send_request = mesh._read_send_request, None
+    try:
+        return _outcome(mesh.read_request, [frame])
+    finally:
+        mesh._read_send_request = reader
+
+
+def _same_request(frame) -> None:
+    fast = native.read_send_request(frame)
+    if fast is not None:
+        assert ("ok", repr(fast), type(fast)) == _python_read(frame)
+        assert type(fast.message) is mesh.Send
+    assert _outcome(mesh.read_request, [frame]) == _python_read(frame)
+
+
+@needs_native
+@pytest.mark.parametrize("client_id", [0, 1, 9, 10, 4611686018427387905, 2 ** 64 - 1])
+@pytest.mark.parametrize("payload", [b"", b"x", b"x" * 125, b"x" * 126, "é".encode() * 100, b"x" * 65535,
+                                     b"x" * 65536, b"\xff", b"\xed\xa0\x80"])
+def test_read_send_request_reads_what_send_request_writes(client_id, payload):
+    for binary in (False, True):
+        frame = mesh.request_frame(mesh.send_request(client_id, protocol.encode_ws_frame(payload, binary)), 99)
+        _same_request(frame)
+        if len(payload) <= 0xFFFF and (binary or payload.isascii() or payload == "é".encode() * 100):
+            assert native.read_send_request(frame) == (99, (client_id, protocol.encode_ws_frame(payload, binary)))
+
+
+@needs_native
+@pytest.mark.parametrize("head", [b'{"c":007}', b'{"c":18446744073709551616}', b'{"c":-1}', b'{"c":1.0}', b'{"c":}',
+                                  b'{"c":1 }', b'{ "c":1}', b'{"c":"1"}', b'{"c":1,"x":2}', b'{"c":99999999999999999999}',
+                                  b'{"c":123456789012345678901}', b'[]', b'{"c":1}x', b''])
+def test_read_send_request_leaves_other_heads(head):
+    body = protocol.encode_ws_frame(b"hi")
+    _same_request(struct.pack("!BQI", 1, 5, len(head)) + head + body)
+    _same_request(struct.pack("!BQI", 2, 5, len(head)) + head + body)   # another kind
+
+
+@needs_native
+@SETTINGS
+@given(st.binary(max_size=80), st.integers(0, 2 ** 64 - 1), st.sampled_from([b'{"c":5}', b'{"c":0}', b'{"c":12x}']))
+def test_read_send_request_any_body(body, request_id, head):
+    _same_request(struct.pack("!BQI", 1, request_id, len(head)) + head + body)
+    _same_request(struct.pack("!BQI", 1, request_id, len(head)) + head + bytes((0x81, len(body) & 0x7F)) + body)
+    _same_request(body)
+    for size in (len(head) - 1, len(head) + 1, 1 << 31):
+        _same_request(struct.pack("!BQI", 1, request_id, size) + head + body)
+
+
+@needs_native
+def test_read_send_request_odd_frames():
+    for frame in (b"", bytearray(b"\x01" * 20), memoryview(b"\x01" * 20), "text", 5, None):
+        assert native.read_send_request(frame) is None
+    good = mesh.request_frame(mesh.send_request(3, protocol.encode_ws_frame(b"ok")), 1)
+    assert native.read_send_request(bytearray(good)) == native.read_send_request(memoryview(good)) == \
+        native.read_send_request(good) == (1, (3, protocol.encode_ws_frame(b"ok")))
