@@ -54,7 +54,7 @@ _KNOWN = frozenset((0x0, 0x1, 0x2, 0x8, 0x9, 0xA))
 _CONTROL_MAX = 125
 _SHORT, _LONG = struct.Struct("!H"), struct.Struct("!Q")
 _CHUNK = 65536               # bytes read from the socket at a time
-_TURN_S = 0.01               # one connection's frames hold the loop at most about this long
+_TURN_S = 0.002              # one connection's frames hold the loop at most about this long
 
 
 def text_frame(data: bytearray, pos: int, max_size: int):
