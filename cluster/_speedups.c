@@ -10,6 +10,8 @@ error message stays in one place, in Python.
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+#include <errno.h>
+#include <sys/socket.h>
 
 #define WHOLE_TEXT 0x81   /* FIN | text */
 #define MASKED 0x80
@@ -828,6 +830,217 @@ not_ours:
     Py_RETURN_NONE;
 }
 
+/* --- corked frames out (node/clients.py, send_corked) ------------------------------------------------------ */
+
+static PyObject *plain_socket_type;
+static PyObject *str_stream, *str_write_buffer, *str_size, *str_socket;
+
+/* setup_clients(socket.socket): the one socket type whose bytes go straight to its descriptor (a
+   subclass, such as ssl.SSLSocket, is written through its own send). */
+static PyObject *
+setup_clients(PyObject *module, PyObject *socket_type)
+{
+    if (!PyType_Check(socket_type)) {
+        PyErr_SetString(PyExc_TypeError, "setup_clients(socket.socket)");
+        return NULL;
+    }
+    Py_INCREF(socket_type);
+    Py_XSETREF(plain_socket_type, socket_type);
+    Py_RETURN_NONE;
+}
+
+/* The plain socket of a connection whose stream has nothing queued: its descriptor, or -1 (a new
+   reference to the stream in *stream; NULL when the connection has none). */
+static int
+free_socket(PyObject *conn, PyObject **stream)
+{
+    PyObject *buffer, *size, *sock;
+    int fd = -1, empty;
+    *stream = PyObject_GetAttr(conn, str_stream);
+    if (*stream == NULL) {
+        PyErr_Clear();
+        return -1;
+    }
+    if (*stream == Py_None) {
+        Py_CLEAR(*stream);
+        return -1;
+    }
+    buffer = PyObject_GetAttr(*stream, str_write_buffer);
+    if (buffer == NULL || buffer == Py_None) {
+        PyErr_Clear();
+        Py_XDECREF(buffer);
+        return -1;
+    }
+    size = PyObject_GetAttr(buffer, str_size);
+    Py_DECREF(buffer);
+    if (size == NULL) {
+        PyErr_Clear();
+        return -1;
+    }
+    empty = PyLong_CheckExact(size) && PyLong_AsLong(size) == 0;
+    Py_DECREF(size);
+    if (!empty) {
+        return -1;
+    }
+    sock = PyObject_GetAttr(*stream, str_socket);
+    if (sock == NULL) {
+        PyErr_Clear();
+        return -1;
+    }
+    if ((PyObject *)Py_TYPE(sock) == plain_socket_type) {
+        fd = PyObject_AsFileDescriptor(sock);
+        if (fd < 0) {
+            PyErr_Clear();
+            fd = -1;
+        }
+    }
+    Py_DECREF(sock);
+    return fd;
+}
+
+/* send_corked(corked: dict) -> list
+
+   node/clients.py, send_corked: for each connection -> bytes of `corked` whose stream has nothing
+   queued and whose socket is a plain socket, one send(2) of its bytes. Returns (connection, what is
+   left to write) for the others: whatever was not bytes, a stream with something queued, another
+   kind of socket, or what the kernel did not take (a memoryview of the rest). A connection whose
+   stream is gone, or whose socket fails (its close is on its way), is dropped, as the Python
+   function drops it. */
+static PyObject *
+send_corked(PyObject *module, PyObject *corked)
+{
+    PyObject *left, *conn, *data, *stream, *rest, *pair;
+    Py_ssize_t position = 0;
+
+    if (!PyDict_CheckExact(corked) || plain_socket_type == NULL) {
+        PyErr_SetString(PyExc_TypeError, "send_corked(corked: dict), after setup_clients()");
+        return NULL;
+    }
+    left = PyList_New(0);
+    if (left == NULL) {
+        return NULL;
+    }
+    while (PyDict_Next(corked, &position, &conn, &data)) {
+        Py_ssize_t sent = 0, size;
+        int fd;
+        rest = NULL;
+        if (!PyBytes_CheckExact(data)) {
+            rest = data;
+            Py_INCREF(rest);
+        }
+        else {
+            fd = free_socket(conn, &stream);
+            if (stream == NULL) {   /* gone: _write would refuse it */
+                continue;
+            }
+            Py_DECREF(stream);
+            if (fd < 0) {
+                rest = data;
+                Py_INCREF(rest);
+            }
+            else {
+                size = PyBytes_GET_SIZE(data);
+                do {
+                    sent = send(fd, PyBytes_AS_STRING(data), size, MSG_DONTWAIT | MSG_NOSIGNAL);
+                } while (sent < 0 && errno == EINTR);
+                if (sent == size) {
+                    continue;
+                }
+                if (sent < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
+                    continue;   /* the connection is gone; its close is on its way */
+                }
+                if (sent < 0) {
+                    sent = 0;
+                }
+                rest = PyMemoryView_FromObject(data);
+                if (rest != NULL && sent) {
+                    Py_SETREF(rest, PySequence_GetSlice(rest, sent, PY_SSIZE_T_MAX));
+                }
+                if (rest == NULL) {
+                    Py_DECREF(left);
+                    return NULL;
+                }
+            }
+        }
+        pair = PyTuple_Pack(2, conn, rest);
+        Py_DECREF(rest);
+        if (pair == NULL || PyList_Append(left, pair) < 0) {
+            Py_XDECREF(pair);
+            Py_DECREF(left);
+            return NULL;
+        }
+        Py_DECREF(pair);
+    }
+    return left;
+}
+
+static PyObject *str_closed_by_server;
+
+/* cork_all(conns: list, frame: bytes, corked: dict) -> list
+
+   node/clients.py, cork_all: corked[conn] = frame for each connection of `conns` that has a stream
+   with nothing queued, nothing corked yet and no close of ours under way; returns the others (for
+   write_frame, which says what becomes of each). */
+static PyObject *
+cork_all(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *conns, *frame, *corked, *rest;
+    if (nargs != 3 || !PyList_CheckExact(args[0]) || !PyDict_CheckExact(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "cork_all(conns: list, frame, corked: dict)");
+        return NULL;
+    }
+    conns = args[0];
+    frame = args[1];
+    corked = args[2];
+    rest = PyList_New(0);
+    if (rest == NULL) {
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(conns); i++) {
+        PyObject *conn = PyList_GET_ITEM(conns, i), *stream = NULL, *buffer = NULL, *size = NULL, *closing = NULL;
+        int ours = 0;
+        Py_INCREF(conn);
+        switch (PyDict_Contains(corked, conn)) {
+        case 0:
+            break;
+        case 1:
+            goto other;
+        default:
+            goto failed;
+        }
+        stream = PyObject_GetAttr(conn, str_stream);
+        if (stream == NULL || stream == Py_None) {
+            goto other;
+        }
+        buffer = PyObject_GetAttr(stream, str_write_buffer);
+        if (buffer == NULL || buffer == Py_None) {
+            goto other;
+        }
+        size = PyObject_GetAttr(buffer, str_size);
+        if (size == NULL || !PyLong_CheckExact(size) || PyLong_AsLong(size) != 0) {
+            goto other;
+        }
+        closing = PyObject_GetAttr(conn, str_closed_by_server);
+        ours = closing == Py_None;
+    other:
+        PyErr_Clear();
+        Py_XDECREF(stream);
+        Py_XDECREF(buffer);
+        Py_XDECREF(size);
+        Py_XDECREF(closing);
+        if (ours ? PyDict_SetItem(corked, conn, frame) : PyList_Append(rest, conn)) {
+            goto failed;
+        }
+        Py_DECREF(conn);
+        continue;
+    failed:
+        Py_DECREF(conn);
+        Py_DECREF(rest);
+        return NULL;
+    }
+    return rest;
+}
+
 static PyMethodDef methods[] = {
     {"text_frame", (PyCFunction)(void (*)(void))text_frame, METH_FASTCALL,
      "The whole masked text frame at data[pos:]: (end, text or None), or None."},
@@ -845,6 +1058,9 @@ static PyMethodDef methods[] = {
     {"batched_replies", (PyCFunction)batched_replies, METH_O, "cluster/mesh.py, batched_replies_python."},
     {"setup_mesh", (PyCFunction)(void (*)(void))setup_mesh, METH_FASTCALL, "setup_mesh(Request, Send)."},
     {"read_send_request", (PyCFunction)read_send_request, METH_O, "cluster/mesh.py, read_request, for a SEND."},
+    {"setup_clients", (PyCFunction)setup_clients, METH_O, "setup_clients(socket.socket)."},
+    {"send_corked", (PyCFunction)send_corked, METH_O, "node/clients.py, send_corked."},
+    {"cork_all", (PyCFunction)(void (*)(void))cork_all, METH_FASTCALL, "node/clients.py, cork_all."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -858,7 +1074,8 @@ PyInit__speedups(void)
 {
     struct { PyObject **slot; const char *text; } names[] = {
         {&str_i, "i"}, {&str_id, "id"}, {&str_m, "m"}, {&str_p, "p"}, {&str_c, "c"}, {&str_d, "d"},
-        {&str_t, "t"}, {&str_text, "text"},
+        {&str_t, "t"}, {&str_text, "text"}, {&str_stream, "stream"}, {&str_write_buffer, "_write_buffer"},
+        {&str_size, "_size"}, {&str_socket, "socket"}, {&str_closed_by_server, "_closed_by_server"},
     };
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
         *names[i].slot = PyUnicode_InternFromString(names[i].text);

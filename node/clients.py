@@ -13,10 +13,12 @@ Owned by the node's IOLoop.
 
 import asyncio
 import logging
+import socket
 import time
 
 from tornado.iostream import StreamBufferFullError, StreamClosedError
 
+from cluster import speedups
 from cluster.protocol import CloseCode
 from node.metrics import Timings
 
@@ -109,20 +111,28 @@ def write_to_all(conns, frame: bytes, counters: Counters) -> int:
     """
     if len(frame) > CORK_BYTES:
         return sum(1 for conn in conns if write_frame(conn, frame, counters))
-    written = corked_here = 0
-    corked = _corked
+    before = len(_corked)
+    rest = _cork_all(conns, frame, _corked)
+    corked_here = len(_corked) - before
+    if corked_here:
+        counters.out_total += corked_here
+        _schedule_flush()
+    return corked_here + sum(1 for conn in rest if write_frame(conn, frame, counters))
+
+
+def cork_all(conns: list, frame: bytes, corked: dict) -> list:
+    """`corked[conn] = frame` for each connection with a stream that has nothing queued, nothing
+    corked yet and no close of ours under way; returns the others, for write_frame.
+    (cluster/_speedups.c has the same function in C.)"""
+    rest = []
     for conn in conns:
         stream = conn.stream
         if stream is not None and conn not in corked and stream._write_buffer is not None \
                 and not stream._write_buffer._size and conn._closed_by_server is None:
             corked[conn] = frame
-            corked_here += 1
-        elif write_frame(conn, frame, counters):
-            written += 1
-    if corked_here:
-        counters.out_total += corked_here
-        _schedule_flush()
-    return written + corked_here
+        else:
+            rest.append(conn)
+    return rest
 
 
 def _schedule_flush() -> None:
@@ -142,9 +152,18 @@ def flush_corked() -> None:
     global _corked, _flush_scheduled
     _flush_scheduled = False
     corked, _corked = _corked, {}
+    for conn, data in _send_corked(corked):
+        _write(conn, data)
+
+
+def send_corked(corked: dict) -> list:
+    """The common case of the flush (this loop runs once per subscriber): one frame, nothing queued,
+    and the kernel takes it all. Returns `(conn, data)` of the others, for _write: more than one
+    frame, a stream with something queued, or what the kernel did not take. A connection whose
+    stream or socket is gone is dropped (its close is on its way). (cluster/_speedups.c has the
+    same function in C, for plain sockets: a TLS socket is written through its own send.)"""
+    left = []
     for conn, data in corked.items():
-        # The common case inline (this loop runs once per subscriber): one frame, nothing queued,
-        # and the kernel takes it all. What it does not take goes on through _write.
         stream = conn.stream
         if stream is not None and type(data) is bytes:
             buffer = stream._write_buffer
@@ -154,11 +173,20 @@ def flush_corked() -> None:
                 except BlockingIOError:
                     sent = 0
                 except (OSError, AttributeError):
-                    continue   # the connection is gone; its close is on its way
+                    continue
                 if sent == len(data):
                     continue
                 data = memoryview(data)[sent:]
-        _write(conn, data)
+        elif stream is None:
+            continue
+        left.append((conn, data))
+    return left
+
+
+_send_corked, _cork_all = send_corked, cork_all
+if speedups.native is not None:
+    speedups.native.setup_clients(socket.socket)
+    _send_corked, _cork_all = speedups.native.send_corked, speedups.native.cork_all
 
 
 def flush(conn) -> bool:

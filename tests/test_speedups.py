@@ -9,21 +9,24 @@ the C code. Without the compiled module these tests are skipped (and
 `test_built_where_a_compiler_is` fails if a compiler was there to build it).
 """
 
+import asyncio
 import json
 import os
 import random
 import shutil
+import socket
 import struct
 from functools import partial
 
 import pytest
+import tornado.iostream
 from hypothesis import HealthCheck, given, settings, strategies as st
 from tornado.util import _websocket_mask
 
 from cluster import mesh, protocol, speedups
 from cluster.protocol import ApiError, ErrorCode
 from conftest import Cluster, running, wait_until
-from node import client_protocol, metrics
+from node import client_protocol, clients, metrics
 
 native = speedups.native
 needs_native = pytest.mark.skipif(native is None, reason="cluster._speedups is not built here (no C compiler when "
@@ -409,3 +412,120 @@ def test_read_send_request_odd_frames():
     good = mesh.request_frame(mesh.send_request(3, protocol.encode_ws_frame(b"ok")), 1)
     assert native.read_send_request(bytearray(good)) == native.read_send_request(memoryview(good)) == \
         native.read_send_request(good) == (1, (3, protocol.encode_ws_frame(b"ok")))
+
+
+# --- corked frames out (node/clients.py, send_corked) ----------------------------------------------------------
+
+class _Conn:
+    """What send_corked reads of a connection: its stream (a real IOStream on a real socket)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self._closed_by_server = None
+        self.node = None
+
+
+class _Subclassed(socket.socket):
+    """A socket of another type (as ssl.SSLSocket is): written through its own send, never to its descriptor."""
+
+
+def _flush_both_ways(make):
+    """Runs the flush with each version on connections `make()` builds; returns what each peer read."""
+    async def run(send_corked):
+        conns, peers, corked = make()
+        for conn, data in send_corked(corked):
+            clients._write(conn, data)
+        await asyncio.sleep(0.05)   # what waits in a stream's buffer goes out
+        received = []
+        for peer in peers:
+            peer.setblocking(False)
+            chunks = []
+            while True:
+                try:
+                    chunk = peer.recv(1 << 20)
+                except (BlockingIOError, ConnectionResetError):
+                    break
+                if not chunk:
+                    break
+                chunks.append(chunk)
+            received.append(b"".join(chunks))
+        for conn in conns:
+            if conn.stream is not None:
+                conn.stream.close()
+        for peer in peers:
+            peer.close()
+        return received
+    return asyncio.run(run(native.send_corked)), asyncio.run(run(clients.send_corked))
+
+
+def _pair(socket_class=socket.socket):
+    mine, peer = socket.socketpair()
+    if socket_class is not socket.socket:
+        mine = socket_class(fileno=mine.detach())
+    mine.setblocking(False)
+    return _Conn(tornado.iostream.IOStream(mine)), peer
+
+
+@needs_native
+def test_send_corked_writes_what_python_writes():
+    frame, more = protocol.encode_ws_frame(b"x" * 100), protocol.encode_ws_frame(b"y" * 3000)
+
+    def make():
+        pairs = [_pair() for _ in range(4)] + [_pair(_Subclassed)]
+        conns, peers = [conn for conn, _ in pairs], [peer for _, peer in pairs]
+        corked = {conns[0]: frame, conns[1]: clients._Frames((frame, more)), conns[4]: more}
+        conns[2].stream._write_buffer.append(b"queued first ")   # something waits: it keeps its place
+        corked[conns[2]] = frame
+        gone = _Conn(None)
+        corked[gone] = frame
+        peers[3].close()   # a peer gone: its connection is dropped
+        corked[conns[3]] = frame
+        return conns, peers[:3] + peers[4:], corked
+    with_c, with_python = _flush_both_ways(make)
+    assert with_c == with_python
+    assert with_c[0] == frame and with_c[1] == frame + more and with_c[3] == more
+
+
+@needs_native
+def test_send_corked_leaves_what_the_kernel_does_not_take():
+    big = protocol.encode_ws_frame(os.urandom(60000).hex().encode()[:65535])
+
+    def make():
+        conn, peer = _pair()
+        conn.stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        return [conn], [peer], {conn: big}
+    with_c, with_python = _flush_both_ways(make)
+    assert with_c == with_python
+    assert 0 < len(with_c[0]) <= len(big) and big.startswith(with_c[0])
+
+
+@needs_native
+def test_send_corked_refuses_what_is_not_a_dict():
+    with pytest.raises(TypeError):
+        native.send_corked([])
+    assert native.send_corked({}) == []
+
+
+@needs_native
+def test_cork_all_corks_what_python_corks():
+    async def run(cork_all):
+        pairs = [_pair() for _ in range(6)]
+        conns = [conn for conn, _ in pairs]
+        conns[1].stream._write_buffer.append(b"waiting")          # something queued: write_frame's
+        conns[2].stream = None                                   # gone
+        conns[3]._closed_by_server = (1000, "bye")               # our close under way
+        conns[4].stream.close()                                  # closed: no buffer any more
+        corked = {conns[5]: b"earlier"}                          # corked already this turn
+        frame = protocol.encode_ws_frame(b"x")
+        rest = cork_all(conns + [conns[0]], frame, corked)
+        outcome = ([conns.index(conn) for conn in corked], [corked[conn] for conn in corked],
+                   [conns.index(conn) for conn in rest])
+        for conn, peer in pairs:
+            peer.close()
+            if conn.stream is not None:
+                conn.stream.close()
+        return outcome
+    with_c, with_python = asyncio.run(run(native.cork_all)), asyncio.run(run(clients.cork_all))
+    assert with_c == with_python == ([5, 0], [b"earlier", protocol.encode_ws_frame(b"x")], [1, 2, 3, 4, 5, 0])
+    with pytest.raises(TypeError):
+        native.cork_all((), b"x", {})
