@@ -741,7 +741,7 @@ read_send_request(PyObject *module, PyObject *frame)
     const unsigned char *bytes;
     Py_ssize_t size, head_size, end, digits, body_size, start, length;
     unsigned long long request_id = 0, client_id = 0;
-    PyObject *id = NULL, *client = NULL, *body = NULL, *send, *request;
+    PyObject *id = NULL, *client = NULL, *body = NULL, *send;
 
     if (request_type == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "cluster._speedups: setup_mesh() was not called");
@@ -803,21 +803,12 @@ read_send_request(PyObject *module, PyObject *frame)
     if (id == NULL || client == NULL || body == NULL) {
         goto failed;
     }
-    send = ((PyTypeObject *)send_type)->tp_alloc((PyTypeObject *)send_type, 2);
+    send = pair_of(send_type, client, body);
     if (send == NULL) {
-        goto failed;
-    }
-    PyTuple_SET_ITEM(send, 0, client);
-    PyTuple_SET_ITEM(send, 1, body);
-    request = ((PyTypeObject *)request_type)->tp_alloc((PyTypeObject *)request_type, 2);
-    if (request == NULL) {
-        Py_DECREF(send);
         Py_DECREF(id);
         return NULL;
     }
-    PyTuple_SET_ITEM(request, 0, id);
-    PyTuple_SET_ITEM(request, 1, send);
-    return request;
+    return pair_of(request_type, id, send);
 
 failed:
     Py_XDECREF(id);
