@@ -12,6 +12,7 @@ error message stays in one place, in Python.
 #include <string.h>
 #include <errno.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 
 #define WHOLE_TEXT 0x81   /* FIN | text */
 #define MASKED 0x80
@@ -889,12 +890,58 @@ free_socket(PyObject *conn, PyObject **stream)
     return fd;
 }
 
+#define MOST_FRAMES 256   /* frames of one connection sent in one sendmsg; more go through _write */
+
+/* One sendmsg(2) of the bytes objects of `frames` (a list); the bytes sent, or -1 with errno. */
+static Py_ssize_t
+send_frames(int fd, PyObject *frames, Py_ssize_t *size)
+{
+    struct iovec parts[MOST_FRAMES];
+    struct msghdr message;
+    Py_ssize_t count = PyList_GET_SIZE(frames), sent;
+    *size = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *frame = PyList_GET_ITEM(frames, i);
+        parts[i].iov_base = PyBytes_AS_STRING(frame);
+        parts[i].iov_len = (size_t)PyBytes_GET_SIZE(frame);
+        *size += PyBytes_GET_SIZE(frame);
+    }
+    memset(&message, 0, sizeof(message));
+    message.msg_iov = parts;
+    message.msg_iovlen = (size_t)count;
+    do {
+        sent = sendmsg(fd, &message, MSG_DONTWAIT | MSG_NOSIGNAL);
+    } while (sent < 0 && errno == EINTR);
+    return sent;
+}
+
+/* Whether `data` is a list of 1 to MOST_FRAMES bytes objects (node/clients.py's _Frames). */
+static int
+is_frames(PyObject *data)
+{
+    Py_ssize_t count;
+    if (!PyList_Check(data)) {
+        return 0;
+    }
+    count = PyList_GET_SIZE(data);
+    if (count < 1 || count > MOST_FRAMES) {
+        return 0;
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        if (!PyBytes_CheckExact(PyList_GET_ITEM(data, i))) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
 /* send_corked(corked: dict) -> list
 
-   node/clients.py, send_corked: for each connection -> bytes of `corked` whose stream has nothing
-   queued and whose socket is a plain socket, one send(2) of its bytes. Returns (connection, what is
-   left to write) for the others: whatever was not bytes, a stream with something queued, another
-   kind of socket, or what the kernel did not take (a memoryview of the rest). A connection whose
+   node/clients.py, send_corked: for each connection -> bytes (or list of bytes, its frames) of
+   `corked` whose stream has nothing queued and whose socket is a plain socket, one send(2) (or one
+   sendmsg(2) of every frame). Returns (connection, what is left to write) for the others: more
+   than MOST_FRAMES frames, a stream with something queued, another kind of socket, or what the
+   kernel did not take (a memoryview of the rest). A connection whose
    stream is gone, or whose socket fails (its close is on its way), is dropped, as the Python
    function drops it. */
 static PyObject *
@@ -915,7 +962,8 @@ send_corked(PyObject *module, PyObject *corked)
         Py_ssize_t sent = 0, size;
         int fd;
         rest = NULL;
-        if (!PyBytes_CheckExact(data)) {
+        int several = !PyBytes_CheckExact(data);
+        if (several && !is_frames(data)) {
             rest = data;
             Py_INCREF(rest);
         }
@@ -930,10 +978,15 @@ send_corked(PyObject *module, PyObject *corked)
                 Py_INCREF(rest);
             }
             else {
-                size = PyBytes_GET_SIZE(data);
-                do {
-                    sent = send(fd, PyBytes_AS_STRING(data), size, MSG_DONTWAIT | MSG_NOSIGNAL);
-                } while (sent < 0 && errno == EINTR);
+                if (several) {
+                    sent = send_frames(fd, data, &size);
+                }
+                else {
+                    size = PyBytes_GET_SIZE(data);
+                    do {
+                        sent = send(fd, PyBytes_AS_STRING(data), size, MSG_DONTWAIT | MSG_NOSIGNAL);
+                    } while (sent < 0 && errno == EINTR);
+                }
                 if (sent == size) {
                     continue;
                 }
@@ -943,7 +996,16 @@ send_corked(PyObject *module, PyObject *corked)
                 if (sent < 0) {
                     sent = 0;
                 }
-                rest = PyMemoryView_FromObject(data);
+                if (several) {   /* what is left of the frames, as _write would have it: one bytes object */
+                    PyObject *empty = PyBytes_FromStringAndSize(NULL, 0);
+                    PyObject *whole = empty == NULL ? NULL : PyObject_CallMethod(empty, "join", "O", data);
+                    Py_XDECREF(empty);
+                    rest = whole == NULL ? NULL : PyMemoryView_FromObject(whole);
+                    Py_XDECREF(whole);
+                }
+                else {
+                    rest = PyMemoryView_FromObject(data);
+                }
                 if (rest != NULL && sent) {
                     Py_SETREF(rest, PySequence_GetSlice(rest, sent, PY_SSIZE_T_MAX));
                 }

@@ -161,7 +161,8 @@ def send_corked(corked: dict) -> list:
     and the kernel takes it all. Returns `(conn, data)` of the others, for _write: more than one
     frame, a stream with something queued, or what the kernel did not take. A connection whose
     stream or socket is gone is dropped (its close is on its way). (cluster/_speedups.c has the
-    same function in C, for plain sockets: a TLS socket is written through its own send.)"""
+    same function in C, for plain sockets, which also sends a connection's several frames in one
+    sendmsg; a TLS socket is written through its own send.)"""
     left = []
     for conn, data in corked.items():
         stream = conn.stream

@@ -490,13 +490,19 @@ def test_send_corked_writes_what_python_writes():
 def test_send_corked_leaves_what_the_kernel_does_not_take():
     big = protocol.encode_ws_frame(os.urandom(60000).hex().encode()[:65535])
 
+    frames = clients._Frames([protocol.encode_ws_frame(b"%d" % index * 500) for index in range(100)])
+    many = clients._Frames([protocol.encode_ws_frame(b"%d" % index) for index in range(300)])
+
     def make():
-        conn, peer = _pair()
-        conn.stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        return [conn], [peer], {conn: big}
+        pairs = [_pair() for _ in range(3)]
+        for conn, _ in pairs:
+            conn.stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        corked = {pairs[0][0]: big, pairs[1][0]: frames, pairs[2][0]: many}
+        return [conn for conn, _ in pairs], [peer for _, peer in pairs], corked
     with_c, with_python = _flush_both_ways(make)
     assert with_c == with_python
-    assert 0 < len(with_c[0]) <= len(big) and big.startswith(with_c[0])
+    for sent, whole in zip(with_c, (big, b"".join(frames), b"".join(many))):
+        assert 0 < len(sent) <= len(whole) and whole.startswith(sent)
 
 
 @needs_native
