@@ -17,6 +17,41 @@ error message stays in one place, in Python.
 #define WHOLE_TEXT 0x81   /* FIN | text */
 #define MASKED 0x80
 
+/* The Python versions, for what is not the common case (set_python). */
+enum { PY_TEXT_FRAME, PY_ENCODE_WS_FRAME, PY_OBSERVE, PY_REQUEST_FRAME, PY_COUNT };
+static const char *python_names[PY_COUNT] = {"text_frame", "encode_ws_frame", "observe", "request_frame"};
+static PyObject *python_versions[PY_COUNT];
+
+/* set_python(name, function): the Python version of the C function `name`. */
+static PyObject *
+set_python(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyUnicode_Check(args[0]) || !PyCallable_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "set_python(name, function)");
+        return NULL;
+    }
+    for (int i = 0; i < PY_COUNT; i++) {
+        if (PyUnicode_CompareWithASCIIString(args[0], python_names[i]) == 0) {
+            Py_INCREF(args[1]);
+            Py_XSETREF(python_versions[i], args[1]);
+            Py_RETURN_NONE;
+        }
+    }
+    PyErr_Format(PyExc_ValueError, "set_python: no C function %R", args[0]);
+    return NULL;
+}
+
+/* Calls the Python version `which` with the same arguments. */
+static PyObject *
+in_python(int which, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    if (python_versions[which] == NULL) {
+        PyErr_Format(PyExc_RuntimeError, "cluster._speedups: set_python(%s) was not called", python_names[which]);
+        return NULL;
+    }
+    return PyObject_Vectorcall(python_versions[which], args, nargs, kwnames);
+}
+
 /* Unmasks `length` bytes of `src` with the 4-byte `mask` into `dst` (RFC 6455, 5.3). */
 static void
 unmask(char *dst, const unsigned char *src, Py_ssize_t length, const unsigned char *mask)
@@ -52,24 +87,25 @@ text_frame(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     char small[512];
     char *payload;
 
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "text_frame(data, pos, max_size)");
-        return NULL;
+    if (nargs != 3 || !PyByteArray_CheckExact(args[0]) || !PyLong_CheckExact(args[1])
+            || !PyLong_CheckExact(args[2])) {
+        return in_python(PY_TEXT_FRAME, args, nargs, NULL);
     }
     pos = PyLong_AsSsize_t(args[1]);
-    if (pos == -1 && PyErr_Occurred()) {
-        return NULL;
-    }
     max_size = PyLong_AsSsize_t(args[2]);
-    if (max_size == -1 && PyErr_Occurred()) {
-        return NULL;
+    if ((pos == -1 || max_size == -1) && PyErr_Occurred()) {
+        PyErr_Clear();
+        return in_python(PY_TEXT_FRAME, args, nargs, NULL);
+    }
+    if (pos < 0 || pos > PyByteArray_GET_SIZE(args[0])) {   /* Python's indexing rules: its own */
+        return in_python(PY_TEXT_FRAME, args, nargs, NULL);
     }
     if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) {
         return NULL;
     }
     bytes = (const unsigned char *)view.buf;
     size = view.len - pos;
-    if (pos < 0 || size < 6 || bytes[pos] != WHOLE_TEXT) {
+    if (size < 6 || bytes[pos] != WHOLE_TEXT) {
         goto not_ours;
     }
     second = bytes[pos + 1];
@@ -142,10 +178,9 @@ encode_ws_frame(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObj
     PyObject *frame, *flag = nargs == 2 ? args[1] : NULL;
     unsigned char *out;
 
-    if (nargs < 1 || nargs + keywords > 2 || (keywords && PyUnicode_CompareWithASCIIString(
+    if (nargs < 1 || nargs + keywords > 2 || !PyBytes_CheckExact(args[0]) || (keywords && PyUnicode_CompareWithASCIIString(
             PyTuple_GET_ITEM(kwnames, 0), "binary") != 0)) {
-        PyErr_SetString(PyExc_TypeError, "encode_ws_frame(data, binary=False)");
-        return NULL;
+        return in_python(PY_ENCODE_WS_FRAME, args, nargs, kwnames);
     }
     if (keywords) {
         flag = args[1];
@@ -508,18 +543,10 @@ observe(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     double seconds;
     Py_ssize_t bucket = 0;
 
-    if (nargs != 3 || !PyDict_CheckExact(args[0])) {
-        PyErr_SetString(PyExc_TypeError, "observe(series: dict, labels, seconds)");
-        return NULL;
+    if (nargs != 3 || !PyDict_CheckExact(args[0]) || !PyFloat_CheckExact(args[2]) || bucket_bounds == NULL) {
+        return in_python(PY_OBSERVE, args, nargs, NULL);   /* an int, a bool, anything else: Python's rules */
     }
-    if (bucket_bounds == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "cluster._speedups: set_buckets() was not called");
-        return NULL;
-    }
-    seconds = PyFloat_AsDouble(args[2]);
-    if (seconds == -1.0 && PyErr_Occurred()) {
-        return NULL;
-    }
+    seconds = PyFloat_AS_DOUBLE(args[2]);
     series = args[0];
     list = PyDict_GetItemWithError(series, args[1]);
     if (list == NULL) {
@@ -570,23 +597,17 @@ request_frame(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     char *out;
     Py_ssize_t head_size, body_size;
 
-    if (nargs != 4 || !PyBytes_CheckExact(args[2]) || !PyBytes_CheckExact(args[3])) {
-        PyErr_SetString(PyExc_TypeError, "request_frame(code, request_id, head: bytes, body: bytes)");
-        return NULL;
+    if (nargs != 4 || !PyLong_CheckExact(args[0]) || !PyLong_CheckExact(args[1]) || !PyBytes_CheckExact(args[2])
+            || !PyBytes_CheckExact(args[3])) {
+        return in_python(PY_REQUEST_FRAME, args, nargs, NULL);
     }
     code = PyLong_AsUnsignedLong(args[0]);
-    if (code == (unsigned long)-1 && PyErr_Occurred()) {
-        return NULL;
-    }
     request_id = PyLong_AsUnsignedLongLong(args[1]);
-    if (request_id == (unsigned long long)-1 && PyErr_Occurred()) {
-        return NULL;
-    }
     head_size = PyBytes_GET_SIZE(args[2]);
     body_size = PyBytes_GET_SIZE(args[3]);
-    if (code > 0xFF || (unsigned long long)head_size > 0xFFFFFFFFULL) {
-        PyErr_SetString(PyExc_OverflowError, "request_frame: code or head length out of range");
-        return NULL;
+    if (PyErr_Occurred() || code > 0xFF || (unsigned long long)head_size > 0xFFFFFFFFULL) {
+        PyErr_Clear();   /* out of range: the Python version's error */
+        return in_python(PY_REQUEST_FRAME, args, nargs, NULL);
     }
     frame = PyBytes_FromStringAndSize(NULL, 13 + head_size + body_size);
     if (frame == NULL) {
@@ -841,53 +862,64 @@ setup_clients(PyObject *module, PyObject *socket_type)
     Py_RETURN_NONE;
 }
 
-/* The plain socket of a connection whose stream has nothing queued: its descriptor, or -1 (a new
-   reference to the stream in *stream; NULL when the connection has none). */
+/* What send_corked does with a connection, as node/clients.py's send_corked decides it. */
+enum { SEND_IT, LEAVE_IT, DROP_IT, FAILED };
+
+/* Whether a connection's bytes go straight to its socket (SEND_IT, its descriptor in *fd), to
+   _write (LEAVE_IT: something queued, or not a plain socket), or nowhere (DROP_IT: no stream, no
+   socket); FAILED with an exception set where the Python version raises. */
 static int
-free_socket(PyObject *conn, PyObject **stream)
+free_socket(PyObject *conn, int *fd)
 {
-    PyObject *buffer, *size, *sock;
-    int fd = -1, empty;
-    *stream = PyObject_GetAttr(conn, str_stream);
-    if (*stream == NULL) {
-        PyErr_Clear();
-        return -1;
+    PyObject *stream, *buffer, *size, *sock;
+    int verdict, empty;
+    stream = PyObject_GetAttr(conn, str_stream);
+    if (stream == NULL) {
+        return FAILED;
     }
-    if (*stream == Py_None) {
-        Py_CLEAR(*stream);
-        return -1;
+    if (stream == Py_None) {
+        Py_DECREF(stream);
+        return DROP_IT;
     }
-    buffer = PyObject_GetAttr(*stream, str_write_buffer);
-    if (buffer == NULL || buffer == Py_None) {
-        PyErr_Clear();
-        Py_XDECREF(buffer);
-        return -1;
+    buffer = PyObject_GetAttr(stream, str_write_buffer);
+    if (buffer == NULL) {
+        Py_DECREF(stream);
+        return FAILED;
+    }
+    if (buffer == Py_None) {
+        Py_DECREF(buffer);
+        Py_DECREF(stream);
+        return LEAVE_IT;
     }
     size = PyObject_GetAttr(buffer, str_size);
     Py_DECREF(buffer);
-    if (size == NULL) {
-        PyErr_Clear();
-        return -1;
+    empty = size == NULL ? -1 : PyObject_Not(size);
+    Py_XDECREF(size);
+    if (empty < 0) {
+        Py_DECREF(stream);
+        return FAILED;
     }
-    empty = PyLong_CheckExact(size) && PyLong_AsLong(size) == 0;
-    Py_DECREF(size);
     if (!empty) {
-        return -1;
+        Py_DECREF(stream);
+        return LEAVE_IT;
     }
-    sock = PyObject_GetAttr(*stream, str_socket);
-    if (sock == NULL) {
+    sock = PyObject_GetAttr(stream, str_socket);
+    Py_DECREF(stream);
+    if (sock == NULL) {   /* as socket.send's AttributeError: gone */
         PyErr_Clear();
-        return -1;
+        return DROP_IT;
     }
+    verdict = LEAVE_IT;
     if ((PyObject *)Py_TYPE(sock) == plain_socket_type) {
-        fd = PyObject_AsFileDescriptor(sock);
-        if (fd < 0) {
+        *fd = PyObject_AsFileDescriptor(sock);
+        verdict = SEND_IT;
+        if (*fd < 0) {   /* closed: socket.send would fail, and the connection be dropped */
             PyErr_Clear();
-            fd = -1;
+            verdict = DROP_IT;
         }
     }
     Py_DECREF(sock);
-    return fd;
+    return verdict;
 }
 
 #define MOST_FRAMES 256   /* frames of one connection sent in one sendmsg; more go through _write */
@@ -947,7 +979,7 @@ is_frames(PyObject *data)
 static PyObject *
 send_corked(PyObject *module, PyObject *corked)
 {
-    PyObject *left, *conn, *data, *stream, *rest, *pair;
+    PyObject *left, *conn, *data, *rest, *pair;
     Py_ssize_t position = 0;
 
     if (!PyDict_CheckExact(corked) || plain_socket_type == NULL) {
@@ -959,70 +991,75 @@ send_corked(PyObject *module, PyObject *corked)
         return NULL;
     }
     while (PyDict_Next(corked, &position, &conn, &data)) {
-        Py_ssize_t sent = 0, size;
-        int fd;
+        Py_ssize_t sent = 0, size = 0;
+        int fd = -1, verdict, several;
+        Py_INCREF(conn);   /* free_socket runs Python code: hold both */
+        Py_INCREF(data);
+        verdict = free_socket(conn, &fd);
+        /* checked after free_socket, with nothing in between that could change the frames */
+        several = !PyBytes_CheckExact(data);
+        if (verdict == SEND_IT && several && !is_frames(data)) {
+            verdict = LEAVE_IT;
+        }
         rest = NULL;
-        int several = !PyBytes_CheckExact(data);
-        if (several && !is_frames(data)) {
+        switch (verdict) {
+        case FAILED:
+            goto failed;
+        case DROP_IT:
+            goto next;
+        case LEAVE_IT:
             rest = data;
             Py_INCREF(rest);
-        }
-        else {
-            fd = free_socket(conn, &stream);
-            if (stream == NULL) {   /* gone: _write would refuse it */
-                continue;
-            }
-            Py_DECREF(stream);
-            if (fd < 0) {
-                rest = data;
-                Py_INCREF(rest);
+            break;
+        default:
+            if (several) {
+                sent = send_frames(fd, data, &size);
             }
             else {
-                if (several) {
-                    sent = send_frames(fd, data, &size);
-                }
-                else {
-                    size = PyBytes_GET_SIZE(data);
-                    do {
-                        sent = send(fd, PyBytes_AS_STRING(data), size, MSG_DONTWAIT | MSG_NOSIGNAL);
-                    } while (sent < 0 && errno == EINTR);
-                }
-                if (sent == size) {
-                    continue;
-                }
-                if (sent < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
-                    continue;   /* the connection is gone; its close is on its way */
-                }
-                if (sent < 0) {
-                    sent = 0;
-                }
-                if (several) {   /* what is left of the frames, as _write would have it: one bytes object */
-                    PyObject *empty = PyBytes_FromStringAndSize(NULL, 0);
-                    PyObject *whole = empty == NULL ? NULL : PyObject_CallMethod(empty, "join", "O", data);
-                    Py_XDECREF(empty);
-                    rest = whole == NULL ? NULL : PyMemoryView_FromObject(whole);
-                    Py_XDECREF(whole);
-                }
-                else {
-                    rest = PyMemoryView_FromObject(data);
-                }
-                if (rest != NULL && sent) {
-                    Py_SETREF(rest, PySequence_GetSlice(rest, sent, PY_SSIZE_T_MAX));
-                }
-                if (rest == NULL) {
-                    Py_DECREF(left);
-                    return NULL;
-                }
+                size = PyBytes_GET_SIZE(data);
+                do {
+                    sent = send(fd, PyBytes_AS_STRING(data), size, MSG_DONTWAIT | MSG_NOSIGNAL);
+                } while (sent < 0 && errno == EINTR);
+            }
+            if (sent == size || (sent < 0 && errno != EAGAIN && errno != EWOULDBLOCK)) {
+                goto next;   /* all sent; or the connection is gone, its close on its way */
+            }
+            if (sent < 0) {
+                sent = 0;
+            }
+            if (several) {   /* what is left of the frames, as _write would have it: one bytes object */
+                PyObject *empty = PyBytes_FromStringAndSize(NULL, 0);
+                PyObject *whole = empty == NULL ? NULL : PyObject_CallMethod(empty, "join", "O", data);
+                Py_XDECREF(empty);
+                rest = whole == NULL ? NULL : PyMemoryView_FromObject(whole);
+                Py_XDECREF(whole);
+            }
+            else {
+                rest = PyMemoryView_FromObject(data);
+            }
+            if (rest != NULL && sent) {
+                Py_SETREF(rest, PySequence_GetSlice(rest, sent, PY_SSIZE_T_MAX));
+            }
+            if (rest == NULL) {
+                goto failed;
             }
         }
         pair = PyTuple_Pack(2, conn, rest);
         Py_DECREF(rest);
         if (pair == NULL || PyList_Append(left, pair) < 0) {
             Py_XDECREF(pair);
-            Py_DECREF(left);
-            return NULL;
+            goto failed;
         }
         Py_DECREF(pair);
+    next:
+        Py_DECREF(conn);
+        Py_DECREF(data);
+        continue;
+    failed:
+        Py_DECREF(conn);
+        Py_DECREF(data);
+        Py_DECREF(left);
+        return NULL;
     }
     return left;
 }
@@ -1050,46 +1087,55 @@ cork_all(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(conns); i++) {
-        PyObject *conn = PyList_GET_ITEM(conns, i), *stream = NULL, *buffer = NULL, *size = NULL, *closing = NULL;
-        int ours = 0;
+        /* as the Python version reads it: stream, not corked, a buffer, nothing in it, not closing */
+        PyObject *conn = PyList_GET_ITEM(conns, i), *stream, *buffer = NULL, *size = NULL, *closing = NULL;
+        int ours = 0, fine = 0, empty;
         Py_INCREF(conn);
-        switch (PyDict_Contains(corked, conn)) {
-        case 0:
-            break;
-        case 1:
-            goto other;
-        default:
-            goto failed;
-        }
         stream = PyObject_GetAttr(conn, str_stream);
-        if (stream == NULL || stream == Py_None) {
-            goto other;
+        if (stream == NULL) {
+            goto done;
         }
-        buffer = PyObject_GetAttr(stream, str_write_buffer);
-        if (buffer == NULL || buffer == Py_None) {
-            goto other;
+        if (stream != Py_None) {
+            switch (PyDict_Contains(corked, conn)) {
+            case 0:
+                break;
+            case 1:
+                fine = 1;
+                goto done;
+            default:
+                goto done;
+            }
+            buffer = PyObject_GetAttr(stream, str_write_buffer);
+            if (buffer == NULL) {
+                goto done;
+            }
+            if (buffer != Py_None) {
+                size = PyObject_GetAttr(buffer, str_size);
+                empty = size == NULL ? -1 : PyObject_Not(size);
+                if (empty < 0) {
+                    goto done;
+                }
+                if (empty) {
+                    closing = PyObject_GetAttr(conn, str_closed_by_server);
+                    if (closing == NULL) {
+                        goto done;
+                    }
+                    ours = closing == Py_None;
+                }
+            }
         }
-        size = PyObject_GetAttr(buffer, str_size);
-        if (size == NULL || !PyLong_CheckExact(size) || PyLong_AsLong(size) != 0) {
-            goto other;
-        }
-        closing = PyObject_GetAttr(conn, str_closed_by_server);
-        ours = closing == Py_None;
-    other:
-        PyErr_Clear();
+        fine = 1;
+    done:
         Py_XDECREF(stream);
         Py_XDECREF(buffer);
         Py_XDECREF(size);
         Py_XDECREF(closing);
-        if (ours ? PyDict_SetItem(corked, conn, frame) : PyList_Append(rest, conn)) {
-            goto failed;
+        if (!fine || (ours ? PyDict_SetItem(corked, conn, frame) : PyList_Append(rest, conn))) {
+            Py_DECREF(conn);
+            Py_DECREF(rest);
+            return NULL;
         }
         Py_DECREF(conn);
-        continue;
-    failed:
-        Py_DECREF(conn);
-        Py_DECREF(rest);
-        return NULL;
     }
     return rest;
 }
@@ -1099,6 +1145,8 @@ static PyMethodDef methods[] = {
      "The whole masked text frame at data[pos:]: (end, text or None), or None."},
     {"encode_ws_frame", (PyCFunction)(void (*)(void))encode_ws_frame, METH_FASTCALL | METH_KEYWORDS,
      "One unmasked, unfragmented server-to-client WebSocket frame."},
+    {"set_python", (PyCFunction)(void (*)(void))set_python, METH_FASTCALL,
+     "set_python(name, function): the Python version of a C function, for what is not the common case."},
     {"setup", (PyCFunction)(void (*)(void))setup, METH_FASTCALL,
      "setup(decode, method_names, WsRequest, SendParams, Payload, parse_ws_request, parse_send)."},
     {"parse_ws_request", (PyCFunction)(void (*)(void))parse_ws_request, METH_FASTCALL,

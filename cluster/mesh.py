@@ -869,7 +869,10 @@ def request_frame_python(code: int, request_id: int, head: bytes, body: bytes) -
     return _REQUEST_HEAD.pack(code, request_id, len(head)) + head + body
 
 
-_request_frame = request_frame_python if speedups.native is None else speedups.native.request_frame
+_request_frame = request_frame_python
+if speedups.native is not None:
+    speedups.native.set_python("request_frame", request_frame_python)
+    _request_frame = speedups.native.request_frame
 # A peer's mesh.send as send_request and request_frame made it, read in C (read_request reads the rest).
 _read_send_request = None
 

@@ -670,5 +670,6 @@ parse_ws_request_python, parse_send_python, encode_ws_frame_python = parse_ws_re
 if speedups.native is not None:
     speedups.native.setup(_strict_loads, _METHOD_NAMES, WsRequest, SendParams, Payload,
                           parse_ws_request_python, parse_send_python)
+    speedups.native.set_python("encode_ws_frame", encode_ws_frame_python)
     parse_ws_request, parse_send = speedups.native.parse_ws_request, speedups.native.parse_send
     encode_ws_frame = speedups.native.encode_ws_frame

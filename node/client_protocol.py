@@ -82,7 +82,10 @@ def text_frame(data: bytearray, pos: int, max_size: int):
         return end, None
 
 
-_text_frame = text_frame if speedups.native is None else speedups.native.text_frame
+_text_frame = text_frame
+if speedups.native is not None:
+    speedups.native.set_python("text_frame", text_frame)
+    _text_frame = speedups.native.text_frame
 
 
 def frame_problem(first: int, second: int, in_message: bool):

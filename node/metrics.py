@@ -42,6 +42,7 @@ def observe(series: dict, labels: tuple, seconds: float) -> None:
 observe_python = observe
 if speedups.native is not None:
     speedups.native.set_buckets(BUCKETS)
+    speedups.native.set_python("observe", observe_python)
     observe = speedups.native.observe
 
 

@@ -10,6 +10,7 @@ the C code. Without the compiled module these tests are skipped (and
 """
 
 import asyncio
+import decimal
 import json
 import os
 import random
@@ -103,9 +104,13 @@ def test_text_frame_unmasked_long_forms_and_bad_text():
                   _frame(b"\x00\x7f"), _frame(b"x" * 10, length_form="16")):
         _same_frame(frame, 0, 1 << 20)
     assert native.text_frame(bytearray(_frame(b"\xff")), 0, 10) == (7, None)   # not UTF-8: read, refused
-    with pytest.raises(TypeError):
-        native.text_frame("not bytes", 0, 10)
-    assert native.text_frame(bytearray(_frame(b"abc")), -1, 10) is None
+    frame = _frame(b"abc")
+    for data, pos, max_size in ((frame, -9, 10), (frame, -1, 10), (frame, 2 ** 70, 10), (frame, len(frame), 10),
+                                (frame, 0, -1), (frame, 0, 2 ** 70), (frame, True, 10), (bytes(frame), 0, 10),
+                                (memoryview(frame), 0, 10), ("not bytes", 0, 10), (None, 0, 10)):
+        data = bytearray(data) if type(data) is bytes and data is frame else data
+        assert _outcome(native.text_frame, data, pos, max_size) == _outcome(client_protocol.text_frame, data, pos,
+                                                                              max_size)
 
 
 @needs_native
@@ -138,8 +143,9 @@ def test_encode_ws_frame(length):
         with pytest.raises(TypeError):
             native.encode_ws_frame(data, **wrong)
     assert protocol.encode_ws_frame is native.encode_ws_frame
-    with pytest.raises(TypeError):
-        native.encode_ws_frame("text")
+    for odd in ("text", None, bytearray(data), memoryview(data)):
+        assert _outcome(native.encode_ws_frame, odd) == _outcome(protocol.encode_ws_frame_python, odd)
+    assert native.encode_ws_frame(data=data) == protocol.encode_ws_frame_python(data=data)
 
 
 # --- /ws/v1 requests and mesh.send's parameters (cluster/protocol.py) -------------------------------------------
@@ -248,10 +254,14 @@ def test_observe_as_python_does():
     native.observe(nan_native, (), float("nan"))
     metrics.observe_python(nan_python, (), float("nan"))
     assert nan_native[()][1:] == nan_python[()][1:]   # the same bucket (NaN is not equal to itself)
-    with pytest.raises(TypeError):
-        native.observe(native_series, ("x",), "slow")
-    with pytest.raises(TypeError):
-        native.observe([], ("x",), 1.0)
+    class Series(dict):
+        pass
+    for series, seconds in (({}, "slow"), ({}, None), ({}, 2 ** 1100), ({}, decimal.Decimal("0.1")), ({}, 3),
+                            ({}, True), ([], 1.0), (Series(), 0.2)):
+        python_series = type(series)(series) if isinstance(series, dict) else series
+        assert _outcome(native.observe, series, ("x",), seconds) == \
+            _outcome(metrics.observe_python, python_series, ("x",), seconds)
+        assert series == python_series   # the same series made, even when it then failed
     timings, expected = metrics.Timings(), {}
     for seconds in (0.002, 0.5, 30.0):
         timings.observe(("a",), seconds)
@@ -268,13 +278,9 @@ def test_request_frame(code, request_id, head, body):
 
 @needs_native
 def test_request_frame_refuses_what_struct_refuses():
-    for args in ((256, 1, b"", b""), (-1, 1, b"", b""), (1, 2 ** 64, b"", b""), (1, -1, b"", b"")):
-        with pytest.raises((OverflowError, struct.error)):
-            mesh.request_frame_python(*args)
-        with pytest.raises(OverflowError):
-            native.request_frame(*args)
-    with pytest.raises(TypeError):
-        native.request_frame(1, 1, "head", b"")
+    for args in ((256, 1, b"", b""), (-1, 1, b"", b""), (1, 2 ** 64, b"", b""), (1, -1, b"", b""), (1.0, 1, b"", b""),
+                 (1, 1, "head", b""), (1, 1, bytearray(b"h"), memoryview(b"b")), (True, 1, b"", b"")):
+        assert _outcome(native.request_frame, *args) == _outcome(mesh.request_frame_python, *args)
     message = mesh.send_request(5, b"frame")
     assert mesh.request_frame(message, 9) == mesh.frame_request(message, 9)[0] == \
         mesh.request_frame_python(1, 9, message.head, message.body)
@@ -510,6 +516,43 @@ def test_send_corked_refuses_what_is_not_a_dict():
     with pytest.raises(TypeError):
         native.send_corked([])
     assert native.send_corked({}) == []
+
+
+class _Sly:
+    """A connection whose `stream` runs Python code: it adds frames while the flush looks."""
+
+    def __init__(self, stream, frames):
+        self._stream, self.frames = stream, frames
+        self._closed_by_server = None
+
+    @property
+    def stream(self):
+        self.frames.extend([protocol.encode_ws_frame(b"late")] * 5)
+        return self._stream
+
+
+@needs_native
+def test_send_corked_and_cork_all_where_python_code_runs():
+    async def run():
+        conn, peer = _pair()
+        frames = clients._Frames([protocol.encode_ws_frame(b"%d" % index) for index in range(255)])
+        sly = _Sly(conn.stream, frames)
+        left = native.send_corked({sly: frames})   # 260 frames by then: more than one sendmsg takes
+        assert [(who, data) for who, data in left] == [(sly, frames)] and len(frames) == 260
+        huge = _pair()[0]
+        huge.stream._write_buffer._size = 2 ** 70   # not a C long: still "something queued"
+        assert native.send_corked({huge: b"x"}) == clients.send_corked({huge: b"x"}) == [(huge, b"x")]
+        assert native.cork_all([huge], b"x", {}) == clients.cork_all([huge], b"x", {}) == [huge]
+        class Bare:
+            pass
+        for broken in (Bare(), _Conn(object())):
+            assert _outcome(native.send_corked, {broken: b"x"}) == _outcome(clients.send_corked, {broken: b"x"})
+            assert _outcome(native.cork_all, [broken], b"x", {}) == _outcome(clients.cork_all, [broken], b"x", {})
+            assert _outcome(native.send_corked, {broken: b"x"})[1] is AttributeError
+        for each in (conn, huge):
+            each.stream.close()
+        peer.close()
+    asyncio.run(run())
 
 
 @needs_native
