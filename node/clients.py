@@ -14,6 +14,7 @@ Owned by the node's IOLoop.
 import asyncio
 import logging
 import socket
+import ssl
 import time
 
 from tornado.iostream import StreamBufferFullError, StreamClosedError
@@ -50,6 +51,11 @@ class _Frames(list):
 
 # Past this many corked bytes a connection's frames leave at once: coalescing is for small frames.
 CORK_BYTES = 65536
+
+# What a socket's send raises when the kernel takes nothing now: a plain socket's EAGAIN, or a TLS
+# socket's want-write (an OSError but no BlockingIOError; the same bytes are written again later, by
+# the stream, as OpenSSL asks). Either way the bytes wait in the stream's bounded buffer.
+_REFUSED = (BlockingIOError, ssl.SSLWantWriteError)
 
 # Connection -> its corked frame (bytes) or frames (_Frames), flushed once at the end of the loop turn.
 # Kept here, not on the connection: an attribute set once would grow every connection's __dict__.
@@ -171,7 +177,7 @@ def send_corked(corked: dict) -> list:
             if buffer is not None and not buffer._size:
                 try:
                     sent = stream.socket.send(data)
-                except BlockingIOError:
+                except _REFUSED:
                     sent = 0
                 except (OSError, AttributeError):
                     continue
@@ -213,7 +219,7 @@ def _write(conn, data) -> bool:
         if not stream._write_buffer:   # tornado's queue (falsy when empty); empty means the socket is ours
             try:
                 sent = stream.socket.send(data)
-            except BlockingIOError:
+            except _REFUSED:
                 sent = 0
             if sent == len(data):
                 return True

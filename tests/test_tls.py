@@ -79,3 +79,15 @@ def test_a_missing_certificate_file_refuses_to_start(tmp_path):
     done = subprocess.run([MESHGATE, "start", "-c", str(layout.config_path)], capture_output=True, text=True,
                           timeout=WAIT, stdin=subprocess.DEVNULL)
     assert done.returncode == 2 and "node.api.tls" in done.stderr and "missing.crt" in done.stderr
+
+
+def test_a_slow_wss_client_gets_every_frame_in_order(cluster, clients):
+    """A wss client that reads nothing for a while: what its TLS socket does not take (SSL's want-write,
+    not a plain socket's EAGAIN) waits in the stream, within write_buffer_limit; nothing is lost or reordered."""
+    [slow] = clients(1)
+    # About 5.6 MB: beyond what the kernel's buffers take (about 2.8 MB here), within the stream's 4 MiB.
+    payloads = [f"{index:04d}" + "x" * 40000 for index in range(140)]
+    for payload in payloads:
+        status, body = cluster.http("/v1/mesh/send", {"c": slow.client_id, "d": payload})
+        assert (status, body["E"]) == (200, None)
+    assert [slow.recv() for _ in payloads] == payloads
