@@ -855,7 +855,7 @@ def queue_acks_request(node: int, consumer_id: int, acked=(), released=(), room:
 
 def frame_request(message: Outbound, request_id: int) -> list:
     """The one frame of a request; `request_id` 0 means no reply is wanted."""
-    return [_request_frame(_REQUESTS[message.kind][0], request_id, message.head, message.body)]
+    return [request_frame(message, request_id)]
 
 
 def request_frame(message: Outbound, request_id: int) -> bytes:
@@ -869,12 +869,13 @@ def request_frame_python(code: int, request_id: int, head: bytes, body: bytes) -
     return _REQUEST_HEAD.pack(code, request_id, len(head)) + head + body
 
 
-_request_frame = request_frame_python
+# In C when built: the frame, and a peer's mesh.send as send_request and request_frame made it
+# (read_request reads the rest).
+_request_frame, _read_send_request = request_frame_python, None
 if speedups.native is not None:
     speedups.native.set_python("request_frame", request_frame_python)
-    _request_frame = speedups.native.request_frame
-# A peer's mesh.send as send_request and request_frame made it, read in C (read_request reads the rest).
-_read_send_request = None
+    speedups.native.setup_mesh(Request, Send)
+    _request_frame, _read_send_request = speedups.native.request_frame, speedups.native.read_send_request
 
 
 def read_request(frames: list) -> Request:
@@ -1206,8 +1207,3 @@ def read_result(kind: type, raw: bytes):
         return _RESULTS[kind](result)
     except _Bad as bad:
         raise bad.error("mesh failure" if "e" in result else f"{kind_name(kind)} result") from None
-
-
-if speedups.native is not None:
-    speedups.native.setup_mesh(Request, Send)
-    _read_send_request = speedups.native.read_send_request
