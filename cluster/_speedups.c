@@ -848,17 +848,33 @@ not_ours:
 static PyObject *plain_socket_type;
 static PyObject *str_stream, *str_write_buffer, *str_size, *str_socket;
 
-/* setup_clients(socket.socket): the one socket type whose bytes go straight to its descriptor (a
-   subclass, such as ssl.SSLSocket, is written through its own send). */
+static PyObject *frames_type;     /* node/clients.py's _Frames */
+static Py_ssize_t cork_bytes;      /* node/clients.py's CORK_BYTES */
+static PyObject *str_frames_size;
+
+/* setup_clients(socket.socket, _Frames, CORK_BYTES): the one socket type whose bytes go straight to
+   its descriptor (a subclass, such as ssl.SSLSocket, is written through its own send); the type of a
+   connection's corked frames, and how many bytes may wait corked. */
 static PyObject *
-setup_clients(PyObject *module, PyObject *socket_type)
+setup_clients(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (!PyType_Check(socket_type)) {
-        PyErr_SetString(PyExc_TypeError, "setup_clients(socket.socket)");
+    Py_ssize_t bound;
+    if (nargs != 3 || !PyType_Check(args[0]) || !PyType_Check(args[1]) || !PyLong_CheckExact(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "setup_clients(socket.socket, _Frames, CORK_BYTES)");
         return NULL;
     }
-    Py_INCREF(socket_type);
-    Py_XSETREF(plain_socket_type, socket_type);
+    bound = PyLong_AsSsize_t(args[2]);
+    if (bound < 0) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_ValueError, "setup_clients: CORK_BYTES must not be negative");
+        }
+        return NULL;
+    }
+    Py_INCREF(args[0]);
+    Py_XSETREF(plain_socket_type, args[0]);
+    Py_INCREF(args[1]);
+    Py_XSETREF(frames_type, args[1]);
+    cork_bytes = bound;
     Py_RETURN_NONE;
 }
 
@@ -1066,17 +1082,66 @@ send_corked(PyObject *module, PyObject *corked)
 
 static PyObject *str_closed_by_server;
 
+/* Corks `frame` after `waiting`, what `conn` has corked already, as write_frame does: 1 corked,
+   0 over CORK_BYTES together (or an entry node/clients.py does not make: write_frame's), -1 failed. */
+static int
+cork_after(PyObject *corked, PyObject *conn, PyObject *waiting, PyObject *frame)
+{
+    Py_ssize_t frame_size = PyBytes_GET_SIZE(frame), size;
+    PyObject *frames, *total;
+    int failed;
+    if (PyBytes_CheckExact(waiting)) {
+        size = PyBytes_GET_SIZE(waiting) + frame_size;
+        if (size > cork_bytes) {
+            return 0;
+        }
+        frames = PyObject_CallFunction(frames_type, "((OO))", waiting, frame);
+        if (frames == NULL) {
+            return -1;
+        }
+        total = PyLong_FromSsize_t(size);
+        failed = total == NULL || PyObject_SetAttr(frames, str_frames_size, total) < 0
+                 || PyDict_SetItem(corked, conn, frames) < 0;
+        Py_XDECREF(total);
+        Py_DECREF(frames);
+        return failed ? -1 : 1;
+    }
+    if ((PyObject *)Py_TYPE(waiting) != frames_type) {
+        return 0;
+    }
+    total = PyObject_GetAttr(waiting, str_frames_size);
+    if (total == NULL) {
+        return -1;
+    }
+    size = PyLong_CheckExact(total) ? PyLong_AsSsize_t(total) : -1;
+    Py_DECREF(total);
+    if (size < 0) {   /* not a size this module sets: write_frame says what it makes of it */
+        PyErr_Clear();
+        return 0;
+    }
+    if (size > cork_bytes - frame_size) {
+        return 0;
+    }
+    total = PyLong_FromSsize_t(size + frame_size);
+    failed = total == NULL || PyList_Append(waiting, frame) < 0
+             || PyObject_SetAttr(waiting, str_frames_size, total) < 0;
+    Py_XDECREF(total);
+    return failed ? -1 : 1;
+}
+
 /* cork_all(conns: list, frame: bytes, corked: dict) -> list
 
-   node/clients.py, cork_all: corked[conn] = frame for each connection of `conns` that has a stream
-   with nothing queued, nothing corked yet and no close of ours under way; returns the others (for
-   write_frame, which says what becomes of each). */
+   node/clients.py, cork_all: for each connection of `conns` whose stream has nothing queued and no
+   close of ours under way, `frame` corked in `corked`, after what the connection has corked
+   already while both stay within CORK_BYTES; returns the others (for write_frame, which says what
+   becomes of each). */
 static PyObject *
 cork_all(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     PyObject *conns, *frame, *corked, *rest;
-    if (nargs != 3 || !PyList_CheckExact(args[0]) || !PyDict_CheckExact(args[2])) {
-        PyErr_SetString(PyExc_TypeError, "cork_all(conns: list, frame, corked: dict)");
+    if (nargs != 3 || !PyList_CheckExact(args[0]) || !PyBytes_CheckExact(args[1]) || !PyDict_CheckExact(args[2])
+            || frames_type == NULL) {
+        PyErr_SetString(PyExc_TypeError, "cork_all(conns: list, frame: bytes, corked: dict), after setup_clients()");
         return NULL;
     }
     conns = args[0];
@@ -1087,24 +1152,17 @@ cork_all(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(conns); i++) {
-        /* as the Python version reads it: stream, not corked, a buffer, nothing in it, not closing */
+        /* as the Python version reads it: a stream, a buffer, nothing in it, not closing; then what
+           is corked already */
         PyObject *conn = PyList_GET_ITEM(conns, i), *stream, *buffer = NULL, *size = NULL, *closing = NULL;
-        int ours = 0, fine = 0, empty;
+        PyObject *waiting;
+        int usable = 0, fine = 0, taken = 0, empty;
         Py_INCREF(conn);
         stream = PyObject_GetAttr(conn, str_stream);
         if (stream == NULL) {
             goto done;
         }
         if (stream != Py_None) {
-            switch (PyDict_Contains(corked, conn)) {
-            case 0:
-                break;
-            case 1:
-                fine = 1;
-                goto done;
-            default:
-                goto done;
-            }
             buffer = PyObject_GetAttr(stream, str_write_buffer);
             if (buffer == NULL) {
                 goto done;
@@ -1120,7 +1178,24 @@ cork_all(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                     if (closing == NULL) {
                         goto done;
                     }
-                    ours = closing == Py_None;
+                    usable = closing == Py_None;
+                }
+            }
+        }
+        if (usable) {
+            waiting = PyDict_GetItemWithError(corked, conn);
+            if (waiting == NULL) {
+                if (PyErr_Occurred() || PyDict_SetItem(corked, conn, frame) < 0) {
+                    goto done;
+                }
+                taken = 1;
+            }
+            else {
+                Py_INCREF(waiting);
+                taken = cork_after(corked, conn, waiting, frame);
+                Py_DECREF(waiting);
+                if (taken < 0) {
+                    goto done;
                 }
             }
         }
@@ -1130,7 +1205,7 @@ cork_all(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         Py_XDECREF(buffer);
         Py_XDECREF(size);
         Py_XDECREF(closing);
-        if (!fine || (ours ? PyDict_SetItem(corked, conn, frame) : PyList_Append(rest, conn))) {
+        if (!fine || (!taken && PyList_Append(rest, conn) < 0)) {
             Py_DECREF(conn);
             Py_DECREF(rest);
             return NULL;
@@ -1159,7 +1234,8 @@ static PyMethodDef methods[] = {
     {"batched_replies", (PyCFunction)batched_replies, METH_O, "cluster/mesh.py, batched_replies_python."},
     {"setup_mesh", (PyCFunction)(void (*)(void))setup_mesh, METH_FASTCALL, "setup_mesh(Request, Send)."},
     {"read_send_request", (PyCFunction)read_send_request, METH_O, "cluster/mesh.py, read_request, for a SEND."},
-    {"setup_clients", (PyCFunction)setup_clients, METH_O, "setup_clients(socket.socket)."},
+    {"setup_clients", (PyCFunction)(void (*)(void))setup_clients, METH_FASTCALL,
+     "setup_clients(socket.socket, _Frames, CORK_BYTES)."},
     {"send_corked", (PyCFunction)send_corked, METH_O, "node/clients.py, send_corked."},
     {"cork_all", (PyCFunction)(void (*)(void))cork_all, METH_FASTCALL, "node/clients.py, cork_all."},
     {NULL, NULL, 0, NULL},
@@ -1177,6 +1253,7 @@ PyInit__speedups(void)
         {&str_i, "i"}, {&str_id, "id"}, {&str_m, "m"}, {&str_p, "p"}, {&str_c, "c"}, {&str_d, "d"},
         {&str_t, "t"}, {&str_text, "text"}, {&str_stream, "stream"}, {&str_write_buffer, "_write_buffer"},
         {&str_size, "_size"}, {&str_socket, "socket"}, {&str_closed_by_server, "_closed_by_server"},
+        {&str_frames_size, "size"},
     };
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
         *names[i].slot = PyUnicode_InternFromString(names[i].text);

@@ -109,17 +109,16 @@ def write_frame(conn, frame: bytes, counters: Counters) -> bool:
     return True
 
 
-def write_to_all(conns, frame: bytes, counters: Counters) -> int:
+def write_to_all(conns: list, frame: bytes, counters: Counters) -> int:
     """`write_frame` of one frame to each of `conns` (a publish); returns how many took it.
 
-    The common case, a connection with nothing corked and nothing queued, is
-    handled inline: this loop runs once per subscriber.
+    The common case, a connection with nothing queued whose corked frames stay
+    within CORK_BYTES, is handled by `cork_all`: this loop runs once per subscriber.
     """
     if len(frame) > CORK_BYTES:
         return sum(1 for conn in conns if write_frame(conn, frame, counters))
-    before = len(_corked)
     rest = _cork_all(conns, frame, _corked)
-    corked_here = len(_corked) - before
+    corked_here = len(conns) - len(rest)
     if corked_here:
         counters.out_total += corked_here
         _schedule_flush()
@@ -127,17 +126,30 @@ def write_to_all(conns, frame: bytes, counters: Counters) -> int:
 
 
 def cork_all(conns: list, frame: bytes, corked: dict) -> list:
-    """`corked[conn] = frame` for each connection with a stream that has nothing queued, nothing
-    corked yet and no close of ours under way; returns the others, for write_frame.
-    (cluster/_speedups.c has the same function in C.)"""
+    """What `write_frame` does with `frame` (at most CORK_BYTES) for each connection of `conns` whose
+    stream has nothing queued and no close of ours under way, and whose corked bytes stay within
+    CORK_BYTES with it: `frame` corked, after what waits there already. Returns the others, for
+    write_frame, which says what becomes of each. (cluster/_speedups.c has the same function in C.)"""
     rest = []
+    size = len(frame)
     for conn in conns:
         stream = conn.stream
-        if stream is not None and conn not in corked and stream._write_buffer is not None \
-                and not stream._write_buffer._size and conn._closed_by_server is None:
-            corked[conn] = frame
-        else:
-            rest.append(conn)
+        if stream is not None and stream._write_buffer is not None and not stream._write_buffer._size \
+                and conn._closed_by_server is None:
+            waiting = corked.get(conn)
+            if waiting is None:
+                corked[conn] = frame
+                continue
+            if type(waiting) is bytes:
+                if len(waiting) + size <= CORK_BYTES:
+                    both = corked[conn] = _Frames((waiting, frame))
+                    both.size = len(waiting) + size
+                    continue
+            elif type(waiting) is _Frames and waiting.size + size <= CORK_BYTES:
+                waiting.append(frame)
+                waiting.size += size
+                continue
+        rest.append(conn)
     return rest
 
 
@@ -192,7 +204,7 @@ def send_corked(corked: dict) -> list:
 
 _send_corked, _cork_all = send_corked, cork_all
 if speedups.native is not None:
-    speedups.native.setup_clients(socket.socket)
+    speedups.native.setup_clients(socket.socket, _Frames, CORK_BYTES)
     _send_corked, _cork_all = speedups.native.send_corked, speedups.native.cork_all
 
 

@@ -554,26 +554,70 @@ def test_send_corked_and_cork_all_where_python_code_runs():
     asyncio.run(run())
 
 
+def _corked_view(corked, conns):
+    """Who has what corked, comparable between the two versions: (index, type name, frames, size)."""
+    view = []
+    for conn, data in corked.items():
+        frames = [data] if type(data) is bytes else list(data)
+        view.append((conns.index(conn) if conn in conns else -1, type(data).__name__, frames,
+                     getattr(data, "size", len(data))))
+    return view
+
+
 @needs_native
 def test_cork_all_corks_what_python_corks():
     async def run(cork_all):
-        pairs = [_pair() for _ in range(6)]
+        pairs = [_pair() for _ in range(9)]
         conns = [conn for conn, _ in pairs]
         conns[1].stream._write_buffer.append(b"waiting")          # something queued: write_frame's
         conns[2].stream = None                                   # gone
         conns[3]._closed_by_server = (1000, "bye")               # our close under way
         conns[4].stream.close()                                  # closed: no buffer any more
-        corked = {conns[5]: b"earlier"}                          # corked already this turn
-        frame = protocol.encode_ws_frame(b"x")
+        near = clients.CORK_BYTES - len(frame) + 1
+        corked = {conns[5]: b"earlier",                           # corked already this turn: after it
+                  conns[6]: b"n" * near,                          # one byte too many together
+                  conns[7]: clients._Frames((b"a", b"bc")),       # frames already: one more
+                  conns[8]: clients._Frames((b"a", b"bc"))}
+        corked[conns[7]].size = 3
+        corked[conns[8]].size = clients.CORK_BYTES - len(frame) + 1
         rest = cork_all(conns + [conns[0]], frame, corked)
-        outcome = ([conns.index(conn) for conn in corked], [corked[conn] for conn in corked],
-                   [conns.index(conn) for conn in rest])
+        outcome = (_corked_view(corked, conns), [conns.index(conn) for conn in rest])
         for conn, peer in pairs:
             peer.close()
             if conn.stream is not None:
                 conn.stream.close()
         return outcome
+    frame = protocol.encode_ws_frame(b"x")
     with_c, with_python = asyncio.run(run(native.cork_all)), asyncio.run(run(clients.cork_all))
-    assert with_c == with_python == ([5, 0], [b"earlier", protocol.encode_ws_frame(b"x")], [1, 2, 3, 4, 5, 0])
+    assert with_c == with_python
+    corked, rest = with_c
+    assert rest == [1, 2, 3, 4, 6, 8]
+    assert dict((index, (kind, frames, size)) for index, kind, frames, size in corked) == {
+        0: ("_Frames", [frame, frame], 2 * len(frame)),     # named twice: corked twice, in order
+        5: ("_Frames", [b"earlier", frame], 7 + len(frame)),
+        6: ("bytes", [b"n" * (clients.CORK_BYTES - len(frame) + 1)], clients.CORK_BYTES - len(frame) + 1),
+        7: ("_Frames", [b"a", b"bc", frame], 3 + len(frame)),
+        8: ("_Frames", [b"a", b"bc"], clients.CORK_BYTES - len(frame) + 1)}
     with pytest.raises(TypeError):
         native.cork_all((), b"x", {})
+    with pytest.raises(TypeError):
+        native.cork_all([], bytearray(b"x"), {})
+
+
+@needs_native
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.integers(0, 5), st.sampled_from([1, 200, 30000, 65536])), min_size=1, max_size=40))
+def test_cork_all_publishes_as_python_does(publishes):
+    """A turn's publishes (to which of six connections, and how big) cork the same frames both ways."""
+    async def run(cork_all):
+        pairs = [_pair() for _ in range(6)]
+        conns = [conn for conn, _ in pairs]
+        corked, rests = {}, []
+        for count, size in publishes:
+            rests.append([conns.index(conn) for conn in cork_all(conns[:count + 1], b"f" * size, corked)])
+        outcome = (_corked_view(corked, conns), rests)
+        for conn, peer in pairs:
+            peer.close()
+            conn.stream.close()
+        return outcome
+    assert asyncio.run(run(native.cork_all)) == asyncio.run(run(clients.cork_all))
