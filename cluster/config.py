@@ -82,7 +82,7 @@ class MeshConfig:
     # Bytes of requests one peer has not answered yet; past it, requests to that peer fail at once.
     max_pending_bytes: int = field(default=67108864, metadata=_meta(min=1024))
     # Peers of the same host are reached over a Unix socket (node/local_links.py) instead of ZeroMQ.
-    local_links: bool = False
+    local_links: bool = True
 
 
 @dataclass(frozen=True)

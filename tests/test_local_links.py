@@ -106,8 +106,15 @@ def test_a_stranger_that_says_nothing_is_closed_after_the_handshake_time(cluster
     wait_until(lambda: refused(cluster) == before + 1, what="the refusal counted")
 
 
-def test_by_default_zeromq_carries_everything(tmp_path):
+def test_by_default_peers_of_one_host_link_locally(tmp_path):
     with running(Cluster(tmp_path, workers=2)) as cluster:
+        wait_until(lambda: local_peers(cluster) == {node["node_id"]: 1 for node in cluster.status()["nodes"]}
+                   and len(local_peers(cluster)) == 2, what="both nodes linked locally")
+        send_to_every_node(cluster, nodes=2)
+
+
+def test_without_local_links_zeromq_carries_everything(tmp_path):
+    with running(Cluster(tmp_path, workers=2, mesh={"local_links": False})) as cluster:
         wait_until(lambda: len(cluster.status()["nodes"]) == 2, what="both nodes")
         send_to_every_node(cluster, nodes=2)
         assert local_peers(cluster) == {node["node_id"]: 0 for node in cluster.status()["nodes"]}
