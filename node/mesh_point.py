@@ -6,7 +6,9 @@ forwarded request ends within its timeout, as a reply, `PeerTimeout`,
 while the peer's link is down (node/peer_links.py watches the links).
 Deadlines are checked by one periodic sweep, not a timer per request:
 those of the default timeout in the order made (which is their order), the
-few with a timeout of their own in a heap. Every frame in or out goes
+few with a timeout of their own in a heap; after a turn that held the loop
+up, a deadline that passed during it waits for the next sweep, so that the
+replies that came meanwhile are read first (`sweep`). Every frame in or out goes
 through cluster/mesh.py. What goes to one peer during one loop turn, requests or
 replies, leaves packed into one ZeroMQ frame at the end of the turn
 (`mesh.pack`, within the mesh's size bound): one hand-over to ZeroMQ's I/O
@@ -131,7 +133,9 @@ class MeshPoint:
         self._counter = 0
         self.timeouts = 0
         self.round_trips = Timings()   # (peer node id,) -> request to reply (node/metrics.py)
-        self._sweeper = PeriodicCallback(self.sweep, max(10, min(100, timeout * 250)))
+        self._sweep_s = max(10, min(100, timeout * 250)) / 1000
+        self._swept = time.monotonic()   # when the last sweep ran
+        self._sweeper = PeriodicCallback(self.sweep, self._sweep_s * 1000)
         self._sweeper.start()
 
     def close(self) -> None:
@@ -332,12 +336,22 @@ class MeshPoint:
             future.set_result(result)
 
     def sweep(self) -> None:
+        """Fails the requests whose deadline passed with PeerTimeout.
+
+        After a turn that held the loop up (a sweep later than one and a half periods), only those
+        already due at the sweep before: uvloop runs its timers before it reads its sockets, so a
+        reply that came in time, during that turn, is still unread here. Its turn to be read comes
+        before the next sweep, which fails whatever is still waiting; a loop held up turn after turn
+        still ends each request, a turn later.
+        """
         now = time.monotonic()
+        due = self._swept if now - self._swept > 1.5 * self._sweep_s else now
+        self._swept = now
         deadlines = self._deadlines
-        while deadlines and deadlines[0][0] <= now:
+        while deadlines and deadlines[0][0] <= due:
             self._expire(deadlines.popleft()[1])
         deadlines = self._own_deadlines
-        while deadlines and deadlines[0][0] <= now:
+        while deadlines and deadlines[0][0] <= due:
             self._expire(heapq.heappop(deadlines)[1])
 
     def _expire(self, request_id: int) -> None:

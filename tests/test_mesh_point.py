@@ -8,6 +8,8 @@ replies after it.
 """
 
 import asyncio
+import socket
+import time
 
 import pytest
 import zmq
@@ -60,14 +62,19 @@ async def outcomes(pair, count: int, message=None, wait: float = 5.0) -> list:
     return got
 
 
-def run(serve, body):
+def run(serve, body, loop_factory=None):
     async def main():
         pair = Pair(serve)
         try:
             return await body(pair)
         finally:
             pair.close()
-    return asyncio.run(main())
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(main())
+
+
+def _loop_factory(name: str):
+    return pytest.importorskip("uvloop").new_event_loop if name == "uvloop" else None
 
 
 def test_replies_reach_then_once_each():
@@ -196,3 +203,71 @@ def test_an_outcome_made_first_is_filled_and_told_whenever_it_is_asked():
         await asyncio.wait_for(refused.future(), 5)
         return type(refused.exception()), awaited.result()
     assert run(lambda request: mesh.publish_result(2, 0), body) == (PeerUnavailable, mesh.Delivered(2, 0))
+
+
+@pytest.mark.parametrize("loop_name", ["uvloop", "asyncio"])
+def test_a_reply_that_came_while_the_loop_was_held_up_is_a_reply_not_a_timeout(loop_name):
+    """A turn of the loop longer than the timeout (here a reader that sleeps, as a long fan-out holds the loop)
+    while the peer's reply, sent in time, waits in the socket. uvloop runs its timers before it reads its
+    sockets, so the sweep comes first after such a turn: it must not call that request timed out."""
+    held, holder = socket.socketpair()
+    held.setblocking(False)
+
+    def hold_up():
+        held.recv(16)
+        time.sleep(TIMEOUT * 2)
+
+    def serve(request):
+        asyncio.get_running_loop().call_soon(holder.send, b"x")   # after this reply's flush: the hold-up begins
+        return mesh.publish_result(1, 0)
+
+    async def body(pair):
+        asyncio.get_running_loop().add_reader(held.fileno(), hold_up)
+        got = await outcomes(pair, 1)
+        asyncio.get_running_loop().remove_reader(held.fileno())
+        return got, pair.asker.timeouts
+    try:
+        got, timeouts = run(serve, body, _loop_factory(loop_name))
+    finally:
+        held.close()
+        holder.close()
+    assert got == [mesh.Delivered(1, 0)] and timeouts == 0
+
+
+@pytest.mark.parametrize("loop_name", ["uvloop", "asyncio"])
+def test_a_loop_held_up_turn_after_turn_still_times_requests_out(loop_name):
+    """Every turn longer than the sweep's period, and a peer that never answers: each request still ends
+    as PeerTimeout, within a few turns of its deadline."""
+    held, holder = socket.socketpair()
+    held.setblocking(False)
+    hold = TIMEOUT / 2
+
+    def hold_up():
+        held.recv(16)
+        time.sleep(hold)
+        holder.send(b"x")   # and the next turn again
+
+    async def body(pair):
+        loop = asyncio.get_running_loop()
+        started, ended = loop.time(), []
+        done = asyncio.Event()
+
+        def then(outcome):
+            ended.append((type(outcome.exception()), loop.time() - started))
+            if len(ended) == 3:
+                done.set()
+
+        loop.add_reader(held.fileno(), hold_up)
+        holder.send(b"x")
+        for _ in range(3):
+            pair.asker.request(2, mesh.publish_request(["c"], FRAME), then=then)
+        await asyncio.wait_for(done.wait(), 10)
+        loop.remove_reader(held.fileno())
+        return ended
+    try:
+        ended = run(lambda request: None, body, _loop_factory(loop_name))
+    finally:
+        held.close()
+        holder.close()
+    assert [error for error, _ in ended] == [PeerTimeout] * 3
+    assert all(took < TIMEOUT + 4 * hold for _, took in ended), ended
