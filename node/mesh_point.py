@@ -9,10 +9,13 @@ those of the default timeout in the order made (which is their order), the
 few with a timeout of their own in a heap; after a turn that held the loop
 up, a deadline that passed during it waits for the next sweep, so that the
 replies that came meanwhile are read first (`sweep`). Every frame in or out goes
-through cluster/mesh.py. What goes to one peer during one loop turn, requests or
-replies, leaves packed into one ZeroMQ frame at the end of the turn
-(`mesh.pack`, within the mesh's size bound): one hand-over to ZeroMQ's I/O
-thread, and one frame for pyzmq, instead of one per message. With
+through cluster/mesh.py. The requests to one peer during one loop turn leave
+packed into one ZeroMQ frame at the end of the turn (`mesh.pack`, within the
+mesh's size bound): one hand-over to ZeroMQ's I/O thread, and one frame for
+pyzmq, instead of one per message. The replies to one batch of a peer's
+requests leave the same way as soon as that batch is served, not at the end
+of the turn: the peer waits for them, and the rest of the turn may be a long
+fan-out. With
 node.mesh.local_links, peers of the same host are reached, and reach this
 node, over local links instead (node/local_links.py: `listen_local`); the
 requests and replies are the same.
@@ -374,10 +377,15 @@ class MeshPoint:
             self.refused += 1
             self._bad_log.warning("dropped a bad mesh request from %r: %s", peer[:64], exc)
             return
-        # Replies leave before what the requests wrote to clients: the flush is queued first.
+        # Replies leave before what the requests wrote to clients: this batch's at once, after it is
+        # served (the peer waits for them; the rest of this turn may be a long fan-out), and any that
+        # come later in the turn at its end, with the flush queued first.
         self._schedule_flush()
         for frame in frames:
             self._on_request(peer, frame)
+        replies = self._replies.pop(peer, None)
+        if replies is not None:
+            self._send_replies(peer, replies)
 
     def _on_request(self, peer: bytes, frame) -> None:
         try:

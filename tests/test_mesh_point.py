@@ -271,3 +271,88 @@ def test_a_loop_held_up_turn_after_turn_still_times_requests_out(loop_name):
         holder.close()
     assert [error for error, _ in ended] == [PeerTimeout] * 3
     assert all(took < TIMEOUT + 4 * hold for _, took in ended), ended
+
+
+def test_a_batchs_replies_leave_as_soon_as_it_is_served_not_at_the_end_of_the_turn():
+    """Two batches of requests (10, then 1) reach the serving node in one read; serving the second holds its
+    loop for a second (as a long fan-out does). The asking node, on a loop of its own in another thread,
+    has the replies to the first batch while that second lasts: they left when their batch was served."""
+    import threading
+
+    key = cluster_key.generate()
+    max_bytes = mesh.max_mesh_bytes(65536, 65536)
+    hold, served, address, ready = 1.0, [0], [], threading.Event()
+    held = {}
+
+    def serve(request):
+        served[0] += 1
+        if served[0] == 11:   # the one request of the second batch
+            held["from"] = time.monotonic()
+            time.sleep(hold)
+            held["to"] = time.monotonic()
+        return mesh.publish_result(1, 0)
+
+    async def serving(stop: threading.Event, wait: threading.Event):
+        context = zmq.Context()
+        zap = ZapHandler(context, key)
+        server = MeshPoint(context, "tcp://127.0.0.1:0", 5.0, 64 << 20, key, max_bytes)
+        server.handle_request = lambda peer, request: serve(request)
+        server.links.on_up = lambda node_id: None
+        address.append(server.address)
+        ready.set()
+        loop = asyncio.get_running_loop()
+        while not wait.is_set():   # the asker connects and says when its requests are about to go
+            await asyncio.sleep(0.01)
+        loop.call_soon(time.sleep, 0.3)   # both batches arrive while this loop is busy: one read has them
+        while not stop.is_set():
+            await asyncio.sleep(0.01)
+        server.close()
+        zap.close()
+        context.destroy(linger=0)
+
+    stop, wait = threading.Event(), threading.Event()
+    thread = threading.Thread(target=lambda: asyncio.run(serving(stop, wait)))
+    thread.start()
+    try:
+        assert ready.wait(10)
+
+        async def asking():
+            context = zmq.Context()
+            asker = MeshPoint(context, "tcp://127.0.0.1:0", 5.0, 64 << 20, key, max_bytes)
+            asker.links.on_up = lambda node_id: None
+            asker.connect(2, address[0], 1)
+            got = []
+            try:
+                first = []
+                asker.request(2, mesh.publish_request(["c"], FRAME), then=first.append)   # the link is up
+                for _ in range(500):
+                    if first:
+                        break
+                    await asyncio.sleep(0.01)
+                served[0] = 0
+                wait.set()
+                await asyncio.sleep(0.1)   # the serving loop is in its 0.3 s now
+
+                def then(outcome):
+                    got.append((outcome.result(), time.monotonic()))
+                for count in (10, 1):   # two batches: each turn's requests leave as one (fewer than 32)
+                    for _ in range(count):
+                        asker.request(2, mesh.publish_request(["c"], FRAME), then=then)
+                    await asyncio.sleep(0.02)
+                for _ in range(500):
+                    if len(got) == 11:
+                        break
+                    await asyncio.sleep(0.01)
+                return got
+            finally:
+                asker.close()
+                context.destroy(linger=0)
+
+        got = asyncio.run(asking())
+    finally:
+        stop.set()
+        thread.join(10)
+    assert [result for result, _ in got] == [mesh.Delivered(1, 0)] * 11
+    assert held, "the second batch was served"
+    early = [when for _, when in got if when < held["to"]]
+    assert len(early) == 10, (len(early), held)
