@@ -15,10 +15,9 @@ mesh's size bound): one hand-over to ZeroMQ's I/O thread, and one frame for
 pyzmq, instead of one per message. The replies to one batch of a peer's
 requests leave the same way as soon as that batch is served, not at the end
 of the turn: the peer waits for them, and the rest of the turn may be a long
-fan-out. With
-node.mesh.local_links, peers of the same host are reached, and reach this
-node, over local links instead (node/local_links.py: `listen_local`); the
-requests and replies are the same.
+fan-out. Peers of the same host are reached, and reach this node, over local
+links instead (node.mesh.local_links, on by default; node/local_links.py:
+`listen_local`); the requests and replies are the same.
 Owned by the node's IOLoop.
 """
 

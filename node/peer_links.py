@@ -12,9 +12,8 @@ for the coordinator (which may be gone too):
   HEARTBEAT_TIMEOUT_MS without an answer. ZeroMQ's I/O thread answers them,
   not the peer's event loop: a peer busy in a long loop turn still does.
 
-With node.mesh.local_links, a peer of the same host also gets a local link
-(node/local_links.py): once it
-is open, mesh messages go that way, and while it opens they wait for it; a peer
+With node.mesh.local_links (on by default), a peer of the same host also gets a
+local link (node/local_links.py): once it is open, mesh messages go that way, and while it opens they wait for it; a peer
 without one (another host) gets them through ZeroMQ. A local link that ends is
 the link going down; the ZeroMQ link going down closes the local one, which is
 opened again when ZeroMQ's is back up.
