@@ -22,6 +22,14 @@ enum { PY_TEXT_FRAME, PY_ENCODE_WS_FRAME, PY_OBSERVE, PY_REQUEST_FRAME, PY_COUNT
 static const char *python_names[PY_COUNT] = {"text_frame", "encode_ws_frame", "observe", "request_frame"};
 static PyObject *python_versions[PY_COUNT];
 
+/* Holds `value` in a module slot, letting go of what the slot held (the setup functions). */
+static void
+keep(PyObject **slot, PyObject *value)
+{
+    Py_INCREF(value);
+    Py_XSETREF(*slot, value);
+}
+
 /* set_python(name, function): the Python version of the C function `name`. */
 static PyObject *
 set_python(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
@@ -32,8 +40,7 @@ set_python(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     for (int i = 0; i < PY_COUNT; i++) {
         if (PyUnicode_CompareWithASCIIString(args[0], python_names[i]) == 0) {
-            Py_INCREF(args[1]);
-            Py_XSETREF(python_versions[i], args[1]);
+            keep(&python_versions[i], args[1]);
             Py_RETURN_NONE;
         }
     }
@@ -255,8 +262,7 @@ setup(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     for (int i = 0; i < 7; i++) {
-        Py_INCREF(args[i]);
-        Py_XSETREF(*slots[i], args[i]);
+        keep(slots[i], args[i]);
     }
     Py_RETURN_NONE;
 }
@@ -722,10 +728,8 @@ setup_mesh(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             return NULL;
         }
     }
-    Py_INCREF(args[0]);
-    Py_XSETREF(request_type, args[0]);
-    Py_INCREF(args[1]);
-    Py_XSETREF(send_type, args[1]);
+    keep(&request_type, args[0]);
+    keep(&send_type, args[1]);
     Py_RETURN_NONE;
 }
 
@@ -870,10 +874,8 @@ setup_clients(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
         return NULL;
     }
-    Py_INCREF(args[0]);
-    Py_XSETREF(plain_socket_type, args[0]);
-    Py_INCREF(args[1]);
-    Py_XSETREF(frames_type, args[1]);
+    keep(&plain_socket_type, args[0]);
+    keep(&frames_type, args[1]);
     cork_bytes = bound;
     Py_RETURN_NONE;
 }
