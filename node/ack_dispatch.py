@@ -24,7 +24,7 @@ from tornado.ioloop import PeriodicCallback
 
 from cluster import mesh, protocol
 from node.acks import AckTable
-from node.clients import write_frame
+from node.clients import write_to_backend
 from node.held import Held
 from node.mesh_point import PeerTimeout
 
@@ -184,7 +184,7 @@ class AckDispatch:
             return mesh.FULL
         delivery_id = table.add(consumer_id, origin, seq, attempt, topic, time.monotonic())
         frame = protocol.encode_ws_frame(protocol.acked_event(event, delivery_id, attempt))
-        if not write_frame(conn, frame, self.counters):
+        if not write_to_backend(conn, frame, self.counters):
             table.drop(consumer_id, delivery_id)
             return mesh.GONE
         self.counters.queue_events += 1

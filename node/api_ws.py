@@ -16,7 +16,7 @@ from cluster.access import OPEN, Denied, refuse
 from cluster.protocol import DRAIN_CLOSES, ApiError, CloseCode, ErrorCode
 from node.api import Caller
 from node.client_protocol import ClientProtocol
-from node.clients import flush, write_frame
+from node.clients import flush, write_to_backend
 
 log = logging.getLogger("meshgate.access")
 
@@ -88,7 +88,7 @@ class ApiSocket(tornado.websocket.WebSocketHandler):
 
     def reply(self, code, envelope: bytes) -> None:
         """Writes an executor's outcome (or any envelope) to this connection; nothing once it closed."""
-        write_frame(self, protocol.encode_ws_frame(envelope), self.node.counters)
+        write_to_backend(self, protocol.encode_ws_frame(envelope), self.node.counters)
 
     def reply_error(self, code: ErrorCode, message: str, req_id, method: str = None) -> None:
         self.api.refused(method, self.caller, code)
@@ -96,7 +96,7 @@ class ApiSocket(tornado.websocket.WebSocketHandler):
 
     def on_message(self, message):
         if message == "ping":
-            write_frame(self, _PONG, self.node.counters)
+            write_to_backend(self, _PONG, self.node.counters)
             return
         if len(message) > self.max_body or (
                 len(message) * 4 > self.max_body and isinstance(message, str) and not message.isascii()

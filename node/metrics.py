@@ -198,7 +198,7 @@ class _NodeCollector:
             ("peer",))
         yield counters.fanout.family(
             "meshgate_publish_fanout_duration_seconds", "Time to hand one publish to this node's subscribers "
-            "(the writes leave at the end of the same loop turn).", ())
+            "(the writes leave within a few loop turns, node/clients.py).", ())
         yield counters.hooks.family("meshgate_hook_duration_seconds", "Time an entry hook took, by hook "
                                     "(a coroutine: until it returned).", ("hook",))
         yield _counter("meshgate_hook_errors", "Entry hooks that raised.", counters.hook_errors)

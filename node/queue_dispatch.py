@@ -16,7 +16,7 @@ import asyncio
 from cluster import mesh, protocol
 from cluster.mesh import ACK_CONSUMER
 from node.ack_dispatch import SENT, WAIT, AckDispatch
-from node.clients import write_frame
+from node.clients import write_to_backend
 from node.mesh_point import LinkDown, PeerTimeout
 from node.queues import Buffers, Consumers, QueueFull
 
@@ -108,7 +108,7 @@ class QueueDispatch:
 
     def write_local(self, consumer_id: int, topic: str, event: bytes) -> bool:
         conn = self.consumers.connection(consumer_id, topic)
-        if conn is None or not write_frame(conn, protocol.encode_ws_frame(event), self.counters):
+        if conn is None or not write_to_backend(conn, protocol.encode_ws_frame(event), self.counters):
             return False
         self.counters.queue_events += 1
         return True

@@ -1,4 +1,4 @@
-"""Write coalescing (node/clients.py, node/mesh_point.py): frames produced in one loop turn leave together.
+"""Write coalescing (node/clients.py, node/mesh_point.py): frames produced close together leave together.
 
 What it must never change: every frame arrives, once, in order, per
 connection; a close comes after what was sent before it; a reader that does
@@ -7,13 +7,18 @@ everything. Pipelined requests on one /ws/v1 connection put many frames for
 the same clients (and the same peer) into one turn.
 """
 
+import asyncio
 import json
 import socket
+import time
 import uuid
 
 import pytest
+import tornado.iostream
 
+from cluster import protocol
 from conftest import WAIT, Cluster, raw_api, running, wait_until
+from node import clients
 
 COUNT = 400
 
@@ -176,3 +181,121 @@ def test_frames_split_anywhere_are_read_whole(pair):
         got.add(reply["i"])
     assert got == set(range(len(sizes)))
     sock.close()
+
+
+# --- when corked frames leave: in one process, on real sockets (node/clients.py) -------------------------------
+
+class _Conn:
+    """What write_frame and the flush read of a connection: a real IOStream on a real socket."""
+
+    def __init__(self, stream):
+        self.stream, self._closed_by_server, self.node = stream, None, None
+
+
+def _turn_by_turn(loop_name: str, first, later=None, turns: int = 12) -> list:
+    """Runs `first(conns)` in one loop turn, then `later(turn, conns)` in each of the next `turns`
+    turns, after which each peer is read; returns, per turn, what each peer had received by then."""
+    async def body():
+        pairs = [socket.socketpair() for _ in range(2)]
+        conns = []
+        for mine, peer in pairs:
+            mine.setblocking(False)
+            peer.setblocking(False)
+            conns.append(_Conn(tornado.iostream.IOStream(mine)))
+        seen, done = [], asyncio.get_running_loop().create_future()
+
+        def probe(turn):
+            if later is not None:
+                later(turn, conns)
+            seen.append([_read_all(peer) for _, peer in pairs])
+            if turn == turns:
+                done.set_result(None)
+            else:
+                asyncio.get_running_loop().call_soon(probe, turn + 1)
+
+        def start():
+            first(conns)
+            asyncio.get_running_loop().call_soon(probe, 1)
+
+        asyncio.get_running_loop().call_soon(start)
+        await done
+        for conn in conns:
+            conn.stream.close()
+        for _, peer in pairs:
+            peer.close()
+        return seen
+    with asyncio.Runner(loop_factory=_loop_factory(loop_name)) as runner:
+        return runner.run(body())
+
+
+def _read_all(peer) -> bytes:
+    chunks = []
+    while True:
+        try:
+            chunk = peer.recv(1 << 20)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _loop_factory(name: str):
+    return pytest.importorskip("uvloop").new_event_loop if name == "uvloop" else None
+
+
+def _first_turn(seen: list, index: int) -> int:
+    return next(turn for turn, got in enumerate(seen, 1) if got[index])
+
+
+FRAMES = [protocol.encode_ws_frame(b"frame %d" % n) for n in range(4)]
+COUNTERS = clients.Counters()
+
+
+@pytest.mark.parametrize("loop_name", ["uvloop", "asyncio"])
+def test_frames_of_the_next_turns_leave_with_the_first_in_one_send(loop_name):
+    """A frame corked now waits FLUSH_TURNS turns; what those turns cork for the same connection joins it."""
+    def later(turn, conns):
+        if turn == 1:
+            clients.write_frame(conns[0], FRAMES[1], COUNTERS)
+        elif turn == clients.FLUSH_TURNS - 1:
+            clients.write_frame(conns[0], FRAMES[2], COUNTERS)
+
+    seen = _turn_by_turn(loop_name, lambda conns: clients.write_frame(conns[0], FRAMES[0], COUNTERS), later)
+    turn = _first_turn(seen, 0)
+    assert clients.FLUSH_TURNS <= turn <= clients.FLUSH_TURNS + 1, seen
+    assert seen[turn - 1][0] == FRAMES[0] + FRAMES[1] + FRAMES[2], seen   # one write, in order
+    assert not any(got[0] for got in seen[turn:])
+
+
+@pytest.mark.parametrize("loop_name", ["uvloop", "asyncio"])
+def test_a_frame_a_backend_waits_on_takes_everything_corked_out_at_the_end_of_the_turn(loop_name):
+    def first(conns):
+        clients.write_frame(conns[0], FRAMES[0], COUNTERS)
+        clients.write_to_backend(conns[1], FRAMES[1], COUNTERS)
+
+    seen = _turn_by_turn(loop_name, first)
+    assert seen[0] == [FRAMES[0], FRAMES[1]], seen
+
+
+@pytest.mark.parametrize("loop_name", ["uvloop", "asyncio"])
+def test_frames_that_waited_flush_wait_s_leave_at_the_end_of_the_turn(loop_name, monkeypatch):
+    """The loop held up past FLUSH_WAIT_S: the corked frames do not wait for more turns."""
+    monkeypatch.setattr(clients, "FLUSH_WAIT_S", 0.002)
+
+    def first(conns):
+        clients.write_frame(conns[0], FRAMES[0], COUNTERS)
+        time.sleep(0.004)
+
+    seen = _turn_by_turn(loop_name, first)
+    assert seen[0] == [FRAMES[0], b""], seen
+
+
+@pytest.mark.parametrize("loop_name", ["uvloop", "asyncio"])
+def test_a_loop_held_up_turn_after_turn_still_flushes_within_flush_wait_s(loop_name, monkeypatch):
+    """Turns of 2 ms each and FLUSH_WAIT_S of 3: the frame leaves after the second or third turn, not the fifth."""
+    monkeypatch.setattr(clients, "FLUSH_WAIT_S", 0.003)
+    seen = _turn_by_turn(loop_name, lambda conns: clients.write_frame(conns[0], FRAMES[0], COUNTERS),
+                         lambda turn, conns: time.sleep(0.002))
+    assert 2 <= _first_turn(seen, 0) <= 3 < clients.FLUSH_TURNS + 1, seen
