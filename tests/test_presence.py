@@ -73,10 +73,10 @@ def test_presence_with_context_and_a_limit_under_the_count(cluster):
     reply = api.request("channel.presence", {"c": room, "context": True})["r"]
     assert {c: e["x"] for c, e in entries(reply).items()} == {c.client_id: {"seat": i} for i, c in enumerate(clients)}
     limited = api.request("channel.presence", {"c": room, "limit": 2})["r"]
-    assert limited["count"] == 4 and len(limited["clients"]) == 2
+    assert limited["count"] == len(clients) and len(limited["clients"]) == 2   # clients(4, nodes=2) may hold more
     assert set(entries(limited)) <= {client.client_id for client in clients}
     none = api.request("channel.presence", {"c": room, "limit": 0})["r"]
-    assert none == {"s": True, "count": 4, "clients": []}
+    assert none == {"s": True, "count": len(clients), "clients": []}
 
 
 @pytest.mark.parametrize("params, field", [
