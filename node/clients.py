@@ -127,10 +127,12 @@ def write_frame(conn, frame: bytes, counters: Counters) -> bool:
 
 def write_to_backend(conn, frame: bytes, counters: Counters) -> bool:
     """`write_frame` to an API connection (a reply, a queue event): a backend waits on it, so what is
-    corked leaves at the end of this turn, not FLUSH_TURNS later."""
+    corked leaves at the end of this turn, not FLUSH_TURNS later (when the frame itself waits corked)."""
     global _backend_waits
-    _backend_waits = True
-    return write_frame(conn, frame, counters)
+    taken = write_frame(conn, frame, counters)
+    if conn in _corked:
+        _backend_waits = True
+    return taken
 
 
 def write_to_all(conns: list, frame: bytes, counters: Counters) -> int:

@@ -13,10 +13,11 @@ for the coordinator (which may be gone too):
   not the peer's event loop: a peer busy in a long loop turn still does.
 
 With node.mesh.local_links (on by default), a peer of the same host also gets a
-local link (node/local_links.py): once it is open, mesh messages go that way, and while it opens they wait for it; a peer
-without one (another host) gets them through ZeroMQ. A local link that ends is
-the link going down; the ZeroMQ link going down closes the local one, which is
-opened again when ZeroMQ's is back up.
+local link (node/local_links.py): once it is open, mesh messages go that way,
+and while it opens they wait for it; a peer without one (another host) gets
+them through ZeroMQ. A local link that ends is the link going down; the
+ZeroMQ link going down closes the local one, which is opened again when
+ZeroMQ's is back up.
 
 A link is usable while it connects for the first time and while it is up; once
 down it is up again when a handshake with the same mesh point succeeds. Going

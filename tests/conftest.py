@@ -203,6 +203,35 @@ def raw_api(cluster) -> tuple:
     return raw_upgrade(cluster.api_port, "/ws/v1")
 
 
+def loop_factory(name: str):
+    """uvloop's `new_event_loop` for "uvloop" (the test is skipped where uvloop is not installed), else
+    None: asyncio's own loop (asyncio.Runner's `loop_factory`)."""
+    return pytest.importorskip("uvloop").new_event_loop if name == "uvloop" else None
+
+
+class StreamConn:
+    """What node/clients.py's write path reads of a connection: its stream (a real IOStream on a real socket)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self._closed_by_server = None
+        self.node = None
+
+
+def read_available(sock: socket.socket) -> bytes:
+    """Everything a non-blocking socket holds now (until it would block, ends, or was reset)."""
+    chunks = []
+    while True:
+        try:
+            chunk = sock.recv(1 << 20)
+        except (BlockingIOError, ConnectionResetError):
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def channel() -> str:
     """A channel name no other test uses."""
     return f"ch-{uuid.uuid4().hex[:10]}"

@@ -17,7 +17,7 @@ import pytest
 import tornado.iostream
 
 from cluster import protocol
-from conftest import WAIT, Cluster, raw_api, running, wait_until
+from conftest import WAIT, Cluster, StreamConn, loop_factory, raw_api, read_available, running, wait_until
 from node import clients
 
 COUNT = 400
@@ -185,13 +185,6 @@ def test_frames_split_anywhere_are_read_whole(pair):
 
 # --- when corked frames leave: in one process, on real sockets (node/clients.py) -------------------------------
 
-class _Conn:
-    """What write_frame and the flush read of a connection: a real IOStream on a real socket."""
-
-    def __init__(self, stream):
-        self.stream, self._closed_by_server, self.node = stream, None, None
-
-
 def _turn_by_turn(loop_name: str, first, later=None, turns: int = 12) -> list:
     """Runs `first(conns)` in one loop turn, then `later(turn, conns)` in each of the next `turns`
     turns, after which each peer is read; returns, per turn, what each peer had received by then."""
@@ -201,13 +194,13 @@ def _turn_by_turn(loop_name: str, first, later=None, turns: int = 12) -> list:
         for mine, peer in pairs:
             mine.setblocking(False)
             peer.setblocking(False)
-            conns.append(_Conn(tornado.iostream.IOStream(mine)))
+            conns.append(StreamConn(tornado.iostream.IOStream(mine)))
         seen, done = [], asyncio.get_running_loop().create_future()
 
         def probe(turn):
             if later is not None:
                 later(turn, conns)
-            seen.append([_read_all(peer) for _, peer in pairs])
+            seen.append([read_available(peer) for _, peer in pairs])
             if turn == turns:
                 done.set_result(None)
             else:
@@ -224,25 +217,8 @@ def _turn_by_turn(loop_name: str, first, later=None, turns: int = 12) -> list:
         for _, peer in pairs:
             peer.close()
         return seen
-    with asyncio.Runner(loop_factory=_loop_factory(loop_name)) as runner:
+    with asyncio.Runner(loop_factory=loop_factory(loop_name)) as runner:
         return runner.run(body())
-
-
-def _read_all(peer) -> bytes:
-    chunks = []
-    while True:
-        try:
-            chunk = peer.recv(1 << 20)
-        except BlockingIOError:
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _loop_factory(name: str):
-    return pytest.importorskip("uvloop").new_event_loop if name == "uvloop" else None
 
 
 def _first_turn(seen: list, index: int) -> int:

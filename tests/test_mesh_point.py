@@ -16,6 +16,7 @@ import zmq
 
 from cluster import cluster_key, mesh
 from cluster.zloop import ZapHandler
+from conftest import loop_factory
 from node.forward import Deferred
 from node.mesh_point import BadReply, MeshPoint, PeerTimeout, PeerUnavailable, TooLarge
 
@@ -71,10 +72,6 @@ def run(serve, body, loop_factory=None):
             pair.close()
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         return runner.run(main())
-
-
-def _loop_factory(name: str):
-    return pytest.importorskip("uvloop").new_event_loop if name == "uvloop" else None
 
 
 def test_replies_reach_then_once_each():
@@ -227,7 +224,7 @@ def test_a_reply_that_came_while_the_loop_was_held_up_is_a_reply_not_a_timeout(l
         asyncio.get_running_loop().remove_reader(held.fileno())
         return got, pair.asker.timeouts
     try:
-        got, timeouts = run(serve, body, _loop_factory(loop_name))
+        got, timeouts = run(serve, body, loop_factory(loop_name))
     finally:
         held.close()
         holder.close()
@@ -265,7 +262,7 @@ def test_a_loop_held_up_turn_after_turn_still_times_requests_out(loop_name):
         loop.remove_reader(held.fileno())
         return ended
     try:
-        ended = run(lambda request: None, body, _loop_factory(loop_name))
+        ended = run(lambda request: None, body, loop_factory(loop_name))
     finally:
         held.close()
         holder.close()

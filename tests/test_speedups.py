@@ -26,7 +26,7 @@ from tornado.util import _websocket_mask
 
 from cluster import mesh, protocol, speedups
 from cluster.protocol import ApiError, ErrorCode
-from conftest import Cluster, running, wait_until
+from conftest import Cluster, StreamConn, read_available, running, wait_until
 from node import client_protocol, clients, metrics
 
 native = speedups.native
@@ -421,15 +421,6 @@ def test_read_send_request_odd_frames():
 
 # --- corked frames out (node/clients.py, send_corked) ----------------------------------------------------------
 
-class _Conn:
-    """What send_corked reads of a connection: its stream (a real IOStream on a real socket)."""
-
-    def __init__(self, stream):
-        self.stream = stream
-        self._closed_by_server = None
-        self.node = None
-
-
 class _Subclassed(socket.socket):
     """A socket of another type (as ssl.SSLSocket is): written through its own send, never to its descriptor."""
 
@@ -444,16 +435,7 @@ def _flush_both_ways(make):
         received = []
         for peer in peers:
             peer.setblocking(False)
-            chunks = []
-            while True:
-                try:
-                    chunk = peer.recv(1 << 20)
-                except (BlockingIOError, ConnectionResetError):
-                    break
-                if not chunk:
-                    break
-                chunks.append(chunk)
-            received.append(b"".join(chunks))
+            received.append(read_available(peer))
         for conn in conns:
             if conn.stream is not None:
                 conn.stream.close()
@@ -468,7 +450,7 @@ def _pair(socket_class=socket.socket):
     if socket_class is not socket.socket:
         mine = socket_class(fileno=mine.detach())
     mine.setblocking(False)
-    return _Conn(tornado.iostream.IOStream(mine)), peer
+    return StreamConn(tornado.iostream.IOStream(mine)), peer
 
 
 @needs_native
@@ -481,7 +463,7 @@ def test_send_corked_writes_what_python_writes():
         corked = {conns[0]: frame, conns[1]: clients._Frames((frame, more)), conns[4]: more}
         conns[2].stream._write_buffer.append(b"queued first ")   # something waits: it keeps its place
         corked[conns[2]] = frame
-        gone = _Conn(None)
+        gone = StreamConn(None)
         corked[gone] = frame
         peers[3].close()   # a peer gone: its connection is dropped
         corked[conns[3]] = frame
@@ -544,7 +526,7 @@ def test_send_corked_and_cork_all_where_python_code_runs():
         assert native.cork_all([huge], b"x", {}) == clients.cork_all([huge], b"x", {}) == [huge]
         class Bare:
             pass
-        for broken in (Bare(), _Conn(object())):
+        for broken in (Bare(), StreamConn(object())):
             assert _outcome(native.send_corked, {broken: b"x"}) == _outcome(clients.send_corked, {broken: b"x"})
             assert _outcome(native.cork_all, [broken], b"x", {}) == _outcome(clients.cork_all, [broken], b"x", {})
             assert _outcome(native.send_corked, {broken: b"x"})[1] is AttributeError
