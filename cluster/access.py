@@ -288,7 +288,7 @@ class Access:
 
     def _browser_problem(self, request) -> Optional[str]:
         headers = request.headers
-        origin, host = headers.get("Origin"), headers.get("Host")
+        origin, host = headers.get("origin"), headers.get("host")   # lower case: a plain dict or Tornado's headers
         ask = _remembered_browser_problem if len(origin or "") + len(host or "") <= _REMEMBERED_HEADERS else \
             browser_problem
         return ask(origin, host, request.protocol, self.allowed_origins, self.allowed_hosts, self.users.open)
@@ -297,7 +297,7 @@ class Access:
         """The user making `request` when `check` would let it in without waiting; else None (call `check`)."""
         if self._browser_problem(request) is not None:
             return None
-        return self.users.known(request.headers.get("Authorization"), request.remote_ip)
+        return self.users.known(request.headers.get("authorization"), request.remote_ip)
 
     async def check(self, request, role: str = None, credentials: bool = True) -> User:
         """The user making `request` (a Tornado HTTP request: headers, remote_ip, protocol).
@@ -317,7 +317,7 @@ class Access:
                 raise Denied(403, problem)
             if not credentials:
                 return OPEN
-            user = await self.users.authenticate(request.headers.get("Authorization"), request.remote_ip)
+            user = await self.users.authenticate(request.headers.get("authorization"), request.remote_ip)
             if role is not None and role not in user.roles:
                 raise Denied(403, f"user {user.name!r} lacks the {role} role")
             return user

@@ -37,7 +37,7 @@ from tornado.ioloop import PeriodicCallback
 from cluster import protocol
 from cluster.http_server import BoundedHTTPServer
 from node.api import Caller
-from node.api_http import ROUTES, DateHeader, json_type
+from node.api_http import ROUTES, DateHeader, content_length, json_type
 
 _HEAD_MAX = 65536          # Tornado's default max_header_size: a longer head is Tornado's to refuse
 _READ = 65536
@@ -51,25 +51,21 @@ class _Request:
     __slots__ = ("headers", "remote_ip")
     protocol = "http"
 
-    def __init__(self, headers: "_Headers", remote_ip: str):
+    def __init__(self, headers: dict, remote_ip: str):
         self.headers, self.remote_ip = headers, remote_ip
 
 
-class _Headers(dict):
-    """Header values by lower-cased name; `get` takes a name in any case, as Tornado's HTTPHeaders does."""
-    __slots__ = ()
-
-    def get(self, name: str, default=None):
-        return dict.get(self, name.lower(), default)
-
-
 def _head(head: bytes):
-    """`(method, headers)` of a request head (without its blank line) this module serves, else None."""
+    """`(method, headers, length, close)` of a request head (without its blank line) this module serves,
+    else None: `length` its Content-Length, `close` whether the client asked for `Connection: close`.
+
+    `headers` is a plain dict of the values by lower-cased name (Access reads them by lower-case names,
+    as it reads Tornado's). cluster/_speedups.c has the same function in C (`parse_head`)."""
     lines = head.split(b"\r\n")
     method = _TARGETS.get(lines[0])
     if method is None:
         return None
-    headers = _Headers()
+    headers = {}
     for line in lines[1:]:
         if b"\n" in line or b"\r" in line:
             return None
@@ -80,14 +76,14 @@ def _head(head: bytes):
         if key in headers:
             return None
         headers[key] = value.strip(b" \t").decode("latin-1")
-    length = headers.get("content-length")
-    if (length is None or not length.isdigit() or "transfer-encoding" in headers or "expect" in headers
-            or "upgrade" in headers or not json_type(headers.get("content-type"))):
+    length = content_length(headers.get("content-length"))
+    if (length is None or "transfer-encoding" in headers or "expect" in headers or "upgrade" in headers
+            or not json_type(headers.get("content-type"))):
         return None
     connection = headers.get("connection", "keep-alive").lower()
     if connection not in ("keep-alive", "close"):
         return None
-    return method, headers
+    return method, headers, length, connection == "close"
 
 
 class FastConnection:
@@ -158,8 +154,7 @@ class FastConnection:
         if parsed is None:
             self.hand_over()
             return False
-        method, headers = parsed
-        length = int(headers["content-length"])
+        method, headers, length, close = parsed
         if length > self.server.max_body:
             self.hand_over()
             return False
@@ -180,7 +175,7 @@ class FastConnection:
             data.clear()
             self.pos = 0
         self.body_due = False
-        if headers.get("connection") == "close":
+        if close:
             self.closing = True
         self.busy = True
         self.deadline = None   # the executor bounds what it waits for

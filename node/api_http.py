@@ -16,6 +16,7 @@ import asyncio
 import logging
 import time
 from email.utils import formatdate
+from typing import Optional
 
 import tornado.routing
 import tornado.web
@@ -39,6 +40,15 @@ def json_type(content_type) -> bool:
     return content_type is None or content_type.split(";")[0].strip().lower() == "application/json"
 
 
+def content_length(value) -> Optional[int]:
+    """A Content-Length header's number of bytes, or None when it is absent or not only digits (isdecimal:
+    not the superscripts that isdigit takes and int refuses) or too long for int to read: Tornado's to
+    refuse. More than 18 digits is beyond any max_body anyway."""
+    if value is None or len(value) > 18 or not value.isdecimal():
+        return None
+    return int(value)
+
+
 class ApiRouter(tornado.routing.Router):
     """The API port's router: the lean path for what it is sure of, the application for the rest.
 
@@ -55,9 +65,8 @@ class ApiRouter(tornado.routing.Router):
         method = ROUTES.get(request.path)
         if method is not None and request.method == "POST":
             headers = request.headers
-            length = headers.get("Content-Length")
-            if (length is not None and length.isdigit() and int(length) <= self.max_body
-                    and "Transfer-Encoding" not in headers and json_type(headers.get("Content-Type"))):
+            length = content_length(headers.get("Content-Length"))
+            if (length is not None and length <= self.max_body and "Transfer-Encoding" not in headers and json_type(headers.get("Content-Type"))):
                 user = self.api.node.access.check_now(request)
                 if user is not None:
                     request.connection.set_max_body_size(self.max_body)
@@ -191,8 +200,8 @@ class CallHandler(_EnvelopeHandler):
         content_type = self.request.headers.get("Content-Type")
         if not json_type(content_type):
             self._wrong_type = content_type
-        length = self.request.headers.get("Content-Length")
-        if length and length.isdigit() and int(length) > self.max_body:
+        length = content_length(self.request.headers.get("Content-Length"))
+        if length is not None and length > self.max_body:
             self._too_large = True
 
     def data_received(self, chunk: bytes) -> None:

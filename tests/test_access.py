@@ -22,6 +22,7 @@ from types import SimpleNamespace
 import pytest
 import websocket
 import yaml
+from tornado.httputil import HTTPHeaders
 
 from cluster import access
 from cluster.config import from_dict
@@ -385,8 +386,9 @@ def test_examples_send_credentials_from_user_and_environment(cluster, clients):
 
 
 def _api_request(host, origin=None):
-    """What Access reads of an HTTP request: its headers, scheme and peer."""
-    headers = {"Host": host, **({"Origin": origin} if origin else {})}
+    """What Access reads of an HTTP request: its headers (Tornado's, which take a name in any case), scheme
+    and peer."""
+    headers = HTTPHeaders({"Host": host, **({"Origin": origin} if origin else {})})
     return SimpleNamespace(headers=headers, protocol="http", remote_ip="127.0.0.1")
 
 

@@ -447,10 +447,12 @@ def test_a_thousand_pipelined_requests_are_answered_in_order(cluster):
                for _, fields, _ in responses)
 
 
-def test_connection_close_is_answered_with_it_then_closed(cluster):
+@pytest.mark.parametrize("value", ["close", "Close", "CLOSE"])
+def test_connection_close_is_answered_with_it_then_closed(cluster, value):
+    """In any case: header values of Connection are case-insensitive (RFC 9110, 7.6.1)."""
     import socket
     with socket.create_connection(("127.0.0.1", cluster.api_port), timeout=10) as sock:
-        sock.sendall(_raw_request(json.dumps({"c": channel(), "d": "x"}).encode(), headers="Connection: close\r\n"))
+        sock.sendall(_raw_request(json.dumps({"c": channel(), "d": "x"}).encode(), headers=f"Connection: {value}\r\n"))
         [(status, fields, reply)] = _read_responses(sock, 1)
         assert (status, fields["connection"], reply) == (200, "close", {"E": None, "r": {"s": 0, "f": 0}})
         assert sock.recv(1) == b""
@@ -488,3 +490,22 @@ def test_a_malformed_head_after_a_good_request_ends_the_connection_as_tornado_do
     assert data.startswith(b"HTTP/1.1 200 ")
     length = int(data[:end].lower().split(b"content-length: ")[1].split(b"\r\n")[0])
     assert data[end + 4 + length:].startswith(b"HTTP/1.1 400 ")
+
+
+@pytest.mark.parametrize("length", [b"\xb2", b"1" * 5000, b"+2", b"2 2"])
+def test_a_content_length_that_is_not_plain_digits_is_tornados_400_and_the_connection_ends(cluster, length):
+    """A superscript digit (Unicode's isdigit, not int's), thousands of digits (beyond what int reads), a
+    sign, a space: never a number of bytes to read. After a good request on the same connection, the
+    answer is 400 and the node closes it, as Tornado does with any head it cannot read."""
+    import socket
+    good = _raw_request(json.dumps({"c": channel(), "d": "x"}).encode())
+    bad = b"POST /v1/mesh/publish HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: " + length + b"\r\n\r\n{}"
+    with socket.create_connection(("127.0.0.1", cluster.api_port), timeout=10) as sock:
+        sock.sendall(good + bad)
+        data = b""
+        while chunk := sock.recv(65536):   # until the node closes: both answers may come in one read
+            data += chunk
+    end = data.index(b"\r\n\r\n")
+    assert data.startswith(b"HTTP/1.1 200 ")
+    size = int(data[:end].lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    assert data[end + 4 + size:].startswith(b"HTTP/1.1 400 ")
