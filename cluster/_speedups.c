@@ -1217,6 +1217,228 @@ cork_all(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return rest;
 }
 
+/* --- the API port's request heads (node/api_fast.py) ------------------------------------------------ */
+
+static PyObject *head_targets, *head_python;   /* _TARGETS (request line -> method) and the Python _head */
+
+static PyObject *
+setup_head(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyDict_CheckExact(args[0]) || !PyCallable_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "setup_head(targets, _head)");
+        return NULL;
+    }
+    keep(&head_targets, args[0]);
+    keep(&head_python, args[1]);
+    Py_RETURN_NONE;
+}
+
+/* Whether text[0:n] is `word` (lower-case ASCII) in any ASCII case. */
+static int
+same_word(const unsigned char *text, Py_ssize_t n, const char *word)
+{
+    Py_ssize_t i = 0;
+    for (; i < n && word[i]; i++) {
+        unsigned char c = text[i];
+        if (c >= 'A' && c <= 'Z') {
+            c += 'a' - 'A';
+        }
+        if (c != (unsigned char)word[i]) {
+            return 0;
+        }
+    }
+    return i == n && word[i] == '\0';
+}
+
+/* Where the next "\r\n" at or after `pos` starts, or `size`. */
+static Py_ssize_t
+line_end(const unsigned char *data, Py_ssize_t size, Py_ssize_t pos)
+{
+    for (Py_ssize_t i = pos; i + 1 < size; i++) {
+        if (data[i] == '\r' && data[i + 1] == '\n') {
+            return i;
+        }
+    }
+    return size;
+}
+
+/* A header's value as the Python function keeps it: stripped of spaces and tabs (stripped[0:*length]). */
+static const unsigned char *
+stripped(const unsigned char *value, Py_ssize_t *length)
+{
+    Py_ssize_t start = 0, end = *length;
+    while (start < end && (value[start] == ' ' || value[start] == '\t')) {
+        start++;
+    }
+    while (end > start && (value[end - 1] == ' ' || value[end - 1] == '\t')) {
+        end--;
+    }
+    *length = end - start;
+    return value + start;
+}
+
+/* parse_head(head) -> (method, headers, length, close) or None
+
+   node/api_fast.py, _head, for a head whose header names are ASCII and whose Content-Type, if any, is
+   printable ASCII; anything else goes to the Python function. */
+static PyObject *
+parse_head(PyObject *module, PyObject *head)
+{
+    const unsigned char *data, *length_at = NULL, *type_at = NULL, *connection_at = NULL;
+    Py_ssize_t size, first, pos, length_size = 0, type_size = 0, connection_size = 0;
+    PyObject *line, *method, *headers, *key, *value, *content_length, *result;
+    int refused = 0;   /* Transfer-Encoding, Expect or Upgrade */
+    long long bytes = 0;
+
+    if (!PyBytes_CheckExact(head) || head_targets == NULL) {
+        return call_python(head_python, &head, 1);
+    }
+    data = (const unsigned char *)PyBytes_AS_STRING(head);
+    size = PyBytes_GET_SIZE(head);
+    first = line_end(data, size, 0);
+    line = PyBytes_FromStringAndSize((const char *)data, first);
+    if (line == NULL) {
+        return NULL;
+    }
+    method = PyDict_GetItemWithError(head_targets, line);
+    Py_DECREF(line);
+    if (method == NULL) {
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+        Py_RETURN_NONE;
+    }
+    headers = PyDict_New();
+    if (headers == NULL) {
+        return NULL;
+    }
+    for (pos = first + 2; first < size; pos += 2) {
+        Py_ssize_t end = line_end(data, size, pos), colon = -1, value_size;
+        const unsigned char *name = data + pos, *text;
+        for (Py_ssize_t i = pos; i < end; i++) {
+            if (data[i] == '\r' || data[i] == '\n') {
+                goto none;
+            }
+            if (colon < 0 && data[i] == ':') {
+                colon = i;
+            }
+        }
+        if (colon <= pos) {   /* no colon, or no name before it */
+            goto none;
+        }
+        for (Py_ssize_t i = pos; i < colon; i++) {
+            if (data[i] == ' ' || data[i] == '\t') {
+                goto none;
+            }
+            if (data[i] >= 0x80) {   /* a Latin-1 name: str.lower's to lower */
+                goto python;
+            }
+        }
+        key = PyUnicode_New(colon - pos, 127);
+        if (key == NULL) {
+            goto error;
+        }
+        for (Py_ssize_t i = pos; i < colon; i++) {
+            unsigned char c = data[i];
+            PyUnicode_1BYTE_DATA(key)[i - pos] = (c >= 'A' && c <= 'Z') ? c + ('a' - 'A') : c;
+        }
+        switch (PyDict_Contains(headers, key)) {
+        case 0:
+            break;
+        case 1:
+            Py_DECREF(key);
+            goto none;
+        default:
+            Py_DECREF(key);
+            goto error;
+        }
+        value_size = end - colon - 1;
+        text = stripped(data + colon + 1, &value_size);
+        value = PyUnicode_DecodeLatin1((const char *)text, value_size, NULL);
+        if (value == NULL || PyDict_SetItem(headers, key, value) < 0) {
+            Py_XDECREF(value);
+            Py_DECREF(key);
+            goto error;
+        }
+        Py_DECREF(value);
+        Py_DECREF(key);
+        if (same_word(name, colon - pos, "content-length")) {
+            length_at = text, length_size = value_size;
+        }
+        else if (same_word(name, colon - pos, "content-type")) {
+            type_at = text, type_size = value_size;
+        }
+        else if (same_word(name, colon - pos, "connection")) {
+            connection_at = text, connection_size = value_size;
+        }
+        else if (same_word(name, colon - pos, "transfer-encoding") || same_word(name, colon - pos, "expect")
+                 || same_word(name, colon - pos, "upgrade")) {
+            refused = 1;
+        }
+        if (end == size) {
+            break;
+        }
+        pos = end;
+    }
+    /* api_http.content_length: 1 to 18 digits */
+    if (length_at == NULL || length_size < 1 || length_size > 18 || refused) {
+        goto none;
+    }
+    for (Py_ssize_t i = 0; i < length_size; i++) {
+        if (length_at[i] < '0' || length_at[i] > '9') {
+            goto none;
+        }
+        bytes = bytes * 10 + (length_at[i] - '0');
+    }
+    /* api_http.json_type: none, or "application/json" before any ";", whitespace around it aside */
+    if (type_at != NULL) {
+        Py_ssize_t cut = 0;
+        for (Py_ssize_t i = 0; i < type_size; i++) {
+            if (type_at[i] >= 0x80 || (type_at[i] < 0x20 && type_at[i] != '\t')) {
+                goto python;   /* what str.strip also strips, or str.lower also lowers */
+            }
+        }
+        while (cut < type_size && type_at[cut] != ';') {
+            cut++;
+        }
+        type_at = stripped(type_at, &cut);
+        if (!same_word(type_at, cut, "application/json")) {
+            goto none;
+        }
+    }
+    if (connection_at != NULL && !same_word(connection_at, connection_size, "keep-alive")
+            && !same_word(connection_at, connection_size, "close")) {
+        goto none;
+    }
+    content_length = PyLong_FromLongLong(bytes);
+    if (content_length == NULL) {
+        goto error;
+    }
+    result = PyTuple_New(4);
+    if (result == NULL) {
+        Py_DECREF(content_length);
+        goto error;
+    }
+    Py_INCREF(method);
+    PyTuple_SET_ITEM(result, 0, method);
+    PyTuple_SET_ITEM(result, 1, headers);
+    PyTuple_SET_ITEM(result, 2, content_length);
+    value = (connection_at != NULL && same_word(connection_at, connection_size, "close")) ? Py_True : Py_False;
+    Py_INCREF(value);
+    PyTuple_SET_ITEM(result, 3, value);
+    return result;
+
+none:
+    Py_DECREF(headers);
+    Py_RETURN_NONE;
+python:
+    Py_DECREF(headers);
+    return call_python(head_python, &head, 1);
+error:
+    Py_DECREF(headers);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"text_frame", (PyCFunction)(void (*)(void))text_frame, METH_FASTCALL,
      "The whole masked text frame at data[pos:]: (end, text or None), or None."},
@@ -1240,6 +1462,8 @@ static PyMethodDef methods[] = {
      "setup_clients(socket.socket, _Frames, CORK_BYTES)."},
     {"send_corked", (PyCFunction)send_corked, METH_O, "node/clients.py, send_corked."},
     {"cork_all", (PyCFunction)(void (*)(void))cork_all, METH_FASTCALL, "node/clients.py, cork_all."},
+    {"setup_head", (PyCFunction)(void (*)(void))setup_head, METH_FASTCALL, "setup_head(targets, _head)."},
+    {"parse_head", (PyCFunction)parse_head, METH_O, "node/api_fast.py, _head."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -34,7 +34,7 @@ import time
 from tornado.iostream import IOStream
 from tornado.ioloop import PeriodicCallback
 
-from cluster import protocol
+from cluster import protocol, speedups
 from cluster.http_server import BoundedHTTPServer
 from node.api import Caller
 from node.api_http import ROUTES, DateHeader, content_length, json_type
@@ -84,6 +84,12 @@ def _head(head: bytes):
     if connection not in ("keep-alive", "close"):
         return None
     return method, headers, length, connection == "close"
+
+
+head_python = _head
+if speedups.native is not None:
+    speedups.native.setup_head(_TARGETS, head_python)
+    _head = speedups.native.parse_head
 
 
 class FastConnection:

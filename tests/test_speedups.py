@@ -27,7 +27,7 @@ from tornado.util import _websocket_mask
 from cluster import mesh, protocol, speedups
 from cluster.protocol import ApiError, ErrorCode
 from conftest import Cluster, StreamConn, read_available, running, wait_until
-from node import client_protocol, clients, metrics
+from node import api_fast, client_protocol, clients, metrics
 
 native = speedups.native
 needs_native = pytest.mark.skipif(native is None, reason="cluster._speedups is not built here (no C compiler when "
@@ -238,6 +238,64 @@ def test_parse_send_result_types():
 
 
 # --- durations (node/metrics.py, observe) and mesh frames (cluster/mesh.py, request_frame) -------------------
+
+# --- the API port's request heads (node/api_fast.py, _head) ---------------------------------------------------
+
+_LINES = ["POST /v1/mesh/publish HTTP/1.1", "POST /v1/mesh/send HTTP/1.1", "POST /v1/mesh/publish HTTP/1.0",
+          "GET /v1/mesh/publish HTTP/1.1", "POST /v1/mesh/publish?x HTTP/1.1", "post /v1/mesh/send HTTP/1.1"]
+_NAMES = ["Host", "host", "Content-Length", "CONTENT-LENGTH", "content-length ", " Content-Length", "Content-Type",
+          "Connection", "Transfer-Encoding", "Expect", "Upgrade", "Authorization", "Origin", "X-\xe9", "X-\xc9",
+          "X\tY", "", "\x00", "upgradE"]
+_VALUES = ["", " ", "12", " 12 ", "1:", "/9", "\t7\t", "\xb2", "1" * 18, "1" * 19, "1" * 5000, "+1", "1 2", "0x10", "007",
+           "application/json", "APPLICATION/JSON; charset=utf-8", " application/json ;", "application/json\x1f",
+           "\x85application/json", "application/jsonx", "text/plain", "application/json\x0b", "keep-alive",
+           "Keep-Alive", "close", "CLOSE", "upgrade", "close, keep-alive", "\xe9t\xe9", "a:b", "\r", "x\ny"]
+header_lines = st.builds(lambda name, value: name + ":" + value, st.sampled_from(_NAMES), st.sampled_from(_VALUES))
+heads = st.builds(lambda line, headers, tail: "\r\n".join([line] + headers).encode("latin-1") + tail,
+                  st.sampled_from(_LINES), st.lists(header_lines, max_size=6),
+                  st.sampled_from([b"", b"\r\n", b"\r", b"\n", b"\r\nx", b"\r\n:"]))
+
+
+@needs_native
+@SETTINGS
+@given(heads)
+def test_parse_head_any_head(head):
+    assert _outcome(native.parse_head, head) == _outcome(api_fast.head_python, head)
+
+
+@needs_native
+@SETTINGS
+@given(st.binary(max_size=200))
+def test_parse_head_any_bytes(data):
+    head = b"POST /v1/mesh/send HTTP/1.1\r\nContent-Length: 2\r\n" + data
+    assert _outcome(native.parse_head, head) == _outcome(api_fast.head_python, head)
+    assert _outcome(native.parse_head, data) == _outcome(api_fast.head_python, data)
+
+
+@needs_native
+@pytest.mark.parametrize("head", [
+    b"POST /v1/mesh/publish HTTP/1.1\r\nHost: h\r\nContent-Type: application/json\r\nContent-Length: 120",
+    b"POST /v1/mesh/send HTTP/1.1\r\nContent-Length:0\r\nConnection: Close",
+    b"POST /v1/mesh/send HTTP/1.1\r\nContent-Length: 3\r\ncontent-length: 3",
+    b"POST /v1/mesh/send HTTP/1.1\r\nContent-Length: 1:", b"POST /v1/mesh/send HTTP/1.1\r\nContent-Length: /",
+    b"POST /v1/mesh/send HTTP/1.1\r\nContent-Length: 3\r\nX-\xc9: 1",
+    b"POST /v1/mesh/send HTTP/1.1\r\nContent-Length: 3\r\nContent-Type: application/json\xa0",
+    b"POST /v1/mesh/send HTTP/1.1\r\nContent-Length: 3\r\n",
+    b"POST /v1/mesh/send HTTP/1.1", b"", bytearray(b"POST /v1/mesh/send HTTP/1.1\r\nContent-Length: 3"),
+])
+def test_parse_head_each_case(head):
+    """The common case, a duplicate in another case, the characters either side of the digits, a Latin-1 name and a Content-Type whose no-break space str.strip
+    strips (both left to Python), a trailing empty line, no headers at all, a bytearray."""
+    assert _outcome(native.parse_head, head) == _outcome(api_fast.head_python, head)
+
+
+@needs_native
+def test_parse_head_is_the_one_in_use():
+    assert api_fast._head is native.parse_head
+    method, headers, length, close = native.parse_head(b"POST /v1/mesh/publish HTTP/1.1\r\nContent-Length: 9")
+    assert (method, headers, length, close) == ("mesh.publish", {"content-length": "9"}, 9, False)
+    assert type(headers) is dict and type(length) is int
+
 
 @needs_native
 def test_observe_as_python_does():
