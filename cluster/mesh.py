@@ -702,7 +702,7 @@ def _read_send(header: dict, body: bytes) -> Send:
 
 
 def _read_publish(header: dict, body: bytes) -> Publish:
-    return Publish(_field(header, "ch", _channels), _ws_frame(body))
+    return _new(Publish, (_field(header, "ch", _channels), _ws_frame(body)))
 
 
 def _read_call(header: dict, body: bytes) -> Call:
@@ -809,7 +809,7 @@ def send_request(client_id: int, frame: bytes) -> Outbound:
 
 
 def publish_request(channels: list, frame: bytes) -> Outbound:
-    return Outbound(Publish, _dumps({"ch": channels}), frame)
+    return _new(Outbound, (Publish, _dumps({"ch": channels}), frame))   # once per publish: no Python-level constructor
 
 
 def call_request(client_id: int, function: str, args: list) -> Outbound:
@@ -905,7 +905,7 @@ def read_request(frames: list) -> Request:
     if type(header) is not dict:
         raise FrameError(f"{name}: header must be a JSON object")
     try:
-        return Request(request_id, read(header, frame[end:]))
+        return _new(Request, (request_id, read(header, frame[end:])))
     except _Bad as bad:
         raise bad.error(name) from None
 
@@ -1127,7 +1127,7 @@ def _read_send_result(result: dict):
 
 
 def _read_publish_result(result: dict) -> Delivered:
-    return Delivered(_field(result, "s", _count), _field(result, "f", _count))
+    return _new(Delivered, (_field(result, "s", _count), _field(result, "f", _count)))
 
 
 def _read_call_result(result: dict) -> dict:

@@ -312,7 +312,7 @@ def parse_publish(params: Any, prefix: str = "p.") -> PublishParams:
     if "c" not in params:
         raise _invalid(f"{prefix}c: channel is required")
     channels = parse_names(params["c"], f"{prefix}c", "channel")
-    return PublishParams(channels, parse_payload(params, prefix))
+    return _new(PublishParams, (channels, parse_payload(params, prefix)))
 
 
 def _whole(prefix: str) -> str:

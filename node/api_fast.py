@@ -95,7 +95,7 @@ if speedups.native is not None:
 class FastConnection:
     """One plain-HTTP connection of the API port until it is handed to Tornado (or closes)."""
     __slots__ = ("server", "sock", "address", "fd", "buffer", "pos", "deadline", "busy", "answered", "closing",
-                 "out", "paused", "closed", "body_due", "reading")
+                 "out", "paused", "closed", "body_due", "reading", "user", "caller")
 
     def __init__(self, server: "ApiServer", sock: socket.socket, address):
         self.server, self.sock, self.address = server, sock, address
@@ -111,6 +111,7 @@ class FastConnection:
         self.closed = False
         self.body_due = False    # the deadline is the body's (set once per request)
         self.reading = False     # in `_next`'s loop (an answer given at once does not start another)
+        self.user = self.caller = None   # the last request's User, and its Caller
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)   # answers are whole: never wait for more
         server.loop.add_reader(self.fd, self._readable)
@@ -185,7 +186,10 @@ class FastConnection:
             self.closing = True
         self.busy = True
         self.deadline = None   # the executor bounds what it waits for
-        caller = Caller("", False, roles=user.roles, user=user.name, peer=self.address[0])
+        caller = self.caller
+        if self.user is not user:   # (a User is immutable: the same one, the same Caller)
+            self.user, self.caller = user, Caller("", False, roles=user.roles, user=user.name, peer=self.address[0])
+            caller = self.caller
         try:
             params = protocol.parse_http_body(body)
         except Exception as exc:
