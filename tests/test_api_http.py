@@ -478,11 +478,16 @@ def test_what_the_quick_reader_is_not_sure_of_goes_on_to_tornado_on_the_same_con
 
 def test_a_malformed_head_after_a_good_request_ends_the_connection_as_tornado_does(cluster):
     """A folded header line (RFC 9112 forbids them) is left to Tornado: 400, and the connection closes."""
+    folded = b"POST /v1/mesh/publish HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Folded: a\r\n b\r\nContent-Length: 2\r\n\r\n{}"
+    _good_then_400_and_closed(cluster, folded)
+
+
+def _good_then_400_and_closed(cluster, bad: bytes) -> None:
+    """A good request then `bad` on one connection: 200, then Tornado's 400, then the node closes it."""
     import socket
     good = _raw_request(json.dumps({"c": channel(), "d": "x"}).encode())
-    folded = b"POST /v1/mesh/publish HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Folded: a\r\n b\r\nContent-Length: 2\r\n\r\n{}"
     with socket.create_connection(("127.0.0.1", cluster.api_port), timeout=10) as sock:
-        sock.sendall(good + folded)
+        sock.sendall(good + bad)
         data = b""
         while chunk := sock.recv(65536):   # until the node closes: both answers may come in one read
             data += chunk
@@ -497,15 +502,5 @@ def test_a_content_length_that_is_not_plain_digits_is_tornados_400_and_the_conne
     """A superscript digit (Unicode's isdigit, not int's), thousands of digits (beyond what int reads), a
     sign, a space: never a number of bytes to read. After a good request on the same connection, the
     answer is 400 and the node closes it, as Tornado does with any head it cannot read."""
-    import socket
-    good = _raw_request(json.dumps({"c": channel(), "d": "x"}).encode())
-    bad = b"POST /v1/mesh/publish HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: " + length + b"\r\n\r\n{}"
-    with socket.create_connection(("127.0.0.1", cluster.api_port), timeout=10) as sock:
-        sock.sendall(good + bad)
-        data = b""
-        while chunk := sock.recv(65536):   # until the node closes: both answers may come in one read
-            data += chunk
-    end = data.index(b"\r\n\r\n")
-    assert data.startswith(b"HTTP/1.1 200 ")
-    size = int(data[:end].lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-    assert data[end + 4 + size:].startswith(b"HTTP/1.1 400 ")
+    _good_then_400_and_closed(cluster, b"POST /v1/mesh/publish HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: " + length
+                              + b"\r\n\r\n{}")
