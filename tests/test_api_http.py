@@ -497,10 +497,11 @@ def _good_then_400_and_closed(cluster, bad: bytes) -> None:
     assert data[end + 4 + length:].startswith(b"HTTP/1.1 400 ")
 
 
-@pytest.mark.parametrize("length", [b"\xb2", b"1" * 5000, b"+2", b"2 2"])
+@pytest.mark.parametrize("length", [b"\xb2", b"1" * 19, b"1" * 5000, b"+2", b"2 2"])
 def test_a_content_length_that_is_not_plain_digits_is_tornados_400_and_the_connection_ends(cluster, length):
-    """A superscript digit (Unicode's isdigit, not int's), thousands of digits (beyond what int reads), a
-    sign, a space: never a number of bytes to read. After a good request on the same connection, the
-    answer is 400 and the node closes it, as Tornado does with any head it cannot read."""
+    """A superscript digit (Unicode's isdigit, not int's), 19 digits (more than any max_body), thousands of
+    digits (beyond what int reads), a sign, a space: never a number of bytes to read. After a good request
+    on the same connection, the answer is 400 and the node closes it, as Tornado does with any head it
+    cannot read."""
     _good_then_400_and_closed(cluster, b"POST /v1/mesh/publish HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: " + length
                               + b"\r\n\r\n{}")
