@@ -186,10 +186,9 @@ class FastConnection:
             self.closing = True
         self.busy = True
         self.deadline = None   # the executor bounds what it waits for
-        caller = self.caller
         if self.user is not user:   # (a User is immutable: the same one, the same Caller)
             self.user, self.caller = user, Caller("", False, roles=user.roles, user=user.name, peer=self.address[0])
-            caller = self.caller
+        caller = self.caller
         try:
             params = protocol.parse_http_body(body)
         except Exception as exc:

@@ -66,7 +66,8 @@ class ApiRouter(tornado.routing.Router):
         if method is not None and request.method == "POST":
             headers = request.headers
             length = content_length(headers.get("Content-Length"))
-            if (length is not None and length <= self.max_body and "Transfer-Encoding" not in headers and json_type(headers.get("Content-Type"))):
+            if (length is not None and length <= self.max_body and "Transfer-Encoding" not in headers
+                    and json_type(headers.get("Content-Type"))):
                 user = self.api.node.access.check_now(request)
                 if user is not None:
                     request.connection.set_max_body_size(self.max_body)
