@@ -1439,6 +1439,128 @@ error:
     return NULL;
 }
 
+/* --- an HTTP body and mesh.publish's parameters (cluster/protocol.py) --------------------------------- */
+
+static PyObject *publish_params_type, *publish_python, *http_body_python;
+
+static PyObject *
+setup_publish(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 || !PyType_Check(args[0]) || !PyType_IsSubtype((PyTypeObject *)args[0], &PyTuple_Type)
+            || !PyCallable_Check(args[1]) || !PyCallable_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "setup_publish(PublishParams, parse_publish, parse_http_body)");
+        return NULL;
+    }
+    keep(&publish_params_type, args[0]);
+    keep(&publish_python, args[1]);
+    keep(&http_body_python, args[2]);
+    Py_RETURN_NONE;
+}
+
+/* parse_http_body(body) -> dict
+
+   cluster/protocol.py, parse_http_body, for bytes in UTF-8 that strict JSON reads into an object, with
+   no `\ud` escape and no deeper nesting than ujson reads; anything else goes to the Python function. */
+static PyObject *
+parse_http_body(PyObject *module, PyObject *body)
+{
+    const unsigned char *data;
+    Py_ssize_t size, brackets = 0;
+    PyObject *value;
+
+    if (!PyBytes_CheckExact(body) || strict_decode == NULL || PyBytes_GET_SIZE(body) == 0) {
+        return call_python(http_body_python, &body, 1);
+    }
+    data = (const unsigned char *)PyBytes_AS_STRING(body);
+    size = PyBytes_GET_SIZE(body);
+    for (Py_ssize_t i = 0; i < size; i++) {
+        brackets += (data[i] == '[' || data[i] == '{');
+        if (data[i] == '\\' && i + 2 < size && data[i + 1] == 'u' && (data[i + 2] == 'd' || data[i + 2] == 'D')) {
+            return call_python(http_body_python, &body, 1);   /* a surrogate escape, maybe */
+        }
+    }
+    /* msgspec refuses what is not UTF-8 and lone surrogates today; checked here all the same, so that
+       this function reads what the Python one reads whatever msgspec's version says. */
+    if (brackets > UJSON_DEPTH || !is_utf8(data, size)) {
+        return call_python(http_body_python, &body, 1);
+    }
+    value = PyObject_CallOneArg(strict_decode, body);
+    if (value == NULL || !PyDict_CheckExact(value)) {
+        PyErr_Clear();
+        Py_XDECREF(value);
+        return call_python(http_body_python, &body, 1);
+    }
+    return value;
+}
+
+/* parse_publish(params, prefix="p.") -> PublishParams
+
+   cluster/protocol.py, parse_publish, for an object whose `c` is one channel name of 1 to 255 printable
+   ASCII characters other than space and whose `d` is a string of text (`t` absent or "text"); anything
+   else goes to the Python function. */
+static PyObject *
+parse_publish(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    PyObject *params, *channel, *data, *type, *channels, *encoded, *payload;
+    Py_ssize_t length;
+    const Py_UCS1 *name;
+
+    if (kwnames != NULL && PyTuple_GET_SIZE(kwnames)) {   /* prefix=...: only names the fields in errors */
+        if (publish_python == NULL) {
+            return call_python(NULL, args, nargs);
+        }
+        return PyObject_Vectorcall(publish_python, args, nargs, kwnames);
+    }
+    if (nargs < 1 || nargs > 2 || publish_params_type == NULL || payload_type == NULL || !PyDict_CheckExact(args[0])) {
+        return call_python(publish_python, args, nargs);
+    }
+    params = args[0];
+    channel = PyDict_GetItemWithError(params, str_c);
+    data = channel == NULL ? NULL : PyDict_GetItemWithError(params, str_d);
+    if (data == NULL || !PyUnicode_CheckExact(channel) || !PyUnicode_CheckExact(data) || !PyUnicode_IS_ASCII(channel)) {
+        PyErr_Clear();
+        return call_python(publish_python, args, nargs);
+    }
+    type = PyDict_GetItemWithError(params, str_t);
+    if (type != NULL && !(PyUnicode_CheckExact(type) && PyUnicode_Compare(type, str_text) == 0)) {
+        PyErr_Clear();
+        return call_python(publish_python, args, nargs);
+    }
+    if (type == NULL && PyErr_Occurred()) {
+        PyErr_Clear();
+        return call_python(publish_python, args, nargs);
+    }
+    length = PyUnicode_GET_LENGTH(channel);
+    name = PyUnicode_1BYTE_DATA(channel);
+    if (length < 1 || length > 255) {   /* cluster/protocol.py MAX_NAME_BYTES */
+        return call_python(publish_python, args, nargs);
+    }
+    for (Py_ssize_t i = 0; i < length; i++) {
+        if (name[i] <= ' ' || name[i] >= 0x7f) {   /* whitespace or a control character: _BAD_NAME_CHAR */
+            return call_python(publish_python, args, nargs);
+        }
+    }
+    encoded = PyUnicode_AsUTF8String(data);
+    if (encoded == NULL) {   /* a lone surrogate: the Python function names it */
+        PyErr_Clear();
+        return call_python(publish_python, args, nargs);
+    }
+    channels = PyList_New(1);
+    if (channels == NULL) {
+        Py_DECREF(encoded);
+        return NULL;
+    }
+    Py_INCREF(channel);
+    PyList_SET_ITEM(channels, 0, channel);
+    Py_INCREF(Py_False);
+    payload = pair_of(payload_type, encoded, Py_False);
+    if (payload == NULL) {
+        Py_DECREF(channels);
+        return NULL;
+    }
+    return pair_of(publish_params_type, channels, payload);
+}
+
 static PyMethodDef methods[] = {
     {"text_frame", (PyCFunction)(void (*)(void))text_frame, METH_FASTCALL,
      "The whole masked text frame at data[pos:]: (end, text or None), or None."},
@@ -1464,6 +1586,11 @@ static PyMethodDef methods[] = {
     {"cork_all", (PyCFunction)(void (*)(void))cork_all, METH_FASTCALL, "node/clients.py, cork_all."},
     {"setup_head", (PyCFunction)(void (*)(void))setup_head, METH_FASTCALL, "setup_head(targets, _head)."},
     {"parse_head", (PyCFunction)parse_head, METH_O, "node/api_fast.py, _head."},
+    {"setup_publish", (PyCFunction)(void (*)(void))setup_publish, METH_FASTCALL,
+     "setup_publish(PublishParams, parse_publish, parse_http_body)."},
+    {"parse_http_body", (PyCFunction)parse_http_body, METH_O, "cluster/protocol.py, parse_http_body."},
+    {"parse_publish", (PyCFunction)(void (*)(void))parse_publish, METH_FASTCALL | METH_KEYWORDS,
+     "cluster/protocol.py, parse_publish."},
     {NULL, NULL, 0, NULL},
 };
 

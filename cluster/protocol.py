@@ -667,9 +667,12 @@ def encode_ws_frame(data: bytes, binary: bool = False) -> bytes:
 # The C versions (cluster/_speedups.c) when they are built; each hands what is not the common case to
 # the Python function above, kept under its own name for the tests that compare the two.
 parse_ws_request_python, parse_send_python, encode_ws_frame_python = parse_ws_request, parse_send, encode_ws_frame
+parse_publish_python, parse_http_body_python = parse_publish, parse_http_body
 if speedups.native is not None:
     speedups.native.setup(_strict_loads, _METHOD_NAMES, WsRequest, SendParams, Payload,
                           parse_ws_request_python, parse_send_python)
+    speedups.native.setup_publish(PublishParams, parse_publish_python, parse_http_body_python)
     speedups.native.set_python("encode_ws_frame", encode_ws_frame_python)
     parse_ws_request, parse_send = speedups.native.parse_ws_request, speedups.native.parse_send
+    parse_publish, parse_http_body = speedups.native.parse_publish, speedups.native.parse_http_body
     encode_ws_frame = speedups.native.encode_ws_frame

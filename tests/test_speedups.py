@@ -237,6 +237,74 @@ def test_parse_send_result_types():
     assert params == (42, (b"h\xc3\xa9", False))
 
 
+# --- HTTP bodies and mesh.publish's parameters (cluster/protocol.py) ------------------------------------------
+
+names = st.sampled_from(["bench", "a", "x" * 255, "x" * 256, "", "a b", "a\tb", "a\x7fb", "a\x1fb", "!~", "é", "a\x85",
+                         "\ud800"])
+publish_params = st.dictionaries(st.sampled_from(["c", "d", "t", "x"]), names | values, max_size=4)
+
+
+@needs_native
+@SETTINGS
+@given(publish_params | values, st.sampled_from(["p.", ""]))
+def test_parse_publish_any_parameters(value, prefix):
+    assert _outcome(native.parse_publish, value, prefix) == _outcome(protocol.parse_publish_python, value, prefix)
+
+
+@needs_native
+@pytest.mark.parametrize("value", [
+    {"c": "bench", "d": "x"}, {"c": "!", "d": ""}, {"c": "~" * 255, "d": "é"}, {"c": "x" * 256, "d": "x"},
+    {"c": "", "d": "x"}, {"c": " a", "d": "x"}, {"c": "a\x7f", "d": "x"}, {"c": "a\x00", "d": "x"}, {"c": "é", "d": "x"},
+    {"c": ["a", "b", "a"], "d": "x"}, {"c": [], "d": "x"}, {"c": 5, "d": "x"}, {"c": "a"}, {"d": "x"},
+    {"c": "a", "d": "\ud800"}, {"c": "a", "d": "x", "t": "text"}, {"c": "a", "d": "AAEC", "t": "binary"},
+    {"c": "a", "d": "x", "t": "other"}, {"c": "a", "d": "x", "t": None}, {"c": "a", "d": {"k": [1]}},
+    {"c": "a", "d": 5}, [], "x", None,
+])
+def test_parse_publish_each_case(value):
+    for prefix in ("p.", ""):
+        assert _outcome(native.parse_publish, value, prefix) == _outcome(protocol.parse_publish_python, value, prefix)
+    assert _outcome(native.parse_publish, value) == _outcome(protocol.parse_publish_python, value)
+    assert _outcome(partial(native.parse_publish, prefix=""), value) == \
+        _outcome(partial(protocol.parse_publish_python, prefix=""), value)
+
+
+@needs_native
+def test_parse_publish_result_types():
+    params = native.parse_publish({"c": "news", "d": "hé"}, "")
+    assert type(params) is protocol.PublishParams and type(params.payload) is protocol.Payload
+    assert type(params.channels) is list and params == (["news"], (b"h\xc3\xa9", False))
+    assert protocol.parse_publish is native.parse_publish and protocol.parse_http_body is native.parse_http_body
+
+
+@needs_native
+@SETTINGS
+@given(requests | values)
+def test_parse_http_body_any_json(value):
+    body = _text(value).encode("utf-8", "surrogatepass")
+    assert _outcome(native.parse_http_body, body) == _outcome(protocol.parse_http_body_python, body)
+
+
+@needs_native
+@SETTINGS
+@given(st.binary(max_size=80))
+def test_parse_http_body_any_bytes(body):
+    assert _outcome(native.parse_http_body, body) == _outcome(protocol.parse_http_body_python, body)
+
+
+@needs_native
+@pytest.mark.parametrize("body", [
+    b'{"c":"a","d":"x"}', b"{}", b"[]", b"5", b"", b" ", b"{bad", b'{"d":NaN}', b'{"d":"\\ud800"}', b'{"d":"\\uD83D\\uDE00"}',
+    b'{"d":"\\\\ud"}', b'{"d":"\xed\xa0\x80"}', b'{"d":"\xff"}', b'{"d":"a\x01b"}', b'{"d":"\xc3\xa9"}',
+    b'{"a":1,"a":2}', b'{"d":' + b"[" * 1100 + b"]" * 1100 + b"}", b'{"d":"' + b"[" * 1100 + b'"}',
+    b'{"d":' + b"[" * 900 + b"]" * 900 + b"}", b'{"d":123456789012345678901234567890}', bytearray(b"{}"),
+    memoryview(b"{}"), "{}",
+])
+def test_parse_http_body_each_case(body):
+    """Strict JSON, what only ujson reads (NaN, a raw control character), a lone surrogate escaped and as
+    UTF-8 bytes, nesting either side of ujson's depth (and brackets in a string), a repeated key."""
+    assert _outcome(native.parse_http_body, body) == _outcome(protocol.parse_http_body_python, body)
+
+
 # --- durations (node/metrics.py, observe) and mesh frames (cluster/mesh.py, request_frame) -------------------
 
 # --- the API port's request heads (node/api_fast.py, _head) ---------------------------------------------------
