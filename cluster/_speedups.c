@@ -712,17 +712,17 @@ not_ours:
 
 /* --- a peer's mesh.send (cluster/mesh.py, read_request) ---------------------------------------------------- */
 
-static PyObject *request_type, *send_type;
+static PyObject *request_type, *send_type, *publish_type;
 
-/* setup_mesh(Request, Send): the result types of read_send_request. */
+/* setup_mesh(Request, Send, Publish): the result types of read_common_request. */
 static PyObject *
 setup_mesh(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "setup_mesh(Request, Send)");
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "setup_mesh(Request, Send, Publish)");
         return NULL;
     }
-    for (int i = 0; i < 2; i++) {
+    for (int i = 0; i < 3; i++) {
         if (!PyType_Check(args[i]) || !PyType_IsSubtype((PyTypeObject *)args[i], &PyTuple_Type)) {
             PyErr_SetString(PyExc_TypeError, "setup_mesh: the result types must be tuple subclasses");
             return NULL;
@@ -730,6 +730,7 @@ setup_mesh(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     keep(&request_type, args[0]);
     keep(&send_type, args[1]);
+    keep(&publish_type, args[2]);
     Py_RETURN_NONE;
 }
 
@@ -754,20 +755,93 @@ is_utf8(const unsigned char *data, Py_ssize_t size)
     return 1;
 }
 
-/* read_send_request(frame) -> Request | None
+/* The client id of the head {"c":N} as send_request writes it (N as JSON writes it, below 2^64), or -1. */
+static int
+send_client(const unsigned char *head, Py_ssize_t size, unsigned long long *client_id)
+{
+    Py_ssize_t digits = size - 6;   /* {"c": and } */
+    if (digits < 1 || digits > 20 || memcmp(head, "{\"c\":", 5) != 0 || head[size - 1] != '}'
+            || (digits > 1 && head[5] == '0')) {
+        return -1;
+    }
+    *client_id = 0;
+    for (Py_ssize_t i = 0; i < digits; i++) {
+        unsigned char c = head[5 + i];
+        if (c < '0' || c > '9' || *client_id > (18446744073709551615ULL - (c - '0')) / 10) {
+            return -1;   /* not digits, or beyond 2^64 - 1 */
+        }
+        *client_id = *client_id * 10 + (c - '0');
+    }
+    return 0;
+}
 
-   cluster/mesh.py, read_request, for the request a peer's send_request and request_frame make: kind
-   SEND (1), the head exactly {"c":N} with N a client id written as JSON writes it, the body one
-   unmasked final data frame of exact length (text in UTF-8). None for any other frame: read_request
-   reads it, and says what is wrong with it. */
+/* The channels of the head {"ch":["a","b"]} as publish_request writes them, each name of 1 to 255
+   printable ASCII characters other than space, quote and backslash (what JSON writes as it is and
+   cluster/protocol.py's name_problem accepts): a new list; NULL, with no error set, for any other head. */
 static PyObject *
-read_send_request(PyObject *module, PyObject *frame)
+publish_channels(const unsigned char *head, Py_ssize_t size)
+{
+    PyObject *channels, *name;
+    Py_ssize_t pos = 7, end = size - 2;   /* past {"ch":[ and before ]} */
+
+    if (size < 12 || memcmp(head, "{\"ch\":[", 7) != 0 || head[size - 2] != ']' || head[size - 1] != '}') {
+        return NULL;
+    }
+    channels = PyList_New(0);
+    if (channels == NULL) {
+        return NULL;
+    }
+    while (pos < end) {
+        Py_ssize_t first = pos + 1, last = first;
+        if (head[pos] != '"') {
+            goto other;
+        }
+        while (last < end && head[last] != '"') {
+            if (head[last] <= ' ' || head[last] >= 0x7f || head[last] == '\\') {
+                goto other;
+            }
+            last++;
+        }
+        if (last == end || last == first || last - first > 255) {
+            goto other;
+        }
+        name = PyUnicode_DecodeASCII((const char *)head + first, last - first, NULL);
+        if (name == NULL || PyList_Append(channels, name) < 0) {
+            Py_XDECREF(name);
+            Py_DECREF(channels);
+            return NULL;
+        }
+        Py_DECREF(name);
+        pos = last + 1;
+        if (pos < end && (head[pos] != ',' || pos + 1 == end)) {
+            goto other;
+        }
+        if (pos < end) {
+            pos++;   /* past the comma */
+        }
+    }
+    return channels;   /* at least one: the head is longer than {"ch":[]} */
+
+other:
+    Py_DECREF(channels);
+    return NULL;
+}
+
+/* read_common_request(frame) -> Request | None
+
+   cluster/mesh.py, read_request, for the requests a peer's send_request or publish_request and
+   request_frame make: kind SEND (1) with the head exactly {"c":N}, or kind PUB (2) with the head
+   exactly {"ch":[...]} (see publish_channels), the body one unmasked final data frame of exact length
+   and at most 64 KiB (text in UTF-8). None for any other frame: read_request reads it, and says what
+   is wrong with it. */
+static PyObject *
+read_common_request(PyObject *module, PyObject *frame)
 {
     Py_buffer view;
-    const unsigned char *bytes;
-    Py_ssize_t size, head_size, end, digits, body_size, start, length;
+    const unsigned char *bytes, *frame_at;
+    Py_ssize_t size, head_size, end, body_size, start, length;
     unsigned long long request_id = 0, client_id = 0;
-    PyObject *id = NULL, *client = NULL, *body = NULL, *send;
+    PyObject *id = NULL, *target = NULL, *body = NULL, *message;
 
     if (request_type == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "cluster._speedups: setup_mesh() was not called");
@@ -779,7 +853,7 @@ read_send_request(PyObject *module, PyObject *frame)
     }
     bytes = (const unsigned char *)view.buf;
     size = view.len;
-    if (size < 13 || bytes[0] != 1) {
+    if (size < 13 || (bytes[0] != 1 && bytes[0] != 2)) {
         goto not_ours;
     }
     for (int i = 0; i < 8; i++) {
@@ -787,30 +861,21 @@ read_send_request(PyObject *module, PyObject *frame)
     }
     head_size = ((Py_ssize_t)bytes[9] << 24) | ((Py_ssize_t)bytes[10] << 16) | ((Py_ssize_t)bytes[11] << 8) | bytes[12];
     end = 13 + head_size;
-    digits = head_size - 6;   /* {"c": and } */
-    if (end > size || digits < 1 || digits > 20 || memcmp(bytes + 13, "{\"c\":", 5) != 0 || bytes[end - 1] != '}'
-            || (digits > 1 && bytes[18] == '0')) {
+    if (end > size || (bytes[0] == 1 && send_client(bytes + 13, head_size, &client_id) < 0)) {
         goto not_ours;
-    }
-    for (Py_ssize_t i = 0; i < digits; i++) {
-        unsigned char c = bytes[18 + i];
-        if (c < '0' || c > '9' || client_id > (18446744073709551615ULL - (c - '0')) / 10) {
-            goto not_ours;   /* not digits, or beyond 2^64 - 1 */
-        }
-        client_id = client_id * 10 + (c - '0');
     }
     body_size = size - end;
-    bytes += end;
-    if (body_size < 2 || (bytes[0] != 0x81 && bytes[0] != 0x82) || bytes[1] & 0x80) {
+    frame_at = bytes + end;
+    if (body_size < 2 || (frame_at[0] != 0x81 && frame_at[0] != 0x82) || frame_at[1] & 0x80) {
         goto not_ours;
     }
-    length = bytes[1];
+    length = frame_at[1];
     start = 2;
     if (length == 126) {
         if (body_size < 4) {
             goto not_ours;
         }
-        length = ((Py_ssize_t)bytes[2] << 8) | bytes[3];
+        length = ((Py_ssize_t)frame_at[2] << 8) | frame_at[3];
         start = 4;
         if (length < 126) {
             goto not_ours;
@@ -819,26 +884,38 @@ read_send_request(PyObject *module, PyObject *frame)
     else if (length == 127) {
         goto not_ours;   /* over 64 KiB: the Python reader */
     }
-    if (start + length != body_size || (bytes[0] == 0x81 && !is_utf8(bytes + start, length))) {
+    if (start + length != body_size || (frame_at[0] == 0x81 && !is_utf8(frame_at + start, length))) {
         goto not_ours;
     }
+    if (bytes[0] == 2) {
+        target = publish_channels(bytes + 13, head_size);
+        if (target == NULL) {
+            if (PyErr_Occurred()) {
+                PyBuffer_Release(&view);
+                return NULL;
+            }
+            goto not_ours;
+        }
+    }
+    else {
+        target = PyLong_FromUnsignedLongLong(client_id);
+    }
     id = PyLong_FromUnsignedLongLong(request_id);
-    client = PyLong_FromUnsignedLongLong(client_id);
-    body = PyBytes_FromStringAndSize((const char *)bytes, body_size);
+    body = PyBytes_FromStringAndSize((const char *)frame_at, body_size);
     PyBuffer_Release(&view);
-    if (id == NULL || client == NULL || body == NULL) {
+    if (id == NULL || target == NULL || body == NULL) {
         goto failed;
     }
-    send = pair_of(send_type, client, body);
-    if (send == NULL) {
+    message = pair_of(bytes[0] == 1 ? send_type : publish_type, target, body);
+    if (message == NULL) {
         Py_DECREF(id);
         return NULL;
     }
-    return pair_of(request_type, id, send);
+    return pair_of(request_type, id, message);
 
 failed:
     Py_XDECREF(id);
-    Py_XDECREF(client);
+    Py_XDECREF(target);
     Py_XDECREF(body);
     return NULL;
 
@@ -1578,8 +1655,9 @@ static PyMethodDef methods[] = {
     {"observe", (PyCFunction)(void (*)(void))observe, METH_FASTCALL, "node/metrics.py, observe."},
     {"request_frame", (PyCFunction)(void (*)(void))request_frame, METH_FASTCALL, "cluster/mesh.py, request_frame."},
     {"batched_replies", (PyCFunction)batched_replies, METH_O, "cluster/mesh.py, batched_replies_python."},
-    {"setup_mesh", (PyCFunction)(void (*)(void))setup_mesh, METH_FASTCALL, "setup_mesh(Request, Send)."},
-    {"read_send_request", (PyCFunction)read_send_request, METH_O, "cluster/mesh.py, read_request, for a SEND."},
+    {"setup_mesh", (PyCFunction)(void (*)(void))setup_mesh, METH_FASTCALL, "setup_mesh(Request, Send, Publish)."},
+    {"read_common_request", (PyCFunction)read_common_request, METH_O,
+     "cluster/mesh.py, read_request, for a SEND or a PUB."},
     {"setup_clients", (PyCFunction)(void (*)(void))setup_clients, METH_FASTCALL,
      "setup_clients(socket.socket, _Frames, CORK_BYTES)."},
     {"send_corked", (PyCFunction)send_corked, METH_O, "node/clients.py, send_corked."},

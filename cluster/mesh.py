@@ -869,13 +869,13 @@ def request_frame_python(code: int, request_id: int, head: bytes, body: bytes) -
     return _REQUEST_HEAD.pack(code, request_id, len(head)) + head + body
 
 
-# In C when built: the frame, and a peer's mesh.send as send_request and request_frame made it
-# (read_request reads the rest).
-_request_frame, _read_send_request = request_frame_python, None
+# In C when built: the frame, and a peer's mesh.send or mesh.publish as send_request or publish_request
+# and request_frame made it (read_request reads the rest).
+_request_frame, _read_common_request = request_frame_python, None
 if speedups.native is not None:
     speedups.native.set_python("request_frame", request_frame_python)
-    speedups.native.setup_mesh(Request, Send)
-    _request_frame, _read_send_request = speedups.native.request_frame, speedups.native.read_send_request
+    speedups.native.setup_mesh(Request, Send, Publish)
+    _request_frame, _read_common_request = speedups.native.request_frame, speedups.native.read_common_request
 
 
 def read_request(frames: list) -> Request:
@@ -886,8 +886,8 @@ def read_request(frames: list) -> Request:
     """
     if len(frames) != 1:
         raise FrameError(f"mesh request has {len(frames)} frames, expected 1")
-    if _read_send_request is not None:   # the commonest request, in C: None for anything else
-        request = _read_send_request(frames[0])
+    if _read_common_request is not None:   # the commonest requests, in C: None for anything else
+        request = _read_common_request(frames[0])
         if request is not None:
             return request
     frame = bytes(frames[0])

@@ -488,18 +488,18 @@ def test_batched_replies_bounds():
 
 def _python_read(frame):
     """read_request as the Python code alone reads it."""
-    reader, mesh._read_send_request = mesh._read_send_request, None
+    reader, mesh._read_common_request = mesh._read_common_request, None
     try:
         return _outcome(mesh.read_request, [frame])
     finally:
-        mesh._read_send_request = reader
+        mesh._read_common_request = reader
 
 
 def _same_request(frame) -> None:
-    fast = native.read_send_request(frame)
+    fast = native.read_common_request(frame)
     if fast is not None:
         assert ("ok", repr(fast), type(fast)) == _python_read(frame)
-        assert type(fast.message) is mesh.Send
+        assert type(fast.message) in (mesh.Send, mesh.Publish)
     assert _outcome(mesh.read_request, [frame]) == _python_read(frame)
 
 
@@ -507,19 +507,19 @@ def _same_request(frame) -> None:
 @pytest.mark.parametrize("client_id", [0, 1, 9, 10, 4611686018427387905, 2 ** 64 - 1])
 @pytest.mark.parametrize("payload", [b"", b"x", b"x" * 125, b"x" * 126, "é".encode() * 100, b"x" * 65535,
                                      b"x" * 65536, b"\xff", b"\xed\xa0\x80"])
-def test_read_send_request_reads_what_send_request_writes(client_id, payload):
+def test_read_common_request_reads_what_send_request_writes(client_id, payload):
     for binary in (False, True):
         frame = mesh.request_frame(mesh.send_request(client_id, protocol.encode_ws_frame(payload, binary)), 99)
         _same_request(frame)
         if len(payload) <= 0xFFFF and (binary or payload.isascii() or payload == "é".encode() * 100):
-            assert native.read_send_request(frame) == (99, (client_id, protocol.encode_ws_frame(payload, binary)))
+            assert native.read_common_request(frame) == (99, (client_id, protocol.encode_ws_frame(payload, binary)))
 
 
 @needs_native
 @pytest.mark.parametrize("head", [b'{"c":007}', b'{"c":18446744073709551616}', b'{"c":-1}', b'{"c":1.0}', b'{"c":}',
                                   b'{"c":1 }', b'{ "c":1}', b'{"c":"1"}', b'{"c":1,"x":2}', b'{"c":99999999999999999999}',
                                   b'{"c":123456789012345678901}', b'[]', b'{"c":1}x', b''])
-def test_read_send_request_leaves_other_heads(head):
+def test_read_common_request_leaves_other_send_heads(head):
     body = protocol.encode_ws_frame(b"hi")
     _same_request(struct.pack("!BQI", 1, 5, len(head)) + head + body)
     _same_request(struct.pack("!BQI", 2, 5, len(head)) + head + body)   # another kind
@@ -528,7 +528,7 @@ def test_read_send_request_leaves_other_heads(head):
 @needs_native
 @SETTINGS
 @given(st.binary(max_size=80), st.integers(0, 2 ** 64 - 1), st.sampled_from([b'{"c":5}', b'{"c":0}', b'{"c":12x}']))
-def test_read_send_request_any_body(body, request_id, head):
+def test_read_common_request_any_send_body(body, request_id, head):
     _same_request(struct.pack("!BQI", 1, request_id, len(head)) + head + body)
     _same_request(struct.pack("!BQI", 1, request_id, len(head)) + head + bytes((0x81, len(body) & 0x7F)) + body)
     _same_request(body)
@@ -537,12 +537,45 @@ def test_read_send_request_any_body(body, request_id, head):
 
 
 @needs_native
-def test_read_send_request_odd_frames():
+@pytest.mark.parametrize("channels", [["bench"], ["a", "b", "a"], ["!~" * 127 + "!"], ["x" * 256], ["a/b", "c:d"],
+                                      ['a"b'], ["a\\b"], ["a b"], ["é"], ["a\x7f"], [""], [], ["x"] * 300])
+@pytest.mark.parametrize("payload", [b"", b"x" * 126, "é".encode() * 100, b"x" * 65536, b"\xff"])
+def test_read_common_request_reads_what_publish_request_writes(channels, payload):
+    """Names at and past each bound, a repeated one, the characters JSON escapes, what name_problem refuses."""
+    for binary in (False, True):
+        frame = mesh.request_frame(mesh.publish_request(channels, protocol.encode_ws_frame(payload, binary)), 7)
+        _same_request(frame)
+    frame = mesh.request_frame(mesh.publish_request(["news", "sport"], protocol.encode_ws_frame(b"hi")), 7)
+    assert native.read_common_request(frame) == (7, (["news", "sport"], protocol.encode_ws_frame(b"hi")))
+
+
+@needs_native
+@pytest.mark.parametrize("head", [b'{"ch":[]}', b'{"ch":["a",]}', b'{"ch":[,"a"]}', b'{"ch":["a" ,"b"]}', b'{"ch":"a"}',
+                                  b'{"ch":["a"],"x":1}', b'{"ch":["a""b"]}', b'{"ch":["\\u0041"]}', b'{"ch":[""]}',
+                                  b'{"ch":["a"]} ', b'{"ch": ["a"]}', b'{"ch":["a"', b'{"ch":[5]}', b'{"ch":["a"]}x',
+                                  b'{"ch":["a","a"]}', b'{"ch":["a,b"]}', b'{"ch":["a"]]}', b'{"c":["a"]}'])
+def test_read_common_request_leaves_other_publish_heads(head):
+    body = protocol.encode_ws_frame(b"hi")
+    _same_request(struct.pack("!BQI", 2, 5, len(head)) + head + body)
+
+
+@needs_native
+@SETTINGS
+@given(st.binary(max_size=80), st.lists(names, max_size=4))
+def test_read_common_request_any_publish(body, channels):
+    head = json.dumps({"ch": channels}, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogatepass")
+    _same_request(struct.pack("!BQI", 2, 9, len(head)) + head + body)
+    _same_request(struct.pack("!BQI", 2, 9, len(head)) + head + bytes((0x81, len(body) & 0x7F)) + body)
+    _same_request(struct.pack("!BQI", 2, 9, len(head)) + head[:-1] + bytes((0x82, len(body) & 0x7F)) + body)
+
+
+@needs_native
+def test_read_common_request_odd_frames():
     for frame in (b"", bytearray(b"\x01" * 20), memoryview(b"\x01" * 20), "text", 5, None):
-        assert native.read_send_request(frame) is None
+        assert native.read_common_request(frame) is None
     good = mesh.request_frame(mesh.send_request(3, protocol.encode_ws_frame(b"ok")), 1)
-    assert native.read_send_request(bytearray(good)) == native.read_send_request(memoryview(good)) == \
-        native.read_send_request(good) == (1, (3, protocol.encode_ws_frame(b"ok")))
+    assert native.read_common_request(bytearray(good)) == native.read_common_request(memoryview(good)) == \
+        native.read_common_request(good) == (1, (3, protocol.encode_ws_frame(b"ok")))
 
 
 # --- corked frames out (node/clients.py, send_corked) ----------------------------------------------------------
