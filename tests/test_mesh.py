@@ -1552,3 +1552,23 @@ def test_a_batch_inside_a_batch_is_not_a_request():
     [message] = mesh.unpack(b"\x07" + len(inner).to_bytes(4, "big") + inner)
     with pytest.raises(mesh.FrameError, match="unknown mesh kind code 7"):
         mesh.read_request([message])
+
+
+@pytest.mark.parametrize("raw", [
+    mesh.publish_result(0, 0), mesh.publish_result(50, 3), mesh.publish_result(10 ** 18 - 1, 7),
+    mesh.publish_result(10 ** 18, 0), mesh.publish_result(2 ** 63, 0), b'{"s":01,"f":0}', b'{"s":1,"f":0} ',
+    b'{"f":0,"s":1}', b'{"s":-1,"f":0}', b'{"s":1,"f":0,"x":2}', b'{"s":1.0,"f":0}', b'{"s":1,"f":0}\n',
+    bytearray(b'{"s":4,"f":1}'), memoryview(b'{"s":4,"f":1}'),
+])
+def test_a_publish_result_read_without_json_is_what_json_reads(monkeypatch, raw):
+    """read_result reads what publish_result writes with a regular expression; the same value, or the
+    same error, as through JSON, at and past each bound of the form."""
+    def outcome():
+        try:
+            value = mesh.read_result(mesh.Publish, raw)
+        except mesh.FrameError as exc:
+            return ("error", str(exc))
+        return ("ok", value, type(value))
+    fast = outcome()
+    monkeypatch.setattr(mesh, "_PUBLISH_READ", re.compile(rb"(?!)"))   # matches nothing: JSON reads it all
+    assert fast == outcome()
