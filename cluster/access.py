@@ -166,6 +166,7 @@ class Users:
     def __init__(self, configs, previous: "Users" = None):
         self.by_name = {c.username: User(c.username, frozenset(c.roles), HostPattern(c.host), c.password)
                         for c in configs}
+        self.open = not self.by_name   # no users: every caller is let in (read on every request: no property)
         self._verified = OrderedDict()   # digest of (name, password) -> User
         self._hashing = 0
         self._peers = OrderedDict()      # peer address -> [tokens, monotonic time, checks in flight]
@@ -179,10 +180,6 @@ class Users:
                 kept = self.still_valid(user)
                 if kept is not None:
                     self._verified[digest] = kept
-
-    @property
-    def open(self) -> bool:
-        return not self.by_name
 
     def known(self, authorization: Optional[str], peer: str) -> Optional[User]:
         """The user these credentials name when that is known without waiting: the API is open, or
