@@ -415,6 +415,45 @@ python:
     return call_python(ws_request_python, args, nargs);
 }
 
+/* Whether each character of text[0:length] is within low..high. */
+static int
+all_within(const Py_UCS1 *text, Py_ssize_t length, Py_UCS1 low, Py_UCS1 high)
+{
+    for (Py_ssize_t i = 0; i < length; i++) {
+        if (text[i] < low || text[i] > high) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* The `c` of params, an ASCII string, and the UTF-8 of its text `d` (`t` absent or "text"), as parse_send
+   and parse_publish take them: 1 with *c (borrowed) and *encoded (new) set; 0 for anything else, with no
+   error set (the Python function reads it). */
+static int
+ascii_c_and_text(PyObject *params, PyObject **c, PyObject **encoded)
+{
+    PyObject *data, *type;
+
+    *c = PyDict_GetItemWithError(params, str_c);
+    data = *c == NULL ? NULL : PyDict_GetItemWithError(params, str_d);
+    if (data == NULL || !PyUnicode_CheckExact(*c) || !PyUnicode_CheckExact(data) || !PyUnicode_IS_ASCII(*c)) {
+        PyErr_Clear();
+        return 0;
+    }
+    type = PyDict_GetItemWithError(params, str_t);
+    if (type == NULL ? PyErr_Occurred() != NULL : !(PyUnicode_CheckExact(type) && PyUnicode_Compare(type, str_text) == 0)) {
+        PyErr_Clear();
+        return 0;
+    }
+    *encoded = PyUnicode_AsUTF8String(data);
+    if (*encoded == NULL) {   /* a lone surrogate: the Python function names it */
+        PyErr_Clear();
+        return 0;
+    }
+    return 1;
+}
+
 /* parse_send(params, prefix="p.") -> SendParams
 
    cluster/protocol.py, parse_send, for an object whose `c` is a string of 1 to 19 ASCII digits and
@@ -422,7 +461,7 @@ python:
 static PyObject *
 parse_send(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    PyObject *params, *client, *data, *type, *client_id, *encoded, *payload;
+    PyObject *client, *client_id, *encoded, *payload;
     Py_ssize_t length;
     const Py_UCS1 *digits;
 
@@ -432,38 +471,14 @@ parse_send(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObject *
         }
         return PyObject_Vectorcall(send_python, args, nargs, kwnames);
     }
-    if (nargs < 1 || nargs > 2 || payload_type == NULL || !PyDict_CheckExact(args[0])) {
-        return call_python(send_python, args, nargs);
-    }
-    params = args[0];
-    client = PyDict_GetItemWithError(params, str_c);
-    data = client == NULL ? NULL : PyDict_GetItemWithError(params, str_d);
-    if (data == NULL || !PyUnicode_CheckExact(client) || !PyUnicode_CheckExact(data) || !PyUnicode_IS_ASCII(client)) {
-        PyErr_Clear();
-        return call_python(send_python, args, nargs);
-    }
-    type = PyDict_GetItemWithError(params, str_t);
-    if (type != NULL && !(PyUnicode_CheckExact(type) && PyUnicode_Compare(type, str_text) == 0)) {
-        PyErr_Clear();
-        return call_python(send_python, args, nargs);
-    }
-    if (type == NULL && PyErr_Occurred()) {
-        PyErr_Clear();
+    if (nargs < 1 || nargs > 2 || payload_type == NULL || !PyDict_CheckExact(args[0])
+            || !ascii_c_and_text(args[0], &client, &encoded)) {
         return call_python(send_python, args, nargs);
     }
     length = PyUnicode_GET_LENGTH(client);
     digits = PyUnicode_1BYTE_DATA(client);
-    if (length < 1 || length >= 20) {
-        return call_python(send_python, args, nargs);
-    }
-    for (Py_ssize_t i = 0; i < length; i++) {
-        if (digits[i] < '0' || digits[i] > '9') {
-            return call_python(send_python, args, nargs);
-        }
-    }
-    encoded = PyUnicode_AsUTF8String(data);
-    if (encoded == NULL) {   /* a lone surrogate: the Python function names it */
-        PyErr_Clear();
+    if (length < 1 || length >= 20 || !all_within(digits, length, '0', '9')) {
+        Py_DECREF(encoded);
         return call_python(send_python, args, nargs);
     }
     client_id = PyLong_FromString((const char *)digits, NULL, 10);
@@ -1578,7 +1593,7 @@ parse_http_body(PyObject *module, PyObject *body)
 static PyObject *
 parse_publish(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    PyObject *params, *channel, *data, *type, *channels, *encoded, *payload;
+    PyObject *channel, *channels, *encoded, *payload;
     Py_ssize_t length;
     const Py_UCS1 *name;
 
@@ -1588,38 +1603,15 @@ parse_publish(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObjec
         }
         return PyObject_Vectorcall(publish_python, args, nargs, kwnames);
     }
-    if (nargs < 1 || nargs > 2 || publish_params_type == NULL || payload_type == NULL || !PyDict_CheckExact(args[0])) {
-        return call_python(publish_python, args, nargs);
-    }
-    params = args[0];
-    channel = PyDict_GetItemWithError(params, str_c);
-    data = channel == NULL ? NULL : PyDict_GetItemWithError(params, str_d);
-    if (data == NULL || !PyUnicode_CheckExact(channel) || !PyUnicode_CheckExact(data) || !PyUnicode_IS_ASCII(channel)) {
-        PyErr_Clear();
-        return call_python(publish_python, args, nargs);
-    }
-    type = PyDict_GetItemWithError(params, str_t);
-    if (type != NULL && !(PyUnicode_CheckExact(type) && PyUnicode_Compare(type, str_text) == 0)) {
-        PyErr_Clear();
-        return call_python(publish_python, args, nargs);
-    }
-    if (type == NULL && PyErr_Occurred()) {
-        PyErr_Clear();
+    if (nargs < 1 || nargs > 2 || publish_params_type == NULL || payload_type == NULL || !PyDict_CheckExact(args[0])
+            || !ascii_c_and_text(args[0], &channel, &encoded)) {
         return call_python(publish_python, args, nargs);
     }
     length = PyUnicode_GET_LENGTH(channel);
     name = PyUnicode_1BYTE_DATA(channel);
-    if (length < 1 || length > 255) {   /* cluster/protocol.py MAX_NAME_BYTES */
-        return call_python(publish_python, args, nargs);
-    }
-    for (Py_ssize_t i = 0; i < length; i++) {
-        if (name[i] <= ' ' || name[i] >= 0x7f) {   /* whitespace or a control character: _BAD_NAME_CHAR */
-            return call_python(publish_python, args, nargs);
-        }
-    }
-    encoded = PyUnicode_AsUTF8String(data);
-    if (encoded == NULL) {   /* a lone surrogate: the Python function names it */
-        PyErr_Clear();
+    /* MAX_NAME_BYTES, and no whitespace or control character (_BAD_NAME_CHAR) */
+    if (length < 1 || length > 255 || !all_within(name, length, '!', '~')) {
+        Py_DECREF(encoded);
         return call_python(publish_python, args, nargs);
     }
     channels = PyList_New(1);

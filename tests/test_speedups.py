@@ -221,13 +221,18 @@ def test_parse_send_any_parameters(value, prefix):
     {"d": "x"}, {"c": "1", "d": "\ud800"}, {"c": "1", "d": "x", "t": "text"}, {"c": "1", "d": "AAEC", "t": "binary"},
     {"c": "1", "d": "x", "t": "other"}, {"c": "1", "d": "x", "t": None}, {"c": "1", "d": {"a": 1}},
     {"c": "1", "d": [1, float("nan")]}, {"c": "1", "d": 5}, {"c": "-1", "d": "x"}, {"c": " 1", "d": "x"}, [], "x",
+    {"c": "1:", "d": "x"}, {"c": "/", "d": "x"},
 ])
 def test_parse_send_each_case(value):
+    _same_params(native.parse_send, protocol.parse_send_python, value)
+
+
+def _same_params(fast, python, value) -> None:
+    """`fast(value, ...)` is `python(value, ...)` with each prefix, none, and the prefix by keyword."""
     for prefix in ("p.", ""):
-        assert _outcome(native.parse_send, value, prefix) == _outcome(protocol.parse_send_python, value, prefix)
-    assert _outcome(native.parse_send, value) == _outcome(protocol.parse_send_python, value)
-    assert _outcome(partial(native.parse_send, prefix=""), value) == \
-        _outcome(partial(protocol.parse_send_python, prefix=""), value)
+        assert _outcome(fast, value, prefix) == _outcome(python, value, prefix)
+    assert _outcome(fast, value) == _outcome(python, value)
+    assert _outcome(partial(fast, prefix=""), value) == _outcome(partial(python, prefix=""), value)
 
 
 @needs_native
@@ -261,11 +266,7 @@ def test_parse_publish_any_parameters(value, prefix):
     {"c": "a", "d": 5}, [], "x", None,
 ])
 def test_parse_publish_each_case(value):
-    for prefix in ("p.", ""):
-        assert _outcome(native.parse_publish, value, prefix) == _outcome(protocol.parse_publish_python, value, prefix)
-    assert _outcome(native.parse_publish, value) == _outcome(protocol.parse_publish_python, value)
-    assert _outcome(partial(native.parse_publish, prefix=""), value) == \
-        _outcome(partial(protocol.parse_publish_python, prefix=""), value)
+    _same_params(native.parse_publish, protocol.parse_publish_python, value)
 
 
 @needs_native
